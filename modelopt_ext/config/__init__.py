@@ -1,0 +1,4 @@
+"""Typed configuration shared by the launcher and the trainer.
+
+Nothing in this package imports torch or any ML library: the launcher uses `errors` and `overrides`.
+"""

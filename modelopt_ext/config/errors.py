@@ -1,0 +1,127 @@
+"""Turn validation failures into one line per problem, each naming the field path and what is allowed.
+
+Both the launcher (job specs) and the trainer (recipes) report bad input this way and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import types
+import typing
+from typing import Any, Iterable, NoReturn
+
+from pydantic import BaseModel, ValidationError
+
+EXIT_BAD_INPUT = 2
+
+
+class ConfigError(Exception):
+    """A configuration problem report: one human-readable line per problem."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.problems))
+
+    def lines(self) -> list[str]:
+        """Problems prefixed with the file they come from, when known."""
+        prefix = f"{self.source}: " if self.source else ""
+        return [f"{prefix}{p}" for p in self.problems]
+
+
+def exit_with(err: ConfigError, stream=None) -> NoReturn:
+    """Print every problem on its own line to stderr and exit with code 2 (no traceback)."""
+    stream = stream or sys.stderr
+    for line in err.lines():
+        print(f"error: {line}", file=stream)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def format_loc(loc: Iterable[Any]) -> str:
+    """('pipeline', 'task_1', 'args', 0) -> 'pipeline.task_1.args[0]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """Candidate classes an annotation may hold (Optional/Union/list/dict values unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        out = []
+        for arg in typing.get_args(annotation):
+            out.extend(_unwrap(arg))
+        return out
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (list, tuple, set, frozenset):
+        args = typing.get_args(annotation)
+        return _unwrap(args[0]) if args else []
+    if origin is dict:
+        args = typing.get_args(annotation)
+        return _unwrap(args[1]) if len(args) == 2 else []
+    return [annotation]
+
+
+def model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (the parent of the last element)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            # A dict-valued field (e.g. task_N entries) keeps the model of its values.
+            continue
+        nxt = [c for c in _unwrap(field.annotation) if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nxt:
+            return None
+        current = nxt[0]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def allowed_keys(model: type[BaseModel]) -> list[str]:
+    """Field names (and aliases) a model accepts."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(field.alias or name)
+    return keys
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def problems_from_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per pydantic error: field path, what was wrong, and what is allowed."""
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = list(e["loc"])
+        path = format_loc(([prefix] if prefix else []) + loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            owner = model_at(model, loc[:-1])
+            keys = allowed_keys(owner) if owner else []
+            hint = did_you_mean(loc[-1], keys)
+            allowed = f"; allowed keys: {', '.join(sorted(keys))}" if keys else ""
+            lines.append(f"{path}: unknown key{hint}{allowed}")
+        elif kind == "missing":
+            lines.append(f"{path}: required field is missing")
+        elif kind in ("literal_error", "enum"):
+            expected = e.get("ctx", {}).get("expected", "")
+            lines.append(f"{path}: got {e.get('input')!r}; allowed: {expected}")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            shown = e.get("input")
+            got = "" if isinstance(shown, (dict, list)) or kind.startswith("value_error") else f" (got {shown!r})"
+            lines.append(f"{path}: {msg}{got}")
+    return lines

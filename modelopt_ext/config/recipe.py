@@ -1,0 +1,201 @@
+"""The training recipe: what to train, on which data, with which hyper-parameters.
+
+A recipe is YAML plus dotted CLI overrides, validated here into typed objects. Bad recipes report every
+problem at once, one line each, naming the field path (see `errors.py`); the CLI exits with code 2.
+No torch import here: the launcher validates recipes before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modelopt_ext.config.errors import ConfigError, problems_from_validation
+from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
+
+DataMode = Literal["colocated", "offline", "streaming", "remote"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The frozen target model."""
+
+    path: str = Field(description="Target model: a local folder or a hub id.")
+    dtype: Dtype = "bfloat16"
+    aux_layer_ids: list[int] | None = Field(
+        default=None,
+        description=(
+            "Target layers whose hidden states feed the drafter, in vLLM's numbering: id k is the residual "
+            "stream after k decoder layers (0 = embeddings). Default: default_aux_layer_ids(num_layers)."
+        ),
+    )
+    trust_remote_code: bool = False
+
+    @field_validator("aux_layer_ids")
+    @classmethod
+    def _check_aux(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must list at least one layer id (or be null for the default)")
+        if any(i < 0 for i in v):
+            raise ValueError("layer ids must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("layer ids must be distinct")
+        return v
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """Low, middle and high layers (vLLM numbering), the common EAGLE-3 choice: [2, L//2, L-3].
+
+    For very shallow targets (tests) the ids are clamped into [1, L-1] and de-duplicated.
+    """
+    if num_layers < 2:
+        raise ValueError(f"target has {num_layers} layers; EAGLE-3 needs at least 2")
+    raw = [2, num_layers // 2, num_layers - 3]
+    return sorted({min(max(i, 1), num_layers - 1) for i in raw})
+
+
+class DataConfig(_Strict):
+    """Training conversations and where the supervision comes from (the source mode)."""
+
+    path: str = Field(description="Conversations JSONL (ShareGPT `conversations` or OpenAI `messages`).")
+    chat_template: str | None = Field(
+        default=None, description="A Jinja chat template (inline or a path to a .jinja file); default: the tokenizer's."
+    )
+    max_length: int = Field(default=2048, gt=1)
+    strict: bool = Field(default=False, description="Fail on malformed lines instead of skipping them.")
+    cache_dir: str | None = Field(default=None, description="Tokenisation cache; default: <output_dir>/cache.")
+    mode: DataMode | None = Field(default=None, description="Derived from the configured source when omitted.")
+    offline_dir: str | None = None
+    server_urls: list[str] = Field(default_factory=list)
+    shared_storage_root: str | None = Field(
+        default=None, description="Streaming: hidden-state files must resolve inside this folder."
+    )
+    auth_token_file: str | None = Field(default=None, description="Bearer token for the servers, read from a file.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "server_url" in data:
+            url = data.pop("server_url")
+            if url:
+                urls = list(data.get("server_urls") or [])
+                data["server_urls"] = urls + [u for u in str(url).split(",") if u and u not in urls]
+        if "streaming_prefetch" in data:
+            data.pop("streaming_prefetch")
+            warnings.warn(
+                "data.streaming_prefetch is deprecated and ignored; fetch concurrency is data.num_workers",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _derive_mode(self) -> "DataConfig":
+        derived: DataMode
+        if self.offline_dir and self.server_urls:
+            raise ValueError("set either data.offline_dir or data.server_urls, not both")
+        if self.offline_dir:
+            derived = "offline"
+        elif self.server_urls:
+            derived = "remote" if self.mode == "remote" else "streaming"
+        else:
+            derived = "colocated"
+        if self.mode is not None and self.mode != derived:
+            need = {
+                "offline": "data.offline_dir",
+                "streaming": "data.server_urls",
+                "remote": "data.server_urls",
+                "colocated": "no offline_dir and no server_urls",
+            }[self.mode]
+            raise ValueError(f"mode is {self.mode!r} but the configured source is {derived!r}; {self.mode} needs {need}")
+        object.__setattr__(self, "mode", derived)
+        return self
+
+
+class EagleConfig(_Strict):
+    """The EAGLE-3 draft head and its training-time test."""
+
+    ttt_steps: int = Field(default=7, ge=1, le=16, description="Training-time-test unroll length.")
+    draft_vocab_size: int = Field(default=32000, gt=0)
+    step_loss_decay: float = Field(default=0.8, gt=0, le=1)
+    freeze_embeddings: bool = True
+    num_layers: int = Field(default=1, ge=1)
+
+
+class TrainingConfig(_Strict):
+    """Optimisation, checkpoints and logging."""
+
+    output_dir: str
+    lr: float = Field(default=1e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; overrides epochs.")
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=1, gt=0, description="Per-device micro-batch.")
+    grad_accum: int = Field(default=1, gt=0)
+    max_grad_norm: float | None = Field(default=0.5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    save_interval: int = Field(default=500, gt=0, description="Save a checkpoint every N optimizer steps.")
+    log_interval: int = Field(default=10, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: fp32 on CPU, bf16 autocast on GPU."
+    )
+    export_at_end: bool = True
+
+
+class Recipe(_Strict):
+    """A whole recipe."""
+
+    model: ModelConfig
+    data: DataConfig
+    eagle: EagleConfig = Field(default_factory=EagleConfig)
+    training: TrainingConfig
+
+
+_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
+
+
+def redacted(obj: Any) -> Any:
+    """A copy safe to print: values under secret-looking keys are masked (file paths to secrets are kept)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            key = str(k)
+            low = key.lower()
+            secret = any(w in low for w in _SECRET_WORDS) and not low.endswith(("_file", "_path"))
+            out[key] = "***" if secret and v not in (None, "") else redacted(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [redacted(v) for v in obj]
+    return obj
+
+
+def parse_recipe(data: dict, source: str | None = None) -> Recipe:
+    """Validate a recipe mapping; raise ConfigError with every problem at once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            return Recipe.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(problems_from_validation(e, Recipe), source=source) from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe YAML, apply dotted overrides, validate."""
+    data = load_yaml_file(str(path))
+    data = apply_overrides(data, overrides)
+    return parse_recipe(data, source=str(path))
