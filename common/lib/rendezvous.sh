@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Rendezvous through files on shared storage: atomic publish, bounded waits, done/failed markers.
+# Source it; it defines functions only. Every wait is bounded and says what it waited for.
+
+# rdv_publish FILE CONTENT: write CONTENT to FILE atomically (temp file in the same folder, then rename),
+# so a reader never sees a half-written address.
+rdv_publish() {
+  local file="$1" content="$2" tmp
+  mkdir -p "$(dirname "$file")"
+  tmp="$(mktemp "${file}.tmp.XXXXXX")"
+  printf '%s\n' "$content" >"$tmp"
+  mv -f "$tmp" "$file"
+}
+
+# rdv_read FILE: print FILE's first line (empty if absent).
+rdv_read() {
+  local file="$1"
+  [[ -f "$file" ]] || return 0
+  head -n 1 "$file"
+}
+
+# rdv_wait_files TIMEOUT_S WHAT FILE...: wait until every FILE exists. On timeout, print which are
+# missing and return 1. Returns 2 early if the failed marker of RDV_DIR appears meanwhile.
+rdv_wait_files() {
+  local timeout="$1" what="$2"
+  shift 2
+  local deadline=$((SECONDS + timeout)) missing f
+  while :; do
+    missing=()
+    for f in "$@"; do
+      [[ -e "$f" ]] || missing+=("$f")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    if [[ -n "${RDV_DIR:-}" ]] && rdv_failed "$RDV_DIR"; then
+      echo "gave up waiting for ${what}: the job failed ($(rdv_failure_reason "$RDV_DIR"))" >&2
+      return 2
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "timed out after ${timeout}s waiting for ${what}; missing: ${missing[*]}" >&2
+      return 1
+    fi
+    sleep "${RDV_POLL_S:-1}"
+  done
+}
+
+# rdv_wait_http TIMEOUT_S URL: wait until URL answers HTTP 2xx (bounded); return 1 on timeout.
+rdv_wait_http() {
+  local timeout="$1" url="$2" deadline
+  deadline=$((SECONDS + timeout))
+  until curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null; do
+    if [[ -n "${RDV_DIR:-}" ]] && rdv_failed "$RDV_DIR"; then
+      echo "gave up waiting for ${url}: the job failed ($(rdv_failure_reason "$RDV_DIR"))" >&2
+      return 2
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "timed out after ${timeout}s waiting for ${url} to answer" >&2
+      return 1
+    fi
+    sleep "${RDV_POLL_S:-1}"
+  done
+}
+
+# rdv_mark_done DIR: tell every node the job finished successfully.
+rdv_mark_done() {
+  rdv_publish "$1/done" "$(date -u +%FT%TZ)"
+}
+
+# rdv_mark_failed DIR REASON: tell every node the job failed, and why. The first reason wins.
+rdv_mark_failed() {
+  local dir="$1" reason="$2"
+  [[ -e "$dir/failed" ]] && return 0
+  rdv_publish "$dir/failed" "node ${SLURM_NODEID:-0}: ${reason}"
+}
+
+# rdv_failed DIR: true when the failed marker exists.
+rdv_failed() {
+  [[ -e "$1/failed" ]]
+}
+
+# rdv_finished DIR: true when the job ended either way (done or failed).
+rdv_finished() {
+  [[ -e "$1/done" || -e "$1/failed" ]]
+}
+
+# rdv_failure_reason DIR: the recorded failure reason.
+rdv_failure_reason() {
+  rdv_read "$1/failed"
+}
+
+# rdv_advertise_ip: the address other nodes should use to reach this one. SERVE_ADVERTISE_IP wins;
+# otherwise the source address of the default route, then the first non-loopback address.
+rdv_advertise_ip() {
+  if [[ -n "${SERVE_ADVERTISE_IP:-}" ]]; then
+    printf '%s\n' "$SERVE_ADVERTISE_IP"
+    return 0
+  fi
+  local ip=""
+  if command -v ip >/dev/null 2>&1; then
+    ip="$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "src") {print $(i + 1); exit}}')"
+    if [[ -z "$ip" ]]; then
+      ip="$(ip -4 -o addr show scope global 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}')"
+    fi
+  fi
+  if [[ -z "$ip" ]]; then
+    ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
+  fi
+  [[ -n "$ip" ]] || ip="127.0.0.1"
+  printf '%s\n' "$ip"
+}
