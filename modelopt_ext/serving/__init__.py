@@ -1,0 +1,1 @@
+"""Serving: vLLM/SGLang launchers, vLLM environment and hidden-state servers."""
