@@ -1,0 +1,297 @@
+"""Which hidden-state server gets the next request: round-robin over healthy servers, circuit breakers, failover.
+
+Pure logic (no HTTP): the streaming dataset asks the pool for a server, reports how the request went, and the
+pool decides who is in rotation. Per server a circuit breaker:
+
+- CLOSED (healthy, in rotation); `failure_threshold` consecutive failures -> OPEN (out of rotation);
+- OPEN -> after a cooldown one trial request is let through (HALF_OPEN); success -> CLOSED (the server is back),
+  failure -> OPEN again with the cooldown doubled (capped), so a dead server costs one probe per cooldown.
+
+Round-robin starts at a per-process offset (`rank * num_workers + worker_id`) so that the first requests of all
+processes spread over the servers instead of all hitting server 0. `acquire(avoid=...)` lets a sample that failed
+on a server go to another healthy one (failover) while that server is still formally in rotation.
+
+Counters per server (requests, errors, latency, bytes, down/up events) are kept for telemetry; they can live in
+memory shared by all DataLoader workers of a rank (`SharedServerStats`) so the trainer process sees the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class NoHealthyServerError(RuntimeError):
+    """Every hidden-state server stayed out of rotation for longer than the allowed wait."""
+
+
+@dataclass
+class BreakerPolicy:
+    """When a server leaves and re-enters rotation."""
+
+    failure_threshold: int = 3  # consecutive failures that take a server out of rotation
+    cooldown_s: float = 2.0  # first wait before a half-open trial request
+    max_cooldown_s: float = 30.0  # cap of the doubling cooldown
+    all_down_timeout_s: float = 120.0  # no server healthy for this long -> NoHealthyServerError
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        if self.cooldown_s < 0 or self.max_cooldown_s < self.cooldown_s:
+            raise ValueError("need 0 <= cooldown_s <= max_cooldown_s")
+        if self.all_down_timeout_s < 0:
+            raise ValueError("all_down_timeout_s must be >= 0")
+
+
+class CircuitBreaker:
+    """One server's health: closed -> open after N consecutive failures -> half-open trial after a cooldown."""
+
+    def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic):
+        self.policy = policy
+        self.clock = clock
+        self.state = CLOSED
+        self.consecutive_failures = 0
+        self.cooldown_s = policy.cooldown_s
+        self.open_until = 0.0
+        self.trial_in_flight = False
+
+    def available(self) -> bool:
+        """May a request be sent now? (An open breaker past its cooldown becomes half-open: one trial.)"""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and self.clock() >= self.open_until:
+            self.state = HALF_OPEN
+            self.trial_in_flight = False
+        return self.state == HALF_OPEN and not self.trial_in_flight
+
+    def on_dispatch(self) -> None:
+        """A request is being sent; in half-open state it is THE trial, others wait for its outcome."""
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = True
+
+    def on_success(self) -> bool:
+        """Record a success; True when this closed an open/half-open breaker (the server is back)."""
+        reopened = self.state != CLOSED
+        self.state = CLOSED
+        self.consecutive_failures = 0
+        self.cooldown_s = self.policy.cooldown_s
+        self.trial_in_flight = False
+        return reopened
+
+    def on_failure(self) -> bool:
+        """Record a failure; True when this opened the breaker (the server just left rotation)."""
+        self.consecutive_failures += 1
+        self.trial_in_flight = False
+        if self.state == HALF_OPEN or self.state == OPEN:
+            # The trial failed: stay out, wait longer before the next probe.
+            self.cooldown_s = min(self.cooldown_s * 2, self.policy.max_cooldown_s)
+            self.state = OPEN
+            self.open_until = self.clock() + self.cooldown_s
+            return False
+        if self.consecutive_failures >= self.policy.failure_threshold:
+            self.state = OPEN
+            self.open_until = self.clock() + self.cooldown_s
+            return True
+        return False
+
+    def seconds_until_trial(self) -> float:
+        """0 when a request may go now; else how long until the next half-open trial."""
+        if self.available():
+            return 0.0
+        if self.state == OPEN:
+            return max(0.0, self.open_until - self.clock())
+        return self.policy.cooldown_s  # half-open with a trial in flight (other thread): check again later
+
+
+# Per-server counter slots in SharedServerStats (floats).
+_FIELDS = ("requests", "errors", "latency_s", "bytes", "down_events", "up_events", "open")
+
+
+class SharedServerStats:
+    """Per-server counters in shared memory: every DataLoader worker of a process adds to the same totals.
+
+    Create it in the parent process before the DataLoader starts its workers (fork inherits it; spawn pickles
+    it into the worker at start-up, which multiprocessing allows). `snapshot()` works in any of them.
+    """
+
+    def __init__(self, urls: Sequence[str]):
+        self.urls = list(urls)
+        self._arr = multiprocessing.get_context().Array("d", len(self.urls) * len(_FIELDS), lock=True)
+
+    def _slot(self, url: str, field: str) -> int:
+        return self.urls.index(url) * len(_FIELDS) + _FIELDS.index(field)
+
+    def add(self, url: str, **deltas: float) -> None:
+        """Add to counters of `url`, e.g. add(u, requests=1, bytes=123)."""
+        with self._arr.get_lock():
+            for field, delta in deltas.items():
+                self._arr[self._slot(url, field)] += delta
+
+    def set(self, url: str, field: str, value: float) -> None:
+        """Set one counter (e.g. the `open` flag)."""
+        with self._arr.get_lock():
+            self._arr[self._slot(url, field)] = value
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """url -> {requests, errors, latency_s, bytes, down_events, up_events, open}."""
+        with self._arr.get_lock():
+            vals = list(self._arr)
+        n = len(_FIELDS)
+        return {u: dict(zip(_FIELDS, vals[i * n : (i + 1) * n])) for i, u in enumerate(self.urls)}
+
+
+class LocalServerStats(SharedServerStats):
+    """The same counters in plain process memory (unit tests, single-process use)."""
+
+    def __init__(self, urls: Sequence[str]):
+        self.urls = list(urls)
+        self._vals = [0.0] * (len(self.urls) * len(_FIELDS))
+        self._lock = threading.Lock()
+
+    def add(self, url: str, **deltas: float) -> None:
+        with self._lock:
+            for field, delta in deltas.items():
+                self._vals[self._slot(url, field)] += delta
+
+    def set(self, url: str, field: str, value: float) -> None:
+        with self._lock:
+            self._vals[self._slot(url, field)] = value
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            vals = list(self._vals)
+        n = len(_FIELDS)
+        return {u: dict(zip(_FIELDS, vals[i * n : (i + 1) * n])) for i, u in enumerate(self.urls)}
+
+
+class ServerPool:
+    """Round-robin over the servers whose breaker lets requests through, starting at `start_offset`."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        start_offset: int = 0,
+        policy: BreakerPolicy | None = None,
+        stats: SharedServerStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not urls:
+            raise ValueError("ServerPool needs at least one server URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"duplicate server URLs: {list(urls)}")
+        self.urls = list(urls)
+        self.policy = policy or BreakerPolicy()
+        self.clock = clock
+        self.breakers = {u: CircuitBreaker(self.policy, clock) for u in self.urls}
+        self.stats = stats if stats is not None else LocalServerStats(self.urls)
+        self._cursor = start_offset % len(self.urls)
+        self._all_down_since: float | None = None
+        self._last_error: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- choosing a server -------------------------------------------------------------------------------
+    def acquire(self, avoid: Iterable[str] = ()) -> str | None:
+        """The next server in rotation (preferring ones not in `avoid`), or None when none may be used now.
+
+        `avoid` holds the servers a sample already failed on: it goes elsewhere when any other server is
+        available, and back to one of them only when nothing else is (a lone server gets retried).
+        """
+        avoid = set(avoid)
+        with self._lock:
+            n = len(self.urls)
+            fallback = None
+            for step in range(n):
+                url = self.urls[(self._cursor + step) % n]
+                if not self.breakers[url].available():
+                    continue
+                if url in avoid:
+                    fallback = fallback or (step, url)
+                    continue
+                self._cursor = (self._cursor + step + 1) % n
+                self.breakers[url].on_dispatch()
+                return url
+            if fallback is not None:
+                step, url = fallback
+                self._cursor = (self._cursor + step + 1) % n
+                self.breakers[url].on_dispatch()
+                return url
+            self._note_all_down()
+            return None
+
+    def seconds_until_available(self) -> float:
+        """How long until some server may be tried again (0 if one may be tried now)."""
+        with self._lock:
+            return min(b.seconds_until_trial() for b in self.breakers.values())
+
+    def check_all_down_timeout(self) -> None:
+        """Raise NoHealthyServerError once no server has been healthy for `all_down_timeout_s`."""
+        with self._lock:
+            since = self._all_down_since
+            if since is None or self.clock() - since < self.policy.all_down_timeout_s:
+                return
+            errors = "; ".join(f"{u}: {self._last_error.get(u, 'out of rotation')}" for u in self.urls)
+        raise NoHealthyServerError(
+            f"no healthy hidden-state server for {self.policy.all_down_timeout_s:.0f}s "
+            f"(all {len(self.urls)} out of rotation); last errors: {errors}"
+        )
+
+    def _note_all_down(self) -> None:
+        if all(b.state != CLOSED for b in self.breakers.values()) and self._all_down_since is None:
+            self._all_down_since = self.clock()
+
+    # -- outcomes ----------------------------------------------------------------------------------------
+    def record_success(self, url: str, latency_s: float, nbytes: int) -> None:
+        """A request to `url` succeeded: count it; a server that was out of rotation is back in."""
+        with self._lock:
+            back = self.breakers[url].on_success()
+            self._all_down_since = None
+        self.stats.add(url, requests=1, latency_s=latency_s, bytes=nbytes)
+        if back:
+            self.stats.add(url, up_events=1)
+            self.stats.set(url, "open", 0)
+            log.warning("hidden-state server %s is back in rotation", url)
+
+    def record_failure(self, url: str, error: str, latency_s: float = 0.0) -> None:
+        """A request to `url` failed (`error`: one line): count it; maybe take the server out of rotation."""
+        with self._lock:
+            opened = self.breakers[url].on_failure()
+            self._last_error[url] = error
+            self._note_all_down()
+            healthy = sum(b.state == CLOSED for b in self.breakers.values())
+        self.stats.add(url, requests=1, errors=1, latency_s=latency_s)
+        if opened:
+            self.stats.add(url, down_events=1)
+            self.stats.set(url, "open", 1)
+            log.error(
+                "hidden-state server %s taken out of rotation after %d consecutive failures (%s); %d/%d healthy",
+                url,
+                self.policy.failure_threshold,
+                error,
+                healthy,
+                len(self.urls),
+            )
+
+    def release(self, url: str) -> None:
+        """A dispatched request ended with neither verdict on the server (e.g. the sample itself was bad)."""
+        with self._lock:
+            self.breakers[url].trial_in_flight = False
+
+    # -- introspection -----------------------------------------------------------------------------------
+    def healthy(self) -> list[str]:
+        """Servers currently in rotation (closed breaker)."""
+        with self._lock:
+            return [u for u in self.urls if self.breakers[u].state == CLOSED]
+
+    def states(self) -> dict[str, str]:
+        """url -> closed | open | half_open."""
+        with self._lock:
+            return {u: self.breakers[u].state for u in self.urls}

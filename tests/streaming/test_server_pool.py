@@ -1,0 +1,160 @@
+"""Pure-logic tests of the server pool: round-robin offsets, circuit breaker, failover, all-down timeout."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelopt_ext.supervision.server_pool import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    BreakerPolicy,
+    NoHealthyServerError,
+    ServerPool,
+)
+
+URLS = ["http://a", "http://b", "http://c"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(start=0, clock=None, **policy) -> ServerPool:
+    pol = BreakerPolicy(**{"failure_threshold": 3, "cooldown_s": 10.0, "max_cooldown_s": 40.0, **policy})
+    return ServerPool(URLS, start_offset=start, policy=pol, clock=clock or Clock())
+
+
+def test_round_robin_starts_at_offset_and_cycles():
+    for start in range(7):
+        pool = make(start=start)
+        got = [pool.acquire() for _ in range(6)]
+        first = start % 3
+        assert got == [URLS[(first + i) % 3] for i in range(6)]
+
+
+def test_rank_worker_offsets_spread_first_requests_evenly():
+    # 2 ranks x 2 workers over 4 servers: every process's first request goes to a different server.
+    urls = [f"http://s{i}" for i in range(4)]
+    firsts = [ServerPool(urls, start_offset=rank * 2 + worker).acquire() for rank in range(2) for worker in range(2)]
+    assert sorted(firsts) == urls
+
+
+def test_breaker_opens_after_threshold_and_skips_server():
+    clock = Clock()
+    pool = make(clock=clock)
+    pool.record_failure("http://a", "refused")
+    pool.record_failure("http://a", "refused")
+    assert pool.states()["http://a"] == CLOSED
+    pool.record_failure("http://a", "refused")
+    assert pool.states()["http://a"] == OPEN
+    assert pool.healthy() == ["http://b", "http://c"]
+    assert {pool.acquire() for _ in range(10)} == {"http://b", "http://c"}
+    snap = pool.stats.snapshot()["http://a"]
+    assert snap["errors"] == 3 and snap["down_events"] == 1 and snap["open"] == 1
+
+
+def test_success_resets_consecutive_failures():
+    pool = make()
+    for _ in range(5):
+        pool.record_failure("http://a", "x")
+        pool.record_failure("http://a", "x")
+        pool.record_success("http://a", 0.01, 10)
+    assert pool.states()["http://a"] == CLOSED
+
+
+def test_half_open_single_trial_then_close_on_success():
+    clock = Clock()
+    pool = make(clock=clock)
+    for _ in range(3):
+        pool.record_failure("http://a", "refused")
+    clock.t += 9.9
+    assert "http://a" not in {pool.acquire() for _ in range(6)}
+    clock.t += 0.2  # cooldown over: exactly one trial request goes to a
+    got = [pool.acquire() for _ in range(6)]
+    assert got.count("http://a") == 1
+    assert pool.states()["http://a"] == HALF_OPEN
+    pool.record_success("http://a", 0.02, 100)
+    assert pool.states()["http://a"] == CLOSED
+    assert pool.stats.snapshot()["http://a"]["up_events"] == 1
+    assert [pool.acquire() for _ in range(3)].count("http://a") == 1  # back in normal rotation
+
+
+def test_failed_trial_reopens_with_doubled_capped_cooldown():
+    clock = Clock()
+    pool = make(clock=clock)
+    for _ in range(3):
+        pool.record_failure("http://a", "refused")
+    waits = []
+    for _ in range(4):
+        clock.t += 1000
+        assert pool.breakers["http://a"].available()
+        pool.breakers["http://a"].on_dispatch()
+        pool.record_failure("http://a", "refused")
+        assert pool.states()["http://a"] == OPEN
+        waits.append(pool.breakers["http://a"].open_until - clock.t)
+    assert waits == [20.0, 40.0, 40.0, 40.0]
+    assert pool.stats.snapshot()["http://a"]["down_events"] == 1  # one outage, one event
+
+
+def test_failover_prefers_other_servers_then_falls_back():
+    pool = make()
+    assert pool.acquire(avoid={"http://a"}) == "http://b"
+    assert pool.acquire(avoid={"http://c", "http://a"}) == "http://b"
+    # Only avoided servers left: the sample goes back to one of them rather than waiting forever.
+    for _ in range(3):
+        pool.record_failure("http://c", "down")
+    assert pool.acquire(avoid={"http://a", "http://b"}) in {"http://a", "http://b"}
+
+
+def test_all_down_returns_none_then_times_out_with_one_line():
+    clock = Clock()
+    pool = make(clock=clock, all_down_timeout_s=30.0)
+    for u in URLS:
+        for _ in range(3):
+            pool.record_failure(u, f"{u} connection refused")
+    assert pool.acquire() is None
+    assert pool.seconds_until_available() == pytest.approx(10.0)
+    pool.check_all_down_timeout()  # not yet
+    clock.t += 31
+    with pytest.raises(NoHealthyServerError) as e:
+        pool.check_all_down_timeout()
+    msg = str(e.value)
+    assert "\n" not in msg and "no healthy hidden-state server" in msg
+    assert all(f"{u}: {u} connection refused" in msg for u in URLS)
+
+
+def test_recovery_clears_all_down_timer():
+    clock = Clock()
+    pool = make(clock=clock, all_down_timeout_s=30.0)
+    for u in URLS:
+        for _ in range(3):
+            pool.record_failure(u, "x")
+    clock.t += 20
+    url = pool.acquire()
+    assert url is not None
+    pool.record_success(url, 0.01, 1)
+    clock.t += 100
+    pool.check_all_down_timeout()  # a server came back: no error
+
+
+def test_counters_accumulate():
+    pool = make()
+    pool.record_success("http://b", 0.5, 1000)
+    pool.record_success("http://b", 0.25, 24)
+    pool.record_failure("http://b", "boom", 0.125)
+    s = pool.stats.snapshot()["http://b"]
+    assert s["requests"] == 3 and s["errors"] == 1 and s["bytes"] == 1024 and s["latency_s"] == 0.875
+
+
+def test_bad_pool_arguments():
+    with pytest.raises(ValueError, match="at least one"):
+        ServerPool([])
+    with pytest.raises(ValueError, match="duplicate"):
+        ServerPool(["http://a", "http://a"])
+    with pytest.raises(ValueError, match="failure_threshold"):
+        BreakerPolicy(failure_threshold=0)
