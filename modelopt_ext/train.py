@@ -1,0 +1,60 @@
+"""Train an EAGLE-3 drafter: `python -m modelopt_ext.train --config RECIPE.yaml [dotted.overrides ...] [--resume auto|PATH]`.
+
+Runs as one process, or as several under `accelerate launch --multi_gpu --num_processes N` (also on CPU,
+with gloo) and across nodes (`--num_machines/--machine_rank/--main_process_ip/--main_process_port`).
+Bad recipes or overrides: one line per problem, exit 2. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m modelopt_ext.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="Recipe YAML (see recipes/eagle3/).")
+    p.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. training.lr=3e-4 training.max_steps=100.")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto': continue from the last complete checkpoint in training.output_dir (fresh if none); "
+        "or a checkpoint folder epoch_E_step_S/.",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load and validate the recipe, print it (redacted, rank 0), train."""
+    from modelopt_ext.config.errors import ConfigError, exit_with
+    from modelopt_ext.config.recipe import load_recipe, redacted
+
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.config, args.overrides)
+    except ConfigError as e:
+        exit_with(e)
+    if os.environ.get("RANK", "0") == "0":
+        print("recipe (resolved):")
+        print(yaml.safe_dump(redacted(recipe.model_dump(mode="json")), sort_keys=False).rstrip())
+        sys.stdout.flush()
+
+    from modelopt_ext.training.checkpoint import CheckpointError
+    from modelopt_ext.training.trainer import train
+
+    try:
+        train(recipe, resume=args.resume)
+    except ConfigError as e:
+        exit_with(e)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
