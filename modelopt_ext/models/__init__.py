@@ -1,0 +1,1 @@
+"""Drafter models (EAGLE-3)."""

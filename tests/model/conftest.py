@@ -1,0 +1,56 @@
+"""Tiny random Llama targets and draft heads for the model tests (CPU, fp32, milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+
+VOCAB = 300
+
+
+def tiny_llama_config(**kw) -> LlamaConfig:
+    """The brief's tiny target shape (head_dim 64 like vLLM's CPU build needs)."""
+    base = {
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "num_hidden_layers": 4,
+        "vocab_size": VOCAB,
+        "intermediate_size": 256,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_target(seed: int = 0, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+    # Random init gives near-uniform logits; scaling the head makes greedy choices clear-cut (no near ties).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def tiny_draft(seed: int = 0, draft_vocab_size: int | None = None, aux=(1, 2, 4), **kw) -> Eagle3DraftModel:
+    torch.manual_seed(seed)
+    cfg = Eagle3Config.from_target_config(tiny_llama_config(**kw), list(aux), draft_vocab_size)
+    model = Eagle3DraftModel(cfg).eval()
+    # Larger-than-default weights so attention patterns and step-to-step differences are not washed out.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p is not model.embed_tokens.weight:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.fixture
+def draft() -> Eagle3DraftModel:
+    return tiny_draft()
