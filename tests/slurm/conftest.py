@@ -1,0 +1,88 @@
+"""Fixtures for tests on a real multi-node Slurm cluster on this machine (tests/slurm/cluster.sh).
+
+`slurm_cluster` is Slurm 22.05 with 3 nodes (jobs run natively); `slurm_cluster_2411` is Slurm 24.11 with
+4 nodes in blocks of 2 (`TopologyPlugin=topology/block`, for `--segment`; jobs run inside a Debian 13
+chroot that sees /tmp and the repository at the same paths). Both are session-scoped, install what they
+need (apt, debootstrap) and are torn down at the end of the session, unless another pytest session on
+this machine still uses them (each session registers itself; the last one out stops the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from slurm_testlib import (
+    INSTALL_TIMEOUT_S,
+    TIMINGS,
+    UP_TIMEOUT_S,
+    SessionRegistry,
+    SlurmCluster,
+    cluster_sh,
+    leftovers,
+    record_timing,
+)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the cluster timings measured during the session."""
+    if TIMINGS:
+        terminalreporter.section("local Slurm cluster timings")
+        for line in TIMINGS:
+            terminalreporter.write_line(line)
+
+
+def _start_cluster(version: str, nodes: int) -> Iterator[SlurmCluster]:
+    if os.geteuid() != 0:
+        pytest.fail(
+            "the local Slurm cluster needs root (network namespaces, mounts, apt); run the tests as root"
+        )
+    start = time.monotonic()
+    proc = cluster_sh("install", "--version", version, timeout=INSTALL_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot install Slurm {version} for the test cluster:\n{proc.stderr}", pytrace=False)
+    install_s = time.monotonic() - start
+    cluster_id = {"22.05": "s22", "24.11": "s24"}[version]
+    registry = SessionRegistry(cluster_id)
+    with registry:
+        start = time.monotonic()
+        proc = cluster_sh(
+            "up", "--version", version, "--nodes", str(nodes), "--timeout", "60", timeout=UP_TIMEOUT_S
+        )
+        up_s = time.monotonic() - start
+        if proc.returncode != 0:
+            pytest.fail(f"cannot start the Slurm {version} test cluster:\n{proc.stderr}", pytrace=False)
+        registry.join()
+    cluster = SlurmCluster.from_state_dir(Path(proc.stdout.strip().splitlines()[-1]))
+    cluster.timings.update(install_s=install_s, up_s=up_s)
+    reused = "already up" in proc.stderr
+    record_timing(
+        f"slurm {version}: install/check {install_s:.1f}s, "
+        f"{'reuse of a running cluster' if reused else 'start to all-idle'} {up_s:.1f}s "
+        f"({len(cluster.nodes)} nodes)"
+    )
+    try:
+        yield cluster
+    finally:
+        with registry:
+            if registry.leave():
+                proc = cluster_sh("down", "--version", version, timeout=UP_TIMEOUT_S)
+                left = leftovers(cluster_id, cluster.chroot)
+                assert proc.returncode == 0 and not left, (
+                    f"cluster.sh down (slurm {version}) failed or left things behind: {left}\n{proc.stderr}"
+                )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """Slurm 22.05, 3 nodes, each in its own network namespace; jobs run natively on this machine."""
+    yield from _start_cluster("22.05", 3)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2411() -> Iterator[SlurmCluster]:
+    """Slurm 24.11, 4 nodes in topology blocks of 2 (for --segment); jobs run in the Debian 13 chroot."""
+    yield from _start_cluster("24.11", 4)

@@ -1,0 +1,125 @@
+"""The local Slurm clusters themselves: real multi-node jobs, per-node addresses, block topology."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from slurm_testlib import SlurmCluster, record_timing
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+
+# Every task binds the same port (own port space per node), reports itself, then waits until all nodes
+# have reported, so the binds really overlap in time.
+NODE_REPORT = textwrap.dedent(
+    """\
+    #!/bin/bash
+    #SBATCH --time=2
+    set -euo pipefail
+    srun python3 - "$@" <<'EOF'
+    import os, pathlib, socket, sys, time
+    out = pathlib.Path(sys.argv[1])
+    node_id = os.environ["SLURM_NODEID"]
+    s = socket.socket()
+    s.bind(("0.0.0.0", 29500))
+    s.listen()
+    addrs = os.popen("hostname -I").read().split()
+    (out / f"{node_id}.tmp").write_text(f"{node_id} {socket.gethostname()} {' '.join(addrs)}\\n")
+    os.rename(out / f"{node_id}.tmp", out / f"{node_id}.txt")
+    deadline = time.time() + 30
+    while len(list(out.glob("*.txt"))) < int(os.environ["SLURM_NNODES"]) and time.time() < deadline:
+        time.sleep(0.05)
+    EOF
+    """
+)
+
+
+def write_script(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def read_reports(out: Path) -> dict[int, tuple[str, list[str]]]:
+    reports = {}
+    for file in out.glob("*.txt"):
+        node_id, host, *addrs = file.read_text().split()
+        reports[int(node_id)] = (host, addrs)
+    return reports
+
+
+def test_three_node_job_runs_on_every_node_with_its_own_address(slurm_cluster: SlurmCluster, tmp_path: Path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    script = write_script(tmp_path / "job.sh", NODE_REPORT)
+    result = slurm_cluster.submit_and_wait(
+        script, "-N", "3", "-o", str(tmp_path / "job.log"), script_args=[str(out)], cwd=tmp_path
+    )
+    record_timing(f"slurm 22.05: 3-node job (python on every node) submit-to-finish {result.elapsed_s:.2f}s")
+    assert result.state == "COMPLETED", (result, (tmp_path / "job.log").read_text())
+    reports = read_reports(out)
+    assert sorted(reports) == [0, 1, 2]
+    assert [reports[i][0] for i in range(3)] == slurm_cluster.nodes[:3]
+    # Each node has exactly its own address from the cluster's private range, none shared.
+    assert [reports[i][1] for i in range(3)] == [[ip] for ip in slurm_cluster.node_ips[:3]]
+
+
+def test_trivial_three_node_job_turnaround(slurm_cluster: SlurmCluster, tmp_path: Path):
+    script = write_script(tmp_path / "job.sh", "#!/bin/bash\nsrun true\n")
+    result = slurm_cluster.submit_and_wait(script, "-N", "3", "-o", str(tmp_path / "job.log"), cwd=tmp_path)
+    record_timing(f"slurm 22.05: trivial 3-node job submit-to-finish {result.elapsed_s:.2f}s")
+    assert result.state == "COMPLETED"
+    assert result.record["NodeList"] == f"{slurm_cluster.cluster_id}n[1-3]"
+
+
+def test_slurm_2205_rejects_segment(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """Why 24.11 exists here at all: 22.05 does not know --segment."""
+    script = write_script(tmp_path / "job.sh", "#!/bin/bash\ntrue\n")
+    before = slurm_cluster.job_ids()
+    proc = slurm_cluster.run("sbatch", "-N", "2", "--segment=1", str(script), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "segment" in proc.stderr
+    assert slurm_cluster.job_ids() <= before
+
+
+def test_segment_of_two_over_four_nodes_runs(slurm_cluster_2411: SlurmCluster, tmp_path: Path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    script = write_script(tmp_path / "job.sh", NODE_REPORT)
+    result = slurm_cluster_2411.submit_and_wait(
+        script,
+        "-N",
+        "4",
+        "--segment=2",
+        "-o",
+        str(tmp_path / "job.log"),
+        script_args=[str(out)],
+        cwd=tmp_path,
+    )
+    record_timing(f"slurm 24.11: 4-node --segment=2 job submit-to-finish {result.elapsed_s:.2f}s")
+    assert result.state == "COMPLETED", (result, (tmp_path / "job.log").read_text())
+    reports = read_reports(out)
+    assert sorted(reports) == [0, 1, 2, 3]
+    assert [reports[i][1] for i in range(4)] == [[ip] for ip in slurm_cluster_2411.node_ips]
+
+
+def test_topology_reports_blocks_of_two(slurm_cluster_2411: SlurmCluster):
+    out = slurm_cluster_2411.run("scontrol", "show", "topology").stdout
+    n = slurm_cluster_2411.nodes
+    assert f"Nodes={n[0]},{n[1]} BlockSize=2" in out
+    assert f"Nodes={n[2]},{n[3]} BlockSize=2" in out
+
+
+@pytest.mark.parametrize("nodes,segment", [(4, 4), (4, 3), (3, 2)])
+def test_impossible_segment_is_refused_by_slurm(
+    slurm_cluster_2411: SlurmCluster, tmp_path: Path, nodes: int, segment: int
+):
+    script = write_script(tmp_path / "job.sh", "#!/bin/bash\ntrue\n")
+    before = slurm_cluster_2411.job_ids()
+    proc = slurm_cluster_2411.run(
+        "sbatch", "-N", str(nodes), f"--segment={segment}", str(script), cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 1, proc
+    assert "Requested topology configuration is not available" in proc.stderr
+    assert slurm_cluster_2411.job_ids() <= before
