@@ -1,0 +1,295 @@
+"""Trainer-side client of serve_target: a supervision source that yields `Supervision` from a remote target.
+
+    client = RemoteTargetClient("http://node:8000", token_file="/job/private/token")
+    client.model_info(expect={"num_layers": 32, "hidden_size": 4096, "vocab_size": 128256,
+                              "aux_layer_ids": [2, 16, 29]})     # refuses a mismatch with one line
+    sup = client(batch)                                          # same contract as ColocatedSource
+    client.close()
+
+Transport: the wire format over HTTP, or (when `use_data_plane` and the server agrees) a dedicated 2-rank
+NCCL/gloo group per client (`modelopt_ext.target_server.data_plane`): JSON metadata comes in the HTTP reply,
+the tensors over the group right after. If the group cannot form, or a transfer fails, the client logs it and
+carries on over the wire format. One HTTP client (connection pool) per process, created lazily (after fork).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import torch
+
+from modelopt_ext.supervision.batch import Supervision
+from modelopt_ext.target_server.auth import read_token_file
+from modelopt_ext.target_server.data_plane import ClientSession, DataPlaneError, data_plane_enabled
+from modelopt_ext.wire import CONTENT_TYPE as WIRE_TYPE
+from modelopt_ext.wire import WireFormatError, decode, encode
+
+log = logging.getLogger("modelopt_ext.supervision.remote")
+
+META_HEADER = "X-Modelopt-Meta"
+CLIENT_HEADER = "X-Modelopt-Client"
+CHECKED_FIELDS = ("num_layers", "hidden_size", "vocab_size", "aux_layer_ids", "dtype")
+
+_http_lock = threading.Lock()
+_http: tuple[int, httpx.Client] | None = None
+
+
+def _http_client() -> httpx.Client:
+    """The process's one HTTP client (re-created in a forked child: pools must not cross fork)."""
+    global _http
+    with _http_lock:
+        if _http is None or _http[0] != os.getpid():
+            _http = (os.getpid(), httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)))
+        return _http[1]
+
+
+class RemoteTargetError(RuntimeError):
+    """serve_target refused a request, answered garbage, or describes a different model (one line)."""
+
+
+class RemoteTargetClient:
+    """A supervision source backed by a serve_target server (callable on a collated batch, like ColocatedSource)."""
+
+    def __init__(
+        self,
+        url: str,
+        token_file: str | os.PathLike | None = None,
+        use_data_plane: bool = True,
+        *,
+        target_form: str = "logits",
+        device: str | torch.device = "cpu",
+        timeout_s: float = 600.0,
+    ):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"serve_target url {url!r}: expected http://host:port")
+        if target_form not in ("logits", "probs"):
+            raise ValueError(f"target_form must be 'logits' or 'probs', got {target_form!r}")
+        self.url = url.rstrip("/")
+        self.host = parts.hostname
+        self.target_form = target_form
+        self.device = torch.device(device)
+        self.timeout_s = timeout_s
+        self.client_id = uuid.uuid4().hex
+        token = read_token_file(token_file, what="token file") if token_file else None
+        self._headers = {CLIENT_HEADER: self.client_id}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._want_data_plane = use_data_plane
+        self._session: ClientSession | None = None
+        self._data_plane_tried = False
+        self._lock = threading.Lock()  # one generate at a time: data-plane sends/receives pair up in order
+        self._info: dict | None = None
+        self.last_meta: dict = {}
+
+    # ---- HTTP ------------------------------------------------------------------------------------------
+
+    def _post(
+        self,
+        endpoint: str,
+        meta: Mapping | None = None,
+        tensors: Mapping[str, torch.Tensor | None] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> tuple[dict, dict[str, torch.Tensor | None] | None]:
+        """POST and return (metadata, tensors or None). Raises RemoteTargetError with the server's message."""
+        headers = dict(self._headers)
+        if tensors is not None:
+            body = encode(tensors)
+            headers["Content-Type"] = WIRE_TYPE
+            if meta:
+                headers[META_HEADER] = json.dumps(dict(meta))
+        else:
+            body = json.dumps(dict(meta or {})).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            r = _http_client().post(
+                f"{self.url}/{endpoint}", content=body, headers=headers, timeout=timeout_s or self.timeout_s
+            )
+        except httpx.HTTPError as e:
+            raise RemoteTargetError(f"serve_target {self.url}/{endpoint}: {type(e).__name__}: {e}") from None
+        ctype = r.headers.get("Content-Type", "").split(";")[0].strip()
+        if r.status_code != 200:
+            try:
+                msg = r.json()["error"]
+            except Exception:  # noqa: BLE001
+                msg = r.text[:200]
+            raise RemoteTargetError(f"serve_target {self.url}/{endpoint} answered {r.status_code}: {msg}")
+        try:
+            if ctype == WIRE_TYPE:
+                meta_out = json.loads(r.headers.get(META_HEADER, "{}"))
+                return meta_out, decode(bytearray(r.content))
+            return r.json(), None
+        except (WireFormatError, ValueError) as e:
+            raise RemoteTargetError(f"serve_target {self.url}/{endpoint}: unreadable reply: {e}") from None
+
+    # ---- endpoints -------------------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        """The server's /health reply."""
+        try:
+            r = _http_client().get(f"{self.url}/health", headers=self._headers, timeout=10.0)
+        except httpx.HTTPError as e:
+            raise RemoteTargetError(f"serve_target {self.url}/health: {type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise RemoteTargetError(
+                f"serve_target {self.url}/health answered {r.status_code}: {r.text[:200]}"
+            )
+        return r.json()
+
+    def model_info(self, expect: Mapping[str, Any] | None = None) -> dict:
+        """The server's model facts; with `expect`, refuse any mismatch in CHECKED_FIELDS given there.
+
+        `expect` holds what the trainer's recipe assumes (num_layers, hidden_size, vocab_size, aux_layer_ids,
+        dtype); a server running a different target, or capturing different layers, is refused with one line.
+        """
+        info, _ = self._post("model_info")
+        self._info = info
+        if expect:
+            unknown = sorted(set(expect) - set(CHECKED_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"model_info expect: unknown fields {unknown}; known: {list(CHECKED_FIELDS)}"
+                )
+            diffs = [
+                f"{k} server={info.get(k)!r} expected={_norm(v)!r}"
+                for k, v in expect.items()
+                if v is not None and _norm(info.get(k)) != _norm(v)
+            ]
+            if diffs:
+                raise RemoteTargetError(
+                    f"serve_target {self.url} serves a different target: {'; '.join(diffs)}"
+                )
+        return info
+
+    def input_embeddings(self) -> torch.Tensor:
+        """The target's input embedding [V, H] (to seed the drafter's)."""
+        _, tensors = self._post("input_embeddings")
+        if not tensors or tensors.get("embed_tokens") is None:
+            raise RemoteTargetError(f"serve_target {self.url}/input_embeddings: reply has no embed_tokens")
+        return tensors["embed_tokens"]
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, t2d: torch.Tensor | None = None) -> int:
+        """Register the draft vocabulary (needed for target_form='probs'); returns the draft vocab size."""
+        tensors = {"selected_token_ids": selected_token_ids.detach().to("cpu", torch.int64)}
+        if t2d is not None:
+            tensors["t2d"] = t2d.detach().to("cpu", torch.bool)
+        meta, _ = self._post("set_vocab_mapping", tensors=tensors)
+        return int(meta["draft_vocab_size"])
+
+    def _ensure_data_plane(self) -> None:
+        if self._data_plane_tried:
+            return
+        self._data_plane_tried = True
+        if not self._want_data_plane:
+            return
+        if not data_plane_enabled():
+            log.info("data plane off (MODELOPT_EXT_ENABLE_NCCL=0): using the wire format")
+            return
+        backend = "nccl" if self.device.type == "cuda" and torch.distributed.is_nccl_available() else "gloo"
+        reply, _ = self._post("init_nccl", {"backend": backend})
+        if not reply.get("data_plane"):
+            log.warning(
+                "serve_target %s offers no data plane (%s): using the wire format",
+                self.url,
+                reply.get("reason"),
+            )
+            return
+        try:
+            self._session = ClientSession(self.host, reply, device=str(self.device))
+            log.info(
+                "data plane to %s formed (%s, session %s)", self.url, reply["backend"], reply["session"][:8]
+            )
+        except DataPlaneError as e:
+            log.warning("data plane to %s failed, using the wire format: %s", self.url, e)
+            self._drop_session()
+
+    def _drop_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        # Tell the server so it stops waiting for this client; the wire format keeps working meanwhile.
+        try:
+            self._post("disconnect", {"data_plane_only": True}, timeout_s=10.0)
+        except RemoteTargetError as e:
+            log.debug("disconnect after data-plane failure: %s", e)
+
+    @property
+    def transport(self) -> str:
+        """'data_plane' once a group formed, else 'wire'."""
+        return "data_plane" if self._session is not None else "wire"
+
+    def generate(self, batch: Mapping[str, torch.Tensor]) -> Supervision:
+        """Supervision for a collated batch (`input_ids` int64, `attention_mask`/`loss_mask` [B, T])."""
+        try:
+            sent = {
+                "input_ids": batch["input_ids"].detach().to("cpu", torch.int64),
+                "attention_mask": batch["attention_mask"].detach().to("cpu").bool(),
+                "loss_mask": batch["loss_mask"].detach().to("cpu").bool(),
+            }
+        except KeyError as e:
+            raise ValueError(
+                f"batch lacks {e.args[0]!r} (need input_ids, attention_mask, loss_mask)"
+            ) from None
+        with self._lock:
+            self._ensure_data_plane()
+            meta_in = {"target_form": self.target_form, "transport": self.transport}
+            meta, tensors = self._post("generate", meta_in, sent)
+            if meta.get("transport") == "data_plane":
+                try:
+                    tensors = self._session.recv(meta["tensors"])
+                except (DataPlaneError, KeyError, AttributeError) as e:
+                    log.warning("data-plane receive from %s failed, retrying over the wire: %s", self.url, e)
+                    self._drop_session()
+                    meta, tensors = self._post("generate", {**meta_in, "transport": "wire"}, sent)
+            elif meta_in["transport"] == "data_plane":
+                log.warning(
+                    "serve_target %s answered over the wire: %s", self.url, meta.get("fallback_reason")
+                )
+        self.last_meta = meta
+        if not tensors:
+            raise RemoteTargetError(f"serve_target {self.url}/generate: reply carries no tensors")
+        try:
+            sup = Supervision(**tensors)
+        except (TypeError, ValueError) as e:
+            raise RemoteTargetError(f"serve_target {self.url}/generate: malformed supervision: {e}") from None
+        # The echo guards against mixed-up replies (a proxy, a bug): the ids must be exactly what we sent.
+        if not torch.equal(sup.input_ids.cpu(), sent["input_ids"]):
+            raise RemoteTargetError(
+                f"serve_target {self.url}/generate: token ids in the reply differ from the request"
+            )
+        return sup.to(self.device) if sup.input_ids.device != self.device else sup
+
+    __call__ = generate
+
+    def close(self) -> None:
+        """Drop this client's state on the server and abort the local data-plane end (never hangs)."""
+        session, self._session = self._session, None
+        try:
+            self._post("disconnect", timeout_s=10.0)
+        except RemoteTargetError as e:
+            log.debug("disconnect: %s", e)
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> RemoteTargetClient:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, tuple):
+        return list(v)
+    return v
