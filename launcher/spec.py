@@ -1,0 +1,324 @@
+"""Load a job spec: YAML + dotted overrides -> validated, interpolated, topology-checked `Job`.
+
+Every problem is collected and raised at once as a ConfigError (one line each, naming the field path);
+the CLI prints them and exits 2. Nothing here imports nemo_run or any ML package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from launcher.schema import JobSpec, Pipeline, SlurmConfig, Task
+from launcher.topology import RolePlan, TopologyError, plan_roles
+from modelopt_ext.config.errors import ConfigError, allowed_keys, did_you_mean, format_loc, model_at
+from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Factory defaults of `_factory_: slurm_factory`, as in Model-Optimizer's launcher.
+FACTORY_ENV = {
+    "host": "SLURM_HOST",
+    "account": "SLURM_ACCOUNT",
+    "partition": "SLURM_PARTITION",
+    "qos": "SLURM_QOS",
+    "mem": "SLURM_MEM",
+}
+DEFAULT_TIME = "04:00:00"
+
+#: Variables the launcher sets for every task; a spec may not set them (SERVE_NODES is an input).
+RESERVED_ENV = (
+    "SERVE_NODE_IDS",
+    "TRAIN_NODE_IDS",
+    "TRAINER_SERVER_MAP",
+    "SEGMENT_SIZE",
+    "MODELOPT_SCRATCH",
+    "MODELOPT_REPO",
+    "MODELOPT_JOB_NAME",
+    "MODELOPT_RUN_ID",
+    "MODELOPT_TASK",
+)
+
+_GLOBAL_REF = re.compile(r"<<\s*global_vars\.([A-Za-z0-9_]+)\s*>>")
+_INTERNAL_KEYS = {"__numbered_tasks__", "numbered_tasks"}
+
+
+@dataclass
+class ResolvedTask:
+    """One task after interpolation and topology checks; what executors are built from."""
+
+    name: str
+    path: str
+    task: Task
+    plan: RolePlan
+    env: dict[str, str]
+    args: list[str]
+    inline: str | None
+    script: Path | None
+    slurm: SlurmConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        """'slurm' or 'local'."""
+        return self.task.kind
+
+    @property
+    def streaming(self) -> bool:
+        """Serve+train task (needs a role plan with serve nodes)."""
+        return self.plan.streaming
+
+
+@dataclass
+class Job:
+    """A validated job spec, ready to render or submit."""
+
+    spec: JobSpec
+    source: str
+    tasks: list[ResolvedTask] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The spec's job_name."""
+        return self.spec.job_name
+
+    @property
+    def kind(self) -> str:
+        """'slurm' or 'local' (a pipeline uses one executor kind)."""
+        return self.tasks[0].kind if self.tasks else "local"
+
+
+def load_job(
+    path: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+    repo_root: Path = REPO_ROOT,
+) -> Job:
+    """Read, override, validate and resolve a job spec; raise ConfigError listing every problem."""
+    source = str(path)
+    data = load_yaml_file(source)
+    data = apply_overrides(data, list(overrides))
+    return resolve(
+        data, source=source, environ=os.environ if environ is None else environ, repo_root=repo_root
+    )
+
+
+def resolve(data: dict, *, source: str, environ: Mapping[str, str], repo_root: Path = REPO_ROOT) -> Job:
+    """Validate a spec mapping (after overrides) and resolve it into a Job."""
+    data = _with_factory_defaults(data, environ)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        problems = _problems(err)
+        # Report the semantic problems of the tasks that are well-formed too, so one run shows everything.
+        for fpath, raw_task, gvars in _raw_tasks(data):
+            try:
+                task = Task.model_validate(raw_task)
+            except ValidationError:
+                continue
+            if not task.skip:
+                _resolve_task(fpath.rsplit(".", 1)[-1], fpath, task, gvars, repo_root, problems)
+        raise ConfigError(problems, source=source) from None
+    problems = []
+    job = Job(spec=spec, source=source)
+    gvars = _global_vars(spec.pipeline.global_vars)
+    for name, fpath, task in spec.pipeline.named_tasks():
+        if task.skip:
+            job.skipped.append(name)
+            continue
+        resolved = _resolve_task(name, fpath, task, gvars, repo_root, problems)
+        if resolved is not None:
+            job.tasks.append(resolved)
+    kinds = {t.kind for t in job.tasks}
+    if len(kinds) > 1:
+        problems.append(
+            "pipeline: mixes local and slurm tasks; a pipeline runs on one executor kind "
+            f"(local: {', '.join(t.name for t in job.tasks if t.kind == 'local')}; "
+            f"slurm: {', '.join(t.name for t in job.tasks if t.kind == 'slurm')})"
+        )
+    if not job.tasks and not problems and not spec.pipeline.skip:
+        problems.append("pipeline: every task has skip: true; nothing to run")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return job
+
+
+def _global_vars(raw: Any) -> dict[str, str]:
+    """global_vars as text (YAML booleans as true/false, null as empty)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(k): ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+        for k, v in raw.items()
+        if not isinstance(v, (dict, list))
+    }
+
+
+def _raw_tasks(data: Any) -> list[tuple[str, Any, dict[str, str]]]:
+    """[(field path, raw task mapping, global vars)] from an unvalidated spec mapping."""
+    pipeline = data.get("pipeline") if isinstance(data, dict) else None
+    if not isinstance(pipeline, dict):
+        return []
+    gvars = _global_vars(pipeline.get("global_vars"))
+    out = [
+        (f"pipeline.{k}", v, gvars)
+        for k, v in pipeline.items()
+        if isinstance(k, str) and re.match(r"^task_\d+$", k)
+    ]
+    if isinstance(pipeline.get("tasks"), list):
+        out += [(f"pipeline.tasks[{i}]", v, gvars) for i, v in enumerate(pipeline["tasks"])]
+    return out
+
+
+def _with_factory_defaults(data: dict, environ: Mapping[str, str]) -> dict:
+    """Fill unset slurm_config fields from SLURM_HOST/ACCOUNT/PARTITION/QOS/MEM (slurm_factory defaults)."""
+    pipeline = data.get("pipeline")
+    if not isinstance(pipeline, dict):
+        return data
+    task_dicts: list[Any] = [
+        v for k, v in pipeline.items() if isinstance(k, str) and re.match(r"^task_\d+$", k)
+    ]
+    if isinstance(pipeline.get("tasks"), list):
+        task_dicts.extend(pipeline["tasks"])
+    for t in task_dicts:
+        if isinstance(t, dict) and isinstance(t.get("slurm_config"), dict):
+            cfg = t["slurm_config"]
+            for key, var in FACTORY_ENV.items():
+                if cfg.get(key) is None and environ.get(var):
+                    cfg[key] = environ[var]
+    return data
+
+
+def _problems(err: ValidationError) -> list[str]:
+    """One line per pydantic error, with `pipeline.task_N` paths and did-you-mean for unknown keys."""
+    lines = []
+    for e in err.errors(include_url=False):
+        raw_loc = list(e["loc"])
+        shown = [p for p in raw_loc if p not in _INTERNAL_KEYS]
+        # Pydantic appends the failing member of a union/tagged type; keep paths to real keys only.
+        path = format_loc(shown)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            owner = model_at(
+                JobSpec, ["numbered_tasks" if p == "__numbered_tasks__" else p for p in raw_loc[:-1]]
+            )
+            keys = [k for k in (allowed_keys(owner) if owner else []) if k not in _INTERNAL_KEYS]
+            choices = list(keys)
+            if owner is Pipeline:
+                choices += [f"task_{i}" for i in range(10)]
+                keys = keys + ["task_0..task_N"]
+            hint = did_you_mean(raw_loc[-1], choices)
+            lines.append(f"{path}: unknown key{hint}; allowed keys: {', '.join(sorted(keys))}")
+        elif kind == "missing":
+            lines.append(f"{path}: required field is missing")
+        elif kind in ("literal_error", "enum"):
+            expected = e.get("ctx", {}).get("expected", "")
+            lines.append(f"{path}: got {e.get('input')!r}; allowed: {expected}")
+        else:
+            msg = e["msg"]
+            msg = msg.removeprefix("Value error, ")
+            got = e.get("input")
+            suffix = (
+                "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
+            )
+            lines.append(f"{path}: {msg}{suffix}")
+    return lines
+
+
+def _interpolate(text: str, gvars: dict[str, str], where: str, problems: list[str]) -> str:
+    """Replace <<global_vars.X>>; an unknown X is a problem naming `where`."""
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key in gvars:
+            return gvars[key]
+        defined = ", ".join(sorted(gvars)) or "none"
+        problems.append(
+            f"{where}: unknown global var '{key}' in {m.group(0)!r}{did_you_mean(key, gvars)}; "
+            f"defined in pipeline.global_vars: {defined}"
+        )
+        return m.group(0)
+
+    return _GLOBAL_REF.sub(sub, text)
+
+
+def _resolve_task(
+    name: str, fpath: str, task: Task, gvars: dict[str, str], repo_root: Path, problems: list[str]
+) -> ResolvedTask | None:
+    start = len(problems)
+    args = [_interpolate(a, gvars, f"{fpath}.args[{i}]", problems) for i, a in enumerate(task.args)]
+    env = {
+        k: _interpolate(v, gvars, f"{fpath}.environment.{k}", problems) for k, v in task.environment.items()
+    }
+    inline = _interpolate(task.inline, gvars, f"{fpath}.inline", problems) if task.inline else None
+    for key in env:
+        if key in RESERVED_ENV:
+            problems.append(f"{fpath}.environment.{key}: set by the launcher for every task; remove it")
+
+    script: Path | None = None
+    if task.script:
+        p = Path(task.script)
+        script = p if p.is_absolute() else repo_root / p
+        if not script.is_file():
+            problems.append(
+                f"{fpath}.script: file not found: {task.script} (relative to the repo root {repo_root})"
+            )
+
+    slurm = task.slurm_config
+    nodes = slurm.nodes if slurm else 1
+    segment = slurm.segment if slurm else None
+    gpus = slurm.gpus_per_node if slurm else None
+    streaming = (
+        task.streaming
+        if task.streaming is not None
+        else bool(task.script and "streaming" in Path(task.script).name)
+    )
+
+    serve_field = f"{fpath}.serve_nodes"
+    serve = task.serve_nodes
+    if "SERVE_NODES" in env:
+        raw = env["SERVE_NODES"].strip()
+        if not raw.isdigit():
+            problems.append(f"{fpath}.environment.SERVE_NODES: must be a whole number (got {raw!r})")
+        else:
+            if serve is not None and serve != int(raw):
+                problems.append(
+                    f"{fpath}.serve_nodes: {serve} disagrees with environment.SERVE_NODES={raw}; set only one"
+                )
+            serve = int(raw)
+            serve_field = f"{fpath}.environment.SERVE_NODES"
+    if streaming and slurm and slurm.ntasks_per_node != 1:
+        problems.append(
+            f"{fpath}.slurm_config.ntasks_per_node: a streaming task runs one entry script per node "
+            f"(it starts its own ranks); allowed: 1 (got {slurm.ntasks_per_node})"
+        )
+    plan = RolePlan(nodes, (), tuple(range(nodes)))
+    try:
+        plan = plan_roles(nodes, serve, segment=segment, gpus_per_node=gpus, streaming=streaming)
+    except TopologyError as e:
+        where = {
+            "segment": f"{fpath}.slurm_config.segment",
+            "nodes": f"{fpath}.slurm_config.nodes",
+            "gpus_per_node": f"{fpath}.slurm_config.gpus_per_node",
+            "serve_nodes": serve_field,
+        }[e.field]
+        problems.append(f"{where}: {e}")
+    if len(problems) > start:
+        return None
+    return ResolvedTask(
+        name=name,
+        path=fpath,
+        task=task,
+        plan=plan,
+        env=env,
+        args=args,
+        inline=inline,
+        script=script,
+        slurm=slurm,
+    )
