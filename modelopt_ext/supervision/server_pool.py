@@ -21,8 +21,8 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 

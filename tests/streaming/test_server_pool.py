@@ -40,7 +40,9 @@ def test_round_robin_starts_at_offset_and_cycles():
 def test_rank_worker_offsets_spread_first_requests_evenly():
     # 2 ranks x 2 workers over 4 servers: every process's first request goes to a different server.
     urls = [f"http://s{i}" for i in range(4)]
-    firsts = [ServerPool(urls, start_offset=rank * 2 + worker).acquire() for rank in range(2) for worker in range(2)]
+    firsts = [
+        ServerPool(urls, start_offset=rank * 2 + worker).acquire() for rank in range(2) for worker in range(2)
+    ]
     assert sorted(firsts) == urls
 
 
