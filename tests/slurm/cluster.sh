@@ -410,7 +410,9 @@ mount_chroot() {
   mkdir -p "$ROOT/proc" "$ROOT/dev"
   mount -t proc proc "$ROOT/proc"
   mount --bind /dev "$ROOT/dev"
-  mount --bind /dev/shm "$ROOT/dev/shm" 2>/dev/null || true
+  # Unbuffered steps (srun -u, SLURM_UNBUFFEREDIO=1 as nemo_run's scripts set) give tasks a pty.
+  mount --bind /dev/pts "$ROOT/dev/pts"
+  mount --bind /dev/shm "$ROOT/dev/shm"
   while read -r dir; do
     [[ -d "$dir" ]] || die "--bind folder $dir does not exist"
     covered_by_bind "$dir" && continue
