@@ -359,31 +359,53 @@ def split_captured(
     return aux, last
 
 
-def collate_supervision(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> Supervision:
-    """Right-pad streamed items into one `Supervision` (target form: `target_last_hidden`)."""
+def collate_streamed(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad streamed items into a batch dict (the trainer's collate; runs in DataLoader workers).
+
+    Keys: input_ids int64 [B,T], attention_mask / loss_mask bool [B,T], aux_hidden_states [B,T,n_aux*H],
+    target_last_hidden [B,T,H] (zeros on padding). `StreamedSource` turns it into a `Supervision`.
+    """
     if not items:
-        raise ValueError("collate_supervision needs at least one item")
+        raise ValueError("collate_streamed needs at least one item")
     b, t = len(items), max(len(it["input_ids"]) for it in items)
     aux0, last0 = items[0]["aux_hidden_states"], items[0]["target_last_hidden"]
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, t), dtype=torch.bool)
-    loss = torch.zeros((b, t), dtype=torch.bool)
-    aux = torch.zeros((b, t, aux0.shape[-1]), dtype=aux0.dtype)
-    last = torch.zeros((b, t, last0.shape[-1]), dtype=last0.dtype)
+    out = {
+        "input_ids": torch.full((b, t), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((b, t), dtype=torch.bool),
+        "loss_mask": torch.zeros((b, t), dtype=torch.bool),
+        "aux_hidden_states": torch.zeros((b, t, aux0.shape[-1]), dtype=aux0.dtype),
+        "target_last_hidden": torch.zeros((b, t, last0.shape[-1]), dtype=last0.dtype),
+    }
     for i, it in enumerate(items):
         n = len(it["input_ids"])
-        input_ids[i, :n] = it["input_ids"]
-        attention[i, :n] = True
-        loss[i, :n] = it["loss_mask"]
-        aux[i, :n] = it["aux_hidden_states"]
-        last[i, :n] = it["target_last_hidden"]
-    return Supervision(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=loss,
-        aux_hidden_states=aux,
-        target_last_hidden=last,
-    )
+        out["input_ids"][i, :n] = it["input_ids"]
+        out["attention_mask"][i, :n] = True
+        out["loss_mask"][i, :n] = it["loss_mask"]
+        out["aux_hidden_states"][i, :n] = it["aux_hidden_states"]
+        out["target_last_hidden"][i, :n] = it["target_last_hidden"]
+    return out
+
+
+class StreamedSource:
+    """The trainer's `source` for streamed batches: batch dict (already on device) -> `Supervision`.
+
+    The supervision was fetched by the dataset in DataLoader workers, so this only re-labels tensors; the
+    trainer's `TargetHead` later turns `target_last_hidden` (pre-final-norm) into target logits.
+    """
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> Supervision:
+        return Supervision(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            loss_mask=batch["loss_mask"],
+            aux_hidden_states=batch["aux_hidden_states"],
+            target_last_hidden=batch["target_last_hidden"],
+        )
+
+
+def collate_supervision(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> Supervision:
+    """Right-pad streamed items into one `Supervision` (target form: `target_last_hidden`)."""
+    return StreamedSource()(collate_streamed(items, pad_id))
 
 
 def _read_token(path: str | os.PathLike) -> str:
