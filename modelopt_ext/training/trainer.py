@@ -259,14 +259,19 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------
 
     def _loader(self) -> DataLoader:
-        workers = self.recipe.data.num_workers
+        # A private generator: DataLoader draws its worker base seed from the GLOBAL torch RNG at every
+        # iter() otherwise, and a resumed run creates its iterator at a different point than an
+        # uninterrupted one, which would shift the training RNG stream (dropout) and break bit-identity.
+        gen = torch.Generator()
+        gen.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 7919 + self.env.rank)
         return DataLoader(
             self.parts.dataset,
             batch_sampler=self.sampler,
             collate_fn=self.parts.collate,
-            num_workers=workers,
+            num_workers=self.recipe.data.num_workers,
             pin_memory=self.env.device.type == "cuda",
             persistent_workers=False,
+            generator=gen,
         )
 
     def train(self) -> TrainResult:

@@ -1,0 +1,125 @@
+"""Exact resume: interrupted + resumed runs end bit-identical to uninterrupted ones.
+
+The interruption is the trainer's test hook (MODELOPT_EXT_STOP_AFTER_STEPS: stop right after the first
+checkpoint at or after step N), so the recipe, and with it the LR schedule, is the same in both runs.
+The stand-in draft has dropout: without restored RNG states the resumed run would diverge.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelopt_ext.config.recipe import parse_recipe
+from modelopt_ext.training.trainer import STOP_ENV, train
+
+from standin import standin_parts
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def _recipe(out: Path, **training) -> dict:
+    t = {"output_dir": str(out), "max_steps": 14, "batch_size": 2, "grad_accum": 2, "save_interval": 3,
+         "log_interval": 2, "lr": 0.02, "warmup_steps": 2, "schedule": "cosine", "seed": 11, **training}
+    return {"model": {"path": "standin-target"}, "data": {"path": "standin.jsonl"}, "eagle": {"ttt_steps": 1},
+            "training": t}
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "epoch_1_step_14" / "model.safetensors"))
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _optimizer_tensors(out: Path) -> list[torch.Tensor]:
+    st = torch.load(out / "epoch_1_step_14" / "optimizer.pt", weights_only=True)
+    return [t for s in st["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
+def test_single_process_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    full = train(parse_recipe(_recipe(tmp_path / "full")), standin_parts)
+    assert full.global_step == 14 and not full.stopped_early
+    # 37 samples at 4 per step -> 10 steps per epoch: step 14 is in epoch 1 (the run crosses an epoch).
+    assert full.checkpoint == tmp_path / "full" / "epoch_1_step_14"
+
+    monkeypatch.setenv(STOP_ENV, "5")
+    part = train(parse_recipe(_recipe(tmp_path / "cut")), standin_parts)
+    assert part.stopped_early and part.global_step == 6  # first checkpoint at or after step 5
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("epoch")) == [
+        "epoch_0_step_3", "epoch_0_step_6"]
+    assert not (tmp_path / "cut" / "export").exists()
+    monkeypatch.delenv(STOP_ENV)
+
+    capsys.readouterr()
+    resumed = train(parse_recipe(_recipe(tmp_path / "cut")), standin_parts, resume="auto")
+    log = capsys.readouterr().out
+    assert "resume: from" in log and "epoch_0_step_6" in log and "8 steps this run" in log
+    assert resumed.global_step == 14
+    _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
+    for a, b in zip(_optimizer_tensors(tmp_path / "full"), _optimizer_tensors(tmp_path / "cut")):
+        assert torch.equal(a, b)
+    # The metrics log of the resumed run continues where the first one stopped.
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12, 14]
+
+
+def test_without_rng_restore_the_resume_diverges(tmp_path, monkeypatch):
+    """The identity above is not vacuous: skip restoring RNG states (dropout stream) and weights differ."""
+    full = train(parse_recipe(_recipe(tmp_path / "full", max_steps=6)), standin_parts)
+    monkeypatch.setenv(STOP_ENV, "3")
+    train(parse_recipe(_recipe(tmp_path / "cut", max_steps=6)), standin_parts)
+    monkeypatch.delenv(STOP_ENV)
+    monkeypatch.setattr("modelopt_ext.training.checkpoint.restore_rng_state", lambda state: None)
+    resumed = train(parse_recipe(_recipe(tmp_path / "cut", max_steps=6)), standin_parts, resume="auto")
+    wa = load_file(str(full.checkpoint / "model.safetensors"))
+    wb = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert resumed.checkpoint.name == full.checkpoint.name == "epoch_0_step_6"
+    assert not torch.equal(wa["fc.weight"], wb["fc.weight"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(recipe_path: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(HERE / "run_standin.py"), "--config", str(recipe_path), *extra,
+    ]
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.e2e
+def test_two_process_gloo_resume_is_bit_identical(tmp_path):
+    import yaml
+
+    for name in ("full", "cut"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(tmp_path / name, batch_size=1)))
+    full = _launch_two(tmp_path / "full.yaml")
+    assert "2 rank(s)" in full.stdout and full.stdout.count("step 14/14 epoch") == 1  # rank 0 logs alone
+    assert sorted(p.name for p in (tmp_path / "full" / "epoch_1_step_14").glob("rng_state_*.pt")) == [
+        "rng_state_0.pt", "rng_state_1.pt"]
+    _launch_two(tmp_path / "cut.yaml", env_extra={STOP_ENV: "4"})
+    assert (tmp_path / "cut" / "epoch_0_step_6").is_dir() and not (tmp_path / "cut" / "epoch_0_step_9").exists()
+    resumed = _launch_two(tmp_path / "cut.yaml", "--resume", "auto")
+    assert "resume: from" in resumed.stdout
+    _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
