@@ -231,8 +231,9 @@ class Trainer:
     def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], int, int]:
         batch = _to_device(batch, self.env.device)
         ctx = torch.autocast(self.env.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        # The source runs outside autocast: it must compute exactly what a remote server would.
+        sup = self.parts.source(batch)
         with ctx:
-            sup = self.parts.source(batch)
             loss, metrics = self.parts.loss_fn(
                 self.model, sup, self.parts.vocab, self.parts.head,
                 self.recipe.eagle.ttt_steps, self.recipe.eagle.step_loss_decay,

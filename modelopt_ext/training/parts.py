@@ -1,0 +1,115 @@
+"""Build the real training parts from a recipe: tokenised data, draft vocabulary, source, draft head.
+
+Order matters and is the same on every rank:
+1. tokenizer + `ConversationDataset` (rank 0 tokenises first and fills the cache; the others then read it);
+2. the draft vocabulary: restored from the checkpoint when resuming; otherwise counted from the supervised
+   tokens on rank 0 and broadcast, so every rank builds the identical mapping;
+3. the supervision source for `data.mode` (sources.make_source), which also yields the TargetHead and the
+   target's input embeddings;
+4. the EAGLE-3 draft head, its vocabulary buffers (d2t/t2d) installed, embeddings copied from the target
+   (frozen unless `eagle.freeze_embeddings: false`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelopt_ext.config.recipe import Recipe
+from modelopt_ext.training.distributed import DistEnv, barrier, broadcast_tensor
+from modelopt_ext.training.sources import make_source
+from modelopt_ext.training.trainer import TrainingParts
+
+
+def _text_config(hf_config: Any) -> Any:
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def _exporter():
+    """The [data] exporter, or None when it is not available in this checkout."""
+    try:
+        from modelopt_ext.checkpoints import export as export_mod
+    except ImportError:
+        return None
+    for name in ("export_checkpoint", "export_drafter", "export"):
+        fn = getattr(export_mod, name, None)
+        if callable(fn):
+            return lambda ckpt_dir, out_dir: fn(ckpt_dir, out_dir)
+    return None
+
+
+def load_dataset(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Any:
+    """The tokenised conversations; rank 0 builds the tokenisation cache before the others read it."""
+    from modelopt_ext.data.dataset import ConversationDataset
+
+    cache_dir = Path(recipe.data.cache_dir or Path(recipe.training.output_dir) / "cache")
+    dataset = ConversationDataset(recipe.data, tokenizer, cache_dir) if env.is_main else None
+    barrier(env)
+    if dataset is None:
+        dataset = ConversationDataset(recipe.data, tokenizer, cache_dir)
+    if len(dataset) == 0:
+        raise ValueError(f"{recipe.data.path}: no usable conversations")
+    return dataset
+
+
+def build_vocab(recipe: Recipe, env: DistEnv, dataset: Any, tokenizer: Any, vocab_size: int, resume_from: Path | None):
+    """The draft vocabulary: from the checkpoint when resuming, else from supervised-token counts."""
+    from modelopt_ext.data.draft_vocab import DraftVocab, build_draft_vocab, count_supervised_tokens
+
+    if resume_from is not None:
+        return DraftVocab.load(resume_from)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    if env.is_main:
+        c = torch.as_tensor(count_supervised_tokens(dataset), dtype=torch.long)
+        counts[: min(len(c), vocab_size)] = c[:vocab_size]
+    counts = broadcast_tensor(counts, env)
+    special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size]
+    return build_draft_vocab(counts, vocab_size, recipe.eagle.draft_vocab_size, special_ids=special)
+
+
+def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> TrainingParts:
+    """TrainingParts for the recipe on this rank (see the module docstring for the order)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from modelopt_ext.training.objective import eagle3_loss
+
+    trust = recipe.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=trust)
+    hf_config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=trust)
+    vocab_size = int(_text_config(hf_config).vocab_size)
+    dataset = load_dataset(recipe, env, tokenizer)
+    vocab = build_vocab(recipe, env, dataset, tokenizer, vocab_size, resume_from)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    setup = make_source(recipe, env, dataset, pad_id, vocab)
+
+    config = Eagle3Config.from_target_config(
+        hf_config, aux_layer_ids=setup.aux_layer_ids, draft_vocab_size=len(vocab.d2t)
+    )
+    model = Eagle3DraftModel(config)
+    model.set_vocab(vocab)
+    if setup.target_embeddings is not None:
+        model.load_embeddings(setup.target_embeddings, freeze=recipe.eagle.freeze_embeddings)
+    else:
+        model.embed_tokens.weight.requires_grad_(not recipe.eagle.freeze_embeddings)
+    notes = [
+        f"data: {len(dataset)} conversations from {recipe.data.path} (mode {recipe.data.mode})",
+        f"draft: vocab {len(vocab.d2t)}/{vocab_size}"
+        + (" (restored from the checkpoint)" if resume_from else " (from supervised-token counts)")
+        + f", aux layers {setup.aux_layer_ids} (vLLM numbering), ttt steps {recipe.eagle.ttt_steps}",
+    ]
+    export_fn = _exporter() if recipe.training.export_at_end else None
+    return TrainingParts(
+        dataset=setup.dataset,
+        collate=setup.collate,
+        source=setup.source,
+        model=model,
+        model_config=config.to_dict(),
+        vocab=vocab,
+        head=setup.head,
+        loss_fn=eagle3_loss,
+        export_fn=export_fn,
+        notes=notes,
+    )

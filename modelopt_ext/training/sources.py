@@ -1,0 +1,74 @@
+"""Which supervision source feeds the trainer, keyed by `recipe.data.mode`.
+
+Every source ends in the same `Supervision` batch (supervision/batch.py), but sources differ in where the
+work happens: the colocated one runs the target on each collated batch; a streaming one fetches per item
+inside the dataset (so it wraps the dataset and brings its own collate). A builder therefore returns a
+`SourceSetup` (dataset, collate, source callable, TargetHead, aux layer ids, target embeddings), and the
+trainer never knows which one it got. Later sources register themselves with `register_source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.config.recipe import Recipe
+from modelopt_ext.training.distributed import DistEnv
+
+
+@dataclass
+class SourceSetup:
+    """What a source contributes to training."""
+
+    dataset: Any  # map-style; item i depends only on i (resume = sampler position)
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    source: Callable[[dict[str, torch.Tensor]], Any]  # collated batch on the device -> Supervision
+    head: Any  # TargetHead (final norm + lm_head [+ embeddings]) or None when targets arrive as probs
+    aux_layer_ids: list[int]
+    target_embeddings: torch.Tensor | None  # [V, H] to initialise the draft's embeddings
+
+
+# (recipe, env, conversations dataset, pad_id, draft vocab) -> SourceSetup
+SourceBuilder = Callable[[Recipe, DistEnv, Any, int, Any], SourceSetup]
+_BUILDERS: dict[str, SourceBuilder] = {}
+
+
+def register_source(mode: str, builder: SourceBuilder) -> None:
+    """Make `data.mode: <mode>` available to the trainer."""
+    _BUILDERS[mode] = builder
+
+
+def make_source(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """The SourceSetup for the recipe's data mode; a mode with no builder is a one-line config error."""
+    mode = recipe.data.mode or "colocated"
+    builder = _BUILDERS.get(mode)
+    if builder is None:
+        raise ConfigError(
+            [f"data.mode: the {mode!r} source is not built yet (available: {', '.join(sorted(_BUILDERS))})"]
+        )
+    return builder(recipe, env, dataset, pad_id, vocab)
+
+
+def _colocated(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """The target in this process, on this rank's device; the head shares its tensors (no second read)."""
+    from modelopt_ext.data.dataset import collate_padded
+    from modelopt_ext.supervision.colocated import ColocatedSource
+    from modelopt_ext.supervision.target_head import TargetHead
+
+    src = ColocatedSource.from_recipe(recipe, device=env.device)
+    head = TargetHead.from_model(src.model)
+    return SourceSetup(
+        dataset=dataset,
+        collate=partial(collate_padded, pad_id=pad_id),
+        source=src,
+        head=head,
+        aux_layer_ids=list(src.aux_layer_ids),
+        target_embeddings=head.embed_tokens,
+    )
+
+
+register_source("colocated", _colocated)
