@@ -11,6 +11,15 @@ from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
 VOCAB = 300
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only contend (measured 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_llama_config(**kw) -> LlamaConfig:
     """The brief's tiny target shape (head_dim 64 like vLLM's CPU build needs)."""
     base = {
@@ -54,3 +63,26 @@ def tiny_draft(seed: int = 0, draft_vocab_size: int | None = None, aux=(1, 2, 4)
 @pytest.fixture
 def draft() -> Eagle3DraftModel:
     return tiny_draft()
+
+
+class IdentityVocab:
+    """A DraftVocab stand-in (fields d2t/t2d/selected_ids) until modelopt_ext/data/draft_vocab.py lands."""
+
+    def __init__(self, target_ids, vocab_size: int):
+        ids = torch.as_tensor(target_ids, dtype=torch.long)
+        self.d2t = ids - torch.arange(len(ids))
+        self.t2d = torch.zeros(vocab_size, dtype=torch.bool)
+        self.t2d[ids] = True
+
+    @property
+    def selected_ids(self) -> torch.Tensor:
+        return torch.arange(len(self.d2t)) + self.d2t
+
+
+@pytest.fixture
+def saved_target(tmp_path):
+    """A tiny target saved in HF layout (single safetensors file); returns (model, folder)."""
+    model = tiny_target(seed=3)
+    folder = tmp_path / "target"
+    model.save_pretrained(folder)
+    return model, folder
