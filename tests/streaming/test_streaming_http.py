@@ -175,8 +175,11 @@ def test_500_is_retried_on_the_same_lone_server(root, servers):
     assert st["errors"] == 1 and st["requests"] == 4
 
 
-def test_truncated_file_is_retried_elsewhere(root, servers):
-    bad, good = servers(root, mode="truncated"), servers(root)
+@pytest.mark.parametrize("mode", ["truncated", "no_file", "bad_json"])
+def test_broken_answer_is_retried_elsewhere(root, servers, mode):
+    # truncated: the lock is released on half a file; no_file: released with no file written (a writer
+    # that failed); bad_json: a 200 without kv_transfer_params.
+    bad, good = servers(root, mode=mode), servers(root)
     base = conversations(4)
     ds = dataset(base, [bad.url, good.url], root)
     for i in range(4):
