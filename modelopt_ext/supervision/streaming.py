@@ -408,6 +408,45 @@ def collate_supervision(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 
     return StreamedSource()(collate_streamed(items, pad_id))
 
 
+def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab: Any = None) -> Any:
+    """The trainer's `SourceSetup` for `data.mode: streaming` (see training/sources.py `register_source`).
+
+    Wraps the rank's conversations `dataset` in a `VllmStreamingDataset`; reads only the target's final norm,
+    lm_head and embeddings (`TargetHead`), never the whole target. The servers must capture the recipe's aux
+    layer ids (default rule when unset) followed by layer L.
+    """
+    from functools import partial
+
+    from modelopt_ext.config.recipe import default_aux_layer_ids
+    from modelopt_ext.supervision.target_head import TargetHead
+    from modelopt_ext.training.sources import SourceSetup
+
+    data = recipe.data
+    if not data.shared_storage_root:
+        raise ValueError("data.shared_storage_root is required when data.server_urls is set (streaming)")
+    head = TargetHead.from_pretrained(recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device)
+    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(_target_num_layers(recipe.model.path)))
+    ds = VllmStreamingDataset.from_config(
+        dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), rank=env.rank
+    )
+    return SourceSetup(
+        dataset=ds,
+        collate=partial(collate_streamed, pad_id=pad_id),
+        source=StreamedSource(),
+        head=head,
+        aux_layer_ids=aux,
+        target_embeddings=head.embed_tokens,
+    )
+
+
+def _target_num_layers(path: str) -> int:
+    import json
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    return int(cfg["num_hidden_layers"])
+
+
 def _read_token(path: str | os.PathLike) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
