@@ -34,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.recipe import load_recipe, redacted
 
     args = parse_args(argv)
+    from modelopt_ext.training.sources import check_source
+
     try:
         recipe = load_recipe(args.config, args.overrides)
+        check_source(recipe)
     except ConfigError as e:
         exit_with(e)
     if os.environ.get("RANK", "0") == "0":

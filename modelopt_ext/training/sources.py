@@ -42,15 +42,23 @@ def register_source(mode: str, builder: SourceBuilder) -> None:
     _BUILDERS[mode] = builder
 
 
-def make_source(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
-    """The SourceSetup for the recipe's data mode; a mode with no builder is a one-line config error."""
+def check_source(recipe: Recipe) -> SourceBuilder:
+    """The builder for the recipe's data mode; a mode with no builder is a one-line config error.
+
+    Called before anything heavy is loaded, so an unsupported mode fails in a second.
+    """
     mode = recipe.data.mode or "colocated"
     builder = _BUILDERS.get(mode)
     if builder is None:
         raise ConfigError(
             [f"data.mode: the {mode!r} source is not built yet (available: {', '.join(sorted(_BUILDERS))})"]
         )
-    return builder(recipe, env, dataset, pad_id, vocab)
+    return builder
+
+
+def make_source(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """The SourceSetup for the recipe's data mode."""
+    return check_source(recipe)(recipe, env, dataset, pad_id, vocab)
 
 
 def _colocated(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
