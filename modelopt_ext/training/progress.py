@@ -84,7 +84,8 @@ class ProgressTracker:
         if self.enabled:
             print(line, file=self.stream, flush=True)
             self._append({"step": step, "epoch": epoch, "lr": lr, "samples_per_s": sps, "tokens_per_s": tps,
-                          "elapsed_s": self.elapsed, **metrics})
+                          "elapsed_s": self.elapsed, "run_samples": self.samples, "run_tokens": self.tokens,
+                          **metrics})
         return line
 
     def _append(self, record: dict[str, Any]) -> None:

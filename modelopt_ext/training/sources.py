@@ -80,3 +80,13 @@ def _colocated(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: A
 
 
 register_source("colocated", _colocated)
+
+
+def _streaming(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """vLLM hidden-state servers (supervision/streaming.py); imported only when used."""
+    from modelopt_ext.supervision.streaming import build_streaming_source
+
+    return build_streaming_source(recipe, env, dataset, pad_id, vocab)
+
+
+register_source("streaming", _streaming)
