@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -124,20 +126,26 @@ def run_job(
     result = RunResult(job, mode, layout, results)
     if mode == "validate":
         return result
-    if job.kind == "local":
-        _local(job, layout, result, mode, say)
-    else:
-        _slurm(
-            job,
-            layout,
-            result,
-            mode,
-            detach if detach is not None else job.spec.detach,
-            say,
-            poll_s,
-            follow_timeout_s,
-        )
+    with _stdin_devnull():
+        if job.kind == "local":
+            _local(job, layout, result, mode, say)
+        else:
+            detached = detach if detach is not None else job.spec.detach
+            _slurm(job, layout, result, mode, detached, say, poll_s, follow_timeout_s)
     return result
+
+
+@contextmanager
+def _stdin_devnull():
+    """nemo_run runs commands through invoke, which mirrors sys.stdin into them (and fails under pytest's
+    captured stdin); the launcher never feeds them input, so they get /dev/null."""
+    saved = sys.stdin
+    with open(os.devnull) as null:
+        sys.stdin = null
+        try:
+            yield
+        finally:
+            sys.stdin = saved
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -249,7 +257,12 @@ def _slurm(
 
     final = follow(list(by_id), runner=runner, poll_s=poll_s, timeout_s=limit, on_change=changed)
     for jid, st in final.items():
-        by_id[jid].state, by_id[jid].exit_code, by_id[jid].reason = st.state, st.exit_code, st.reason
+        r = by_id[jid]
+        r.state, r.exit_code, r.reason = st.state, st.exit_code, st.reason
+        if not r.ok and r.state != "NOT_RUN" and not is_remote(job):
+            last = _last_line(Path(r.log_paths[-1]))  # the task's own output says best why it failed
+            if last:
+                r.reason = last
 
 
 def _time_budget(job: Job) -> float:

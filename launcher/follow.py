@@ -119,7 +119,8 @@ def follow(
     current: dict[str, JobState] = {}
     while True:
         current = query(job_ids, runner)
-        for jid, st in current.items():
+        for jid in job_ids:
+            st = current[jid]
             if jid not in not_run and st.state == "PENDING" and st.reason in NEVER_RUNS:
                 runner(["scancel", jid])
                 not_run[jid] = f"cancelled: {st.reason} (an earlier task failed)"

@@ -1,0 +1,125 @@
+"""Dry-runs: every example renders; sbatch text is exact; env values survive the shell; nothing is submitted."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launcher import run_job
+from launcher.layout import ENV_BEGIN, ENV_END
+from launcher.spec import REPO_ROOT
+
+EXAMPLES = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "examples").rglob("*.yaml"))
+TRICKY = "a b  'single' \"double\" $HOME $$ `tick` \\n ; | & * ~"
+
+
+def test_all_named_examples_exist():
+    for name in [
+        "examples/Qwen/Qwen3-8B/hf_streaming_eagle3.yaml",
+        "examples/Qwen/Qwen3-8B/hf_streaming_eagle3_multi_node.yaml",
+        "examples/moonshotai/Kimi-K2.5/hf_streaming_eagle3_multi_node.yaml",
+        "examples/moonshotai/Kimi-K2.5/hf_streaming_dflash_multi_node.yaml",
+        "examples/meta-llama/Llama-3.1-8B/hf_streaming_eagle3.yaml",
+        "examples/local/quickstart.yaml",
+        "examples/local/slurm_streaming_eagle3.yaml",
+    ]:
+        assert name in EXAMPLES
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_example_dry_runs(example, tmp_path):
+    result = run_job(REPO_ROOT / example, mode="dryrun", job_dir=tmp_path, environ={})
+    assert result.tasks, example
+    for t in result.tasks:
+        assert t.dryrun_script is not None and t.dryrun_script.read_text() == t.script_text
+        assert t.dryrun_script.parent == result.dryrun_dir
+        assert t.job_id is None and t.state is None  # nothing submitted
+        if t.kind == "slurm":
+            assert t.script_text.startswith("#!/bin/bash")
+            nodes = result.job.tasks[[x.name for x in result.tasks].index(t.name)].slurm.nodes
+            assert f"#SBATCH --nodes={nodes}\n" in t.script_text
+            assert re.search(r"#SBATCH --time=\d", t.script_text)  # never nemo_run's 10-minute default
+            assert "launcher/node_exec.sh" in t.script_text
+        else:
+            assert "node_exec.sh" in t.script_text or "MODELOPT_REPO" in t.script_text
+    # The experiment folder nemo_run rendered into is gone: a dry run leaves only the scripts.
+    leftovers = [p for p in (tmp_path / "experiments").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_kimi_segment_plan_and_container_mounts(tmp_path):
+    spec = REPO_ROOT / "examples/moonshotai/Kimi-K2.5/hf_streaming_eagle3_multi_node.yaml"
+    result = run_job(spec, mode="dryrun", job_dir=tmp_path, run_id="r1", environ={})
+    train = result.tasks[1]
+    text = train.script_text
+    assert (
+        "#SBATCH --nodes=4\n" in text
+        and "#SBATCH --segment=2\n" in text
+        and "#SBATCH --gpus-per-node=4\n" in text
+    )
+    assert "export SERVE_NODE_IDS=0,2\nexport TRAIN_NODE_IDS=1,3\nexport TRAINER_SERVER_MAP=1:0,3:2\n" in text
+    assert "export SEGMENT_SIZE=2\n" in text and "export MODELOPT_SCRATCH=/scratchspace\n" in text
+    scratch = tmp_path / "Kimi-K2.5_EAGLE3_streaming_multi_node" / "r1" / "scratch"
+    assert f"{REPO_ROOT}:{REPO_ROOT}," in text and f"{scratch}:/scratchspace" in text
+    assert f"export MODELOPT_REPO={REPO_ROOT}\n" in text
+    assert "train nodes: 1,3" in train.plan and "serve nodes: 0,2" in train.plan
+    # The second task waits for the first: afterok on the sbatch command line.
+    assert "--dependency=afterok:<job id of task_0>" in train.sbatch_command
+    # Inline task 0: its script text is shown and kept next to the sbatch script.
+    assert result.tasks[0].inline_script and "cp " in result.tasks[0].inline_script[1]
+    assert (result.dryrun_dir / "task_0.inline.sh").exists()
+
+
+def _env_block(script: str) -> str:
+    return script[script.index(ENV_BEGIN) : script.index(ENV_END)]
+
+
+def test_env_values_with_spaces_and_quotes_arrive_intact(write_spec, tmp_path):
+    spec = {
+        "job_name": "quoting",
+        "pipeline": {
+            "task_0": {
+                "script": "common/eagle3/train_eagle_streaming.sh",
+                "args": ["--msg 'two  words'", "cost=$$5"],
+                "environment": [{"TRICKY": TRICKY}, {"EMPTY": ""}],
+                "slurm_config": {"nodes": 2, "time": "5"},
+            }
+        },
+    }
+    result = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={})
+    text = result.tasks[0].script_text
+    # Run the exact export lines of the sbatch script with bash and read the values back.
+    probe = _env_block(text) + '\nprintf "%s\\n---\\n%s" "$TRICKY" "$EMPTY"\n'
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out == f"{TRICKY}\n---\n"
+    # Args stay shell text, verbatim (nemo_run's Template pass would turn `$$` into `$`).
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert srun.endswith("train_eagle_streaming.sh --msg 'two  words' cost=$$5")
+    assert "#SBATCH --time=5\n" in text
+
+
+def test_same_run_id_renders_identical_text(tmp_path):
+    spec = REPO_ROOT / "examples/local/slurm_streaming_eagle3.yaml"
+    a = run_job(spec, mode="dryrun", job_dir=tmp_path, run_id="same", environ={})
+    b = run_job(spec, mode="dryrun", job_dir=tmp_path, run_id="same", environ={})
+    assert a.tasks[0].script_text == b.tasks[0].script_text
+    assert (
+        a.tasks[0].submitted_script
+        == tmp_path / "experiments/slurm_streaming_eagle3/slurm_streaming_eagle3_same/task_0_sbatch.sh"
+    )
+
+
+def test_local_dry_run_shows_command_and_env(tmp_path):
+    result = run_job(
+        REPO_ROOT / "examples/local/quickstart.yaml", mode="dryrun", job_dir=tmp_path, environ={}
+    )
+    text = result.tasks[0].script_text
+    assert "export SERVE_NODE_IDS=0\nexport TRAIN_NODE_IDS=0\n" in text
+    assert (
+        f"exec bash {REPO_ROOT}/launcher/node_exec.sh {REPO_ROOT}/common/eagle3/train_eagle_streaming.sh"
+        in text
+    )
+    assert Path(result.scratch_dir).parent.parent == tmp_path / "quickstart"
