@@ -424,7 +424,9 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     data = recipe.data
     if not data.shared_storage_root:
         raise ValueError("data.shared_storage_root is required when data.server_urls is set (streaming)")
-    head = TargetHead.from_pretrained(recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device)
+    head = TargetHead.from_pretrained(
+        recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device
+    )
     aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(_target_num_layers(recipe.model.path)))
     ds = VllmStreamingDataset.from_config(
         dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), rank=env.rank

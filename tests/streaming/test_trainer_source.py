@@ -38,13 +38,20 @@ def test_streaming_source_setup_feeds_supervision(tmp_path, target_dir):
         recipe = parse_recipe(
             {
                 "model": {"path": str(target_dir), "dtype": "float32"},
-                "data": {"path": "unused.jsonl", "server_urls": [server.url], "shared_storage_root": str(root)},
+                "data": {
+                    "path": "unused.jsonl",
+                    "server_urls": [server.url],
+                    "shared_storage_root": str(root),
+                },
                 "training": {"output_dir": str(tmp_path / "out")},
             }
         )
         assert recipe.data.mode == "streaming"
         convs = [
-            {"input_ids": torch.tensor([5 + i, 7, 9, 11][: 2 + i]), "loss_mask": torch.ones(2 + i, dtype=torch.bool)}
+            {
+                "input_ids": torch.tensor([5 + i, 7, 9, 11][: 2 + i]),
+                "loss_mask": torch.ones(2 + i, dtype=torch.bool),
+            }
             for i in range(3)
         ]
         setup = build_streaming_source(recipe, DistEnv(), convs, pad_id=0)
