@@ -142,6 +142,13 @@ def resolve(data: dict, *, source: str, environ: Mapping[str, str], repo_root: P
             f"(local: {', '.join(t.name for t in job.tasks if t.kind == 'local')}; "
             f"slurm: {', '.join(t.name for t in job.tasks if t.kind == 'slurm')})"
         )
+    hosts = {t.slurm.host or "localhost" for t in job.tasks if t.slurm is not None}
+    if len(hosts) > 1:
+        problems.append(
+            "pipeline: tasks submit to different Slurm hosts "
+            f"({', '.join(f'{t.path}.slurm_config.host={t.slurm.host!r}' for t in job.tasks if t.slurm)}); "
+            "a pipeline's tasks chain by job id on one cluster"
+        )
     if not job.tasks and not problems and not spec.pipeline.skip:
         problems.append("pipeline: every task has skip: true; nothing to run")
     if problems:

@@ -101,3 +101,31 @@ def test_bad_override_syntax_and_missing_file():
     assert p.returncode == 2 and p.stderr.strip().endswith("expected KEY.PATH=VALUE")
     p = launch("--yaml", "examples/nope.yaml", "--dryrun")
     assert p.returncode == 2 and p.stderr.strip() == "error: examples/nope.yaml: file not found"
+
+
+class _Terminal:
+    """A stdin that claims to be a terminal and answers the confirmation prompt."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        return self.answer
+
+
+def test_confirmation_on_a_terminal_declined_submits_nothing(capsys, tmp_path):
+    from launcher.cli import main
+
+    rc = main(
+        ["--yaml", "examples/local/slurm_streaming_eagle3.yaml", "--job-dir", str(tmp_path)],
+        stdin=_Terminal("n\n"),
+    )
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "Submit 1 task(s) of slurm_streaming_eagle3 to Slurm on localhost? [y/N]" in out
+    assert "serve nodes: 0" in out and "train nodes: 1,2" in out
+    assert out.rstrip().endswith("not submitted")
+    assert not (tmp_path / "experiments").exists()

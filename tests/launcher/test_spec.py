@@ -193,3 +193,13 @@ def test_yaml_and_file_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_job(tmp_path / "none.yaml", environ={})
     assert e.value.lines()[0].endswith("none.yaml: file not found")
+
+
+def test_tasks_of_one_pipeline_submit_to_one_host(write_spec):
+    spec = base(
+        task_0={"inline": "echo", "slurm_config": {"host": "login-a"}},
+        task_1={"inline": "echo", "slurm_config": {"host": "login-b"}},
+    )
+    lines = problems(write_spec(spec))
+    assert len(lines) == 1 and lines[0].startswith("pipeline: tasks submit to different Slurm hosts")
+    assert "pipeline.task_1.slurm_config.host='login-b'" in lines[0]
