@@ -22,6 +22,31 @@ def num_target_layers(model: nn.Module) -> int:
     return int(cfg.num_hidden_layers)
 
 
+def forward_with_aux(
+    model: nn.Module, aux_layer_ids: list[int], **model_kwargs: Any
+) -> tuple[Any, torch.Tensor]:
+    """Run a transformers causal LM and return (its output, aux states [B, q, n_aux*H] in vLLM numbering).
+
+    Works with a KV cache too (`past_key_values=...`): the states are those of the tokens fed in this call.
+    """
+    num_layers = num_target_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if num_layers in aux_layer_ids:
+
+        def grab(_module, args):
+            captured["pre_norm"] = args[0]
+
+        hook = model.get_decoder().norm.register_forward_pre_hook(grab)
+    try:
+        out = model(**model_kwargs, output_hidden_states=True)
+    finally:
+        if hook is not None:
+            hook.remove()
+    states = [captured["pre_norm"] if k == num_layers else out.hidden_states[k] for k in aux_layer_ids]
+    return out, torch.cat(states, dim=-1)
+
+
 class ColocatedSource:
     """Callable on a collated batch {input_ids, attention_mask, loss_mask} -> Supervision (target_logits)."""
 
@@ -47,32 +72,18 @@ class ColocatedSource:
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device).bool()
         loss_mask = batch["loss_mask"].to(self.device).bool()
-        captured: dict[str, torch.Tensor] = {}
-        hook = None
-        if self.num_layers in self.aux_layer_ids:
-
-            def grab(_module, args):
-                captured["pre_norm"] = args[0]
-
-            hook = self.model.get_decoder().norm.register_forward_pre_hook(grab)
-        try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask.long(),
-                output_hidden_states=True,
-                use_cache=False,
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        states = [
-            captured["pre_norm"] if k == self.num_layers else out.hidden_states[k] for k in self.aux_layer_ids
-        ]
+        out, aux = forward_with_aux(
+            self.model,
+            self.aux_layer_ids,
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            use_cache=False,
+        )
         return Supervision(
             input_ids=input_ids,
             attention_mask=attention_mask,
             loss_mask=loss_mask,
-            aux_hidden_states=torch.cat(states, dim=-1),
+            aux_hidden_states=aux,
             target_logits=out.logits,
         )
 

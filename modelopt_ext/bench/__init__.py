@@ -1,0 +1,1 @@
+"""Benchmarks: speculative decoding acceptance length and speed."""

@@ -1,0 +1,104 @@
+"""Benchmark prompts from a JSONL file -> token ids.
+
+Each line is one of:
+  {"input_ids": [..]}                        token ids, used as they are;
+  {"prompt": "..."} / {"text": "..."}        one user message;
+  {"messages": [{"role", "content"}..]}      OpenAI form, or
+  {"conversations": [{"from", "value"}..]}   ShareGPT form: the turns before the first assistant turn;
+  a line that is not JSON                    one user message.
+Text goes through the tokenizer's chat template with a generation prompt (plain encoding when the
+tokenizer has no template), which is how a served chat model sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+
+class PromptFileError(ValueError):
+    """A prompts file problem; the message names the file and line."""
+
+
+def _messages(obj: dict, where: str) -> list[dict]:
+    if "messages" in obj:
+        raw = obj["messages"]
+        conv = [{"role": m.get("role"), "content": m.get("content")} for m in raw if isinstance(m, dict)]
+    else:
+        raw = obj["conversations"]
+        conv = [
+            {"role": m.get("from", m.get("role")), "content": m.get("value", m.get("content"))}
+            for m in raw
+            if isinstance(m, dict)
+        ]
+    out = []
+    for m in conv:
+        role = _ROLES.get(str(m["role"]).lower())
+        if role is None or not isinstance(m["content"], str):
+            raise PromptFileError(f"{where}: message with role {m['role']!r} / non-text content")
+        if role == "assistant":
+            break
+        out.append({"role": role, "content": m["content"]})
+    if not any(m["role"] == "user" for m in out):
+        raise PromptFileError(f"{where}: no user turn before the first assistant turn")
+    return out
+
+
+def _encode(tokenizer: Any, messages: list[dict]) -> list[int]:
+    if tokenizer is None:
+        raise PromptFileError("text prompts need a tokenizer in the target folder")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    text = "\n".join(m["content"] for m in messages)
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def read_prompts(path: str | Path, tokenizer: Any = None, limit: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt in `path` (module docstring); blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: not found")
+    prompts: list[list[int]] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if limit is not None and len(prompts) >= limit:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = line
+        if isinstance(obj, str):
+            ids = _encode(tokenizer, [{"role": "user", "content": obj}])
+        elif isinstance(obj, dict) and "input_ids" in obj:
+            ids = obj["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise PromptFileError(f"{where}: input_ids must be a list of non-negative integers")
+        elif isinstance(obj, dict) and ("messages" in obj or "conversations" in obj):
+            ids = _encode(tokenizer, _messages(obj, where))
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt", obj.get("text")), str):
+            ids = _encode(tokenizer, [{"role": "user", "content": obj.get("prompt", obj.get("text"))}])
+        else:
+            raise PromptFileError(f"{where}: expected input_ids, prompt/text, messages or conversations")
+        if not ids:
+            raise PromptFileError(f"{where}: empty prompt")
+        prompts.append(list(ids))
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts")
+    return prompts
