@@ -13,6 +13,10 @@ on a server go to another healthy one (failover) while that server is still form
 
 Counters per server (requests, errors, latency, bytes, down/up events) are kept for telemetry; they can live in
 memory shared by all DataLoader workers of a rank (`SharedServerStats`) so the trainer process sees the totals.
+The same shared memory carries each server's "out of rotation until" time: when one worker's breaker opens, its
+sibling workers skip that server at once instead of each paying `failure_threshold` failures (a hung server
+would otherwise cost every worker several request timeouts). Monotonic clock times are comparable across
+processes of one host.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class CircuitBreaker:
 
 
 # Per-server counter slots in SharedServerStats (floats).
-_FIELDS = ("requests", "errors", "latency_s", "bytes", "down_events", "up_events", "open")
+_FIELDS = ("requests", "errors", "latency_s", "bytes", "down_events", "up_events", "open", "open_until")
 
 
 class SharedServerStats:
@@ -141,7 +145,7 @@ class SharedServerStats:
             self._arr[self._slot(url, field)] = value
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """url -> {requests, errors, latency_s, bytes, down_events, up_events, open}."""
+        """url -> {requests, errors, latency_s, bytes, down_events, up_events, open, open_until}."""
         with self._arr.get_lock():
             vals = list(self._arr)
         n = len(_FIELDS)
@@ -209,10 +213,15 @@ class ServerPool:
         with self._lock:
             n = len(self.urls)
             fallback = None
+            shared = self.stats.snapshot()
+            now = self.clock()
             for step in range(n):
                 url = self.urls[(self._cursor + step) % n]
-                if not self.breakers[url].available():
+                breaker = self.breakers[url]
+                if not breaker.available():
                     continue
+                if breaker.state == CLOSED and shared[url]["open_until"] > now:
+                    continue  # a sibling process (another DataLoader worker) just took it out of rotation
                 if url in avoid:
                     fallback = fallback or (step, url)
                     continue
@@ -230,7 +239,15 @@ class ServerPool:
     def seconds_until_available(self) -> float:
         """How long until some server may be tried again (0 if one may be tried now)."""
         with self._lock:
-            return min(b.seconds_until_trial() for b in self.breakers.values())
+            shared = self.stats.snapshot()
+            now = self.clock()
+            waits = []
+            for u, b in self.breakers.items():
+                w = b.seconds_until_trial()
+                if b.state == CLOSED:
+                    w = max(w, shared[u]["open_until"] - now)
+                waits.append(max(w, 0.0))
+            return min(waits)
 
     def check_all_down_timeout(self) -> None:
         """Raise NoHealthyServerError once no server has been healthy for `all_down_timeout_s`."""
@@ -245,8 +262,14 @@ class ServerPool:
         )
 
     def _note_all_down(self) -> None:
-        if all(b.state != CLOSED for b in self.breakers.values()) and self._all_down_since is None:
+        if self._all_down_since is None and not self._usable_closed():
             self._all_down_since = self.clock()
+
+    def _usable_closed(self) -> list[str]:
+        # Closed here and not taken out of rotation by a sibling process.
+        shared = self.stats.snapshot()
+        now = self.clock()
+        return [u for u, b in self.breakers.items() if b.state == CLOSED and shared[u]["open_until"] <= now]
 
     # -- outcomes ----------------------------------------------------------------------------------------
     def record_success(self, url: str, latency_s: float, nbytes: int) -> None:
@@ -255,6 +278,8 @@ class ServerPool:
             back = self.breakers[url].on_success()
             self._all_down_since = None
         self.stats.add(url, requests=1, latency_s=latency_s, bytes=nbytes)
+        if back or self.stats.snapshot()[url]["open_until"]:
+            self.stats.set(url, "open_until", 0)
         if back:
             self.stats.add(url, up_events=1)
             self.stats.set(url, "open", 0)
@@ -266,8 +291,11 @@ class ServerPool:
             opened = self.breakers[url].on_failure()
             self._last_error[url] = error
             self._note_all_down()
-            healthy = sum(b.state == CLOSED for b in self.breakers.values())
+            healthy = len(self._usable_closed())
         self.stats.add(url, requests=1, errors=1, latency_s=latency_s)
+        if self.breakers[url].state == OPEN:
+            # Siblings sharing these counters skip the server until the same cooldown ends.
+            self.stats.set(url, "open_until", self.breakers[url].open_until)
         if opened:
             self.stats.add(url, down_events=1)
             self.stats.set(url, "open", 1)
@@ -287,9 +315,9 @@ class ServerPool:
 
     # -- introspection -----------------------------------------------------------------------------------
     def healthy(self) -> list[str]:
-        """Servers currently in rotation (closed breaker)."""
+        """Servers currently in rotation (closed breaker here, not taken out by a sibling process)."""
         with self._lock:
-            return [u for u in self.urls if self.breakers[u].state == CLOSED]
+            return self._usable_closed()
 
     def states(self) -> dict[str, str]:
         """url -> closed | open | half_open."""

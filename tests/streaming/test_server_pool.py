@@ -9,6 +9,7 @@ from modelopt_ext.supervision.server_pool import (
     HALF_OPEN,
     OPEN,
     BreakerPolicy,
+    LocalServerStats,
     NoHealthyServerError,
     ServerPool,
 )
@@ -160,3 +161,37 @@ def test_bad_pool_arguments():
         ServerPool(["http://a", "http://a"])
     with pytest.raises(ValueError, match="failure_threshold"):
         BreakerPolicy(failure_threshold=0)
+
+
+def test_siblings_sharing_counters_skip_a_server_one_of_them_took_out():
+    # Two DataLoader workers of one rank share counters: when worker 1's breaker opens, worker 2 skips the
+    # server at once (no failures of its own), and uses it again after the cooldown.
+    clock = Clock()
+    pol = BreakerPolicy(failure_threshold=2, cooldown_s=10.0, max_cooldown_s=40.0)
+    shared = LocalServerStats(URLS)
+    w1 = ServerPool(URLS, start_offset=0, policy=pol, clock=clock, stats=shared)
+    w2 = ServerPool(URLS, start_offset=1, policy=pol, clock=clock, stats=shared)
+    w1.record_failure("http://a", "timeout")
+    assert "http://a" in {w2.acquire() for _ in range(3)}  # one failure: still in rotation everywhere
+    w1.record_failure("http://a", "timeout")
+    assert w2.states()["http://a"] == CLOSED and w2.healthy() == ["http://b", "http://c"]
+    assert "http://a" not in {w2.acquire() for _ in range(6)}
+    clock.t += 10.5
+    assert "http://a" in {w2.acquire() for _ in range(3)}
+    w2.record_success("http://a", 0.01, 1)  # the sibling's request worked: back for everyone
+    assert shared.snapshot()["http://a"]["open_until"] == 0
+
+
+def test_all_siblings_out_counts_as_all_down():
+    clock = Clock()
+    pol = BreakerPolicy(failure_threshold=1, cooldown_s=10.0, all_down_timeout_s=5.0)
+    shared = LocalServerStats(URLS)
+    w1 = ServerPool(URLS, policy=pol, clock=clock, stats=shared)
+    w2 = ServerPool(URLS, policy=pol, clock=clock, stats=shared)
+    for u in URLS:
+        w1.record_failure(u, "refused")
+    assert w2.acquire() is None
+    assert w2.seconds_until_available() == pytest.approx(10.0)
+    clock.t += 6
+    with pytest.raises(NoHealthyServerError):
+        w2.check_all_down_timeout()
