@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    print(f"capture ids {capture_ids}; log {handle.log_path}", file=sys.stderr, flush=True)
+    print(f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}", file=sys.stderr, flush=True)
     print(handle.url, flush=True)
     rc = handle.process.wait()
     handle.stop()  # reap engine children left in the group

@@ -22,9 +22,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from modelopt_ext.serving.vllm_env import detect_flavor, ensure_vllm_env, repo_root
 
@@ -157,7 +157,7 @@ class VllmServerHandle:
         except OSError:
             return ""
 
-    def __enter__(self) -> "VllmServerHandle":
+    def __enter__(self) -> VllmServerHandle:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

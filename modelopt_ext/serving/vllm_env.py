@@ -128,7 +128,7 @@ def _run(cmd: list[str], what: str, log) -> None:
     env = dict(os.environ, UV_PYTHON_DOWNLOADS=os.environ.get("UV_PYTHON_DOWNLOADS", "never"))
     env.pop("VIRTUAL_ENV", None)  # uv must target the env we name, not the caller's
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise VllmEnvError(f"{what} did not finish within {STEP_TIMEOUT_S:.0f} s") from None
     if proc.returncode != 0:
@@ -155,7 +155,7 @@ def _build(env_dir: Path, spec: dict, log) -> None:
     _run(install + spec["requirements"], f"installing {' '.join(spec['requirements'])}", log)
     if spec["remove"]:
         present = subprocess.run(
-            [*uv, "pip", "list", "--python", py, "--format", "json"], capture_output=True, text=True, timeout=120
+            [*uv, "pip", "list", "--python", py, "--format", "json"], capture_output=True, text=True, timeout=120, check=False
         )
         names = {p["name"].lower() for p in json.loads(present.stdout or "[]")}
         drop = [n for n in spec["remove"] if n in names]
@@ -163,7 +163,7 @@ def _build(env_dir: Path, spec: dict, log) -> None:
             _run([*uv, "pip", "uninstall", "--python", py, *drop], f"removing {' '.join(drop)}", log)
     check = subprocess.run(
         [py, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     if check.returncode != 0:
         tail = check.stderr.strip().splitlines()[-1:] or ["(no output)"]

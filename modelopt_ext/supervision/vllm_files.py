@@ -17,9 +17,9 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
