@@ -20,11 +20,16 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m modelopt_ext.serve_hidden_states", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.serve_hidden_states", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--engine", choices=["vllm"], default="vllm")
     p.add_argument("--model", required=True, help="Target model folder or hub id.")
     p.add_argument("--shared-storage", required=True, help="Folder the hidden-state files are written to.")
-    p.add_argument("--capture-ids", help="Comma-separated vLLM layer ids to capture, last one = L (overrides the default).")
+    p.add_argument(
+        "--capture-ids",
+        help="Comma-separated vLLM layer ids to capture, last one = L (overrides the default).",
+    )
     p.add_argument("--aux-layer-ids", help="The drafter's aux layer ids (vLLM numbering); L is appended.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -34,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="e.g. bfloat16, float32 (default: vLLM's choice).")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--cpu-kvcache-gib", type=float, default=1.0, help="CPU build only: VLLM_CPU_KVCACHE_SPACE if unset.")
+    p.add_argument(
+        "--cpu-kvcache-gib", type=float, default=1.0, help="CPU build only: VLLM_CPU_KVCACHE_SPACE if unset."
+    )
     p.add_argument("--flavor", choices=["cpu", "gpu"], help="Default: detected (an NVIDIA device -> gpu).")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--log", help="Server log file (default: <shared-storage>/vllm_server_<port>.log).")
@@ -87,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    print(f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}", file=sys.stderr, flush=True)
+    print(
+        f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}",
+        file=sys.stderr,
+        flush=True,
+    )
     print(handle.url, flush=True)
     rc = handle.process.wait()
     handle.stop()  # reap engine children left in the group

@@ -63,7 +63,9 @@ class CpuHiddenStatesConnector(ExampleHiddenStatesConnector):
         hidden_states = extract_from_kv_cache(self._kv_cache, slot_mapping, num_tokens).clone()
         tensors = {"hidden_states": hidden_states, "token_ids": pending.token_ids.clone()}
 
-        assert self._req_futures.get(pending.req_id) is None, "Found another KV transfer request with same req_id!"
+        assert self._req_futures.get(pending.req_id) is None, (
+            "Found another KV transfer request with same req_id!"
+        )
         os.makedirs(os.path.dirname(pending.filename), exist_ok=True)
 
         # Same lock protocol as the stock connector: the fd pre-created in wait_for_save holds LOCK_EX, and

