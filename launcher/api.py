@@ -64,7 +64,7 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         """Finished successfully."""
-        return self.state in ("COMPLETED", "SUCCEEDED")
+        return self.state in ("COMPLETED", "SUCCEEDED", "SKIPPED")
 
 
 @dataclass
@@ -125,6 +125,11 @@ def run_job(
     results = [TaskResult(t.name, t.kind, t.plan.describe(), {}) for t in job.tasks]
     result = RunResult(job, mode, layout, results)
     if mode == "validate":
+        return result
+    if job.spec.pipeline.skip:
+        say("pipeline.skip is true: nothing to run")
+        for r in result.tasks:
+            r.state = "SKIPPED"
         return result
     with _stdin_devnull():
         if job.kind == "local":

@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
 def _print_plan(result) -> None:
     job = result.job
     print(f"job {job.name} ({job.kind}), run {result.run_id}; tasks: {', '.join(t.name for t in job.tasks)}")
+    if job.spec.pipeline.note:
+        print(f"note: {job.spec.pipeline.note}")
+    if job.spec.pipeline.skip:
+        print("pipeline.skip is true: nothing will run")
     if job.skipped:
         print(f"skipped (skip: true): {', '.join(job.skipped)}")
     for t in result.tasks:

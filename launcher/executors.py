@@ -84,9 +84,11 @@ def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) 
     env = task_env(job, task, layout, container=container)
     mounts = list(cfg.container_mounts)
     setup = [
+        "{ set +vx; } 2>/dev/null  # keep the environment (tokens) out of the job log",
         ENV_BEGIN,
         *export_lines(env),
         ENV_END,
+        "set -vx",
         f"mkdir -p -- {shlex.quote(str(layout.cluster_scratch))}",
     ]
     if container:

@@ -123,3 +123,10 @@ def test_local_dry_run_shows_command_and_env(tmp_path):
         in text
     )
     assert Path(result.scratch_dir).parent.parent == tmp_path / "quickstart"
+
+
+def test_skipped_pipeline_runs_nothing(tmp_path):
+    spec = REPO_ROOT / "examples/local/quickstart.yaml"
+    result = run_job(spec, ["pipeline.skip=true"], mode="submit", job_dir=tmp_path, environ={})
+    assert [t.state for t in result.tasks] == ["SKIPPED"] and result.ok
+    assert not (tmp_path / "experiments").exists()
