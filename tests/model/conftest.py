@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
 
 VOCAB = 300
@@ -65,18 +66,12 @@ def draft() -> Eagle3DraftModel:
     return tiny_draft()
 
 
-class IdentityVocab:
-    """A DraftVocab stand-in (fields d2t/t2d/selected_ids) until modelopt_ext/data/draft_vocab.py lands."""
-
-    def __init__(self, target_ids, vocab_size: int):
-        ids = torch.as_tensor(target_ids, dtype=torch.long)
-        self.d2t = ids - torch.arange(len(ids))
-        self.t2d = torch.zeros(vocab_size, dtype=torch.bool)
-        self.t2d[ids] = True
-
-    @property
-    def selected_ids(self) -> torch.Tensor:
-        return torch.arange(len(self.d2t)) + self.d2t
+def IdentityVocab(target_ids, vocab_size: int) -> DraftVocab:
+    """The DraftVocab selecting `target_ids` (in that draft order) out of `vocab_size`."""
+    ids = torch.as_tensor(target_ids, dtype=torch.long)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return DraftVocab(d2t=ids - torch.arange(len(ids)), t2d=t2d)
 
 
 @pytest.fixture
