@@ -271,3 +271,24 @@ def test_bad_configuration_is_named(root, tmp_path):
         dataset(base, ["http://127.0.0.1:1"], tmp_path / "missing")
     with pytest.raises(ValueError, match="data.auth_token_file"):
         dataset(base, ["http://127.0.0.1:1"], root, auth_token_file=tmp_path / "nope")
+
+
+def test_resume_is_the_sampler_position(root, servers):
+    # The trainer's resumable sampler holds the data position; streaming adds no state of its own: a resumed
+    # reader fetches exactly the samples after the position, and none before it.
+    from modelopt_ext.training.sampler import ResumableShardedSampler
+
+    s = servers(root)
+    base = conversations(12)
+    ds = dataset(base, [s.url], root)
+    full = ResumableShardedSampler(len(ds), batch_size=2, seed=5)
+    order = [i for batch in full for i in batch]
+    resumed = ResumableShardedSampler(len(ds), batch_size=2, seed=5)
+    resumed.set_epoch(0, position=6)
+    got = [
+        int(sup.input_ids[r, 0]) - 100
+        for sup in DataLoader(ds, batch_sampler=resumed, collate_fn=collate_supervision)
+        for r in range(2)
+    ]
+    assert got == order[6:]
+    assert [p[0] - 100 for p in s.served] == order[6:]
