@@ -68,7 +68,10 @@ def _ask_day(rng: random.Random) -> tuple[str, str]:
 def _ask_repeat(rng: random.Random) -> tuple[str, str]:
     words = rng.sample(_COLORS, rng.randrange(2, 5))
     seq = " ".join(words)
-    return f"repeat the colors {seq} twice .", f"here they are : {seq} , {seq} . i repeated the colors twice ."
+    return (
+        f"repeat the colors {seq} twice .",
+        f"here they are : {seq} , {seq} . i repeated the colors twice .",
+    )
 
 
 def _ask_animal(rng: random.Random) -> tuple[str, str]:
@@ -113,8 +116,12 @@ def write_tiny_conversations(path: str | Path, n: int, seed: int = 0) -> Path:
     for i in range(n):
         messages = make_conversation(rng)
         if i % 2:
-            row = {"id": f"tiny-{i}", "conversations": [
-                {"from": sharegpt_role[m["role"]], "value": m["content"]} for m in messages]}
+            row = {
+                "id": f"tiny-{i}",
+                "conversations": [
+                    {"from": sharegpt_role[m["role"]], "value": m["content"]} for m in messages
+                ],
+            }
         else:
             row = {"id": f"tiny-{i}", "messages": messages}
         lines.append(json.dumps(row))
@@ -153,8 +160,29 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def _fit(model, tokenizer, texts: list[str], *, steps: int, batch_size: int, seq_len: int, seed: int, lr: float,
-         log=None) -> float:
+def build_tiny_tokenizer(
+    out_dir: str | Path | None = None, *, vocab_size: int = 1024, seed: int = 0, corpus_size: int = 4000
+):
+    """The tiny target's tokenizer alone (no model, no fitting): for data tests. Saved to `out_dir` if given."""
+    rng = random.Random(seed)
+    tokenizer = _train_tokenizer([_render(make_conversation(rng)) for _ in range(corpus_size)], vocab_size)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def _fit(
+    model,
+    tokenizer,
+    texts: list[str],
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    lr: float,
+    log=None,
+) -> float:
     """Next-token training on the rendered conversations, packed into `seq_len` chunks (no padding waste).
 
     Returns the final loss (mean of the last 10 steps). Runs on one thread: on a shared 2-core machine,
@@ -209,10 +237,10 @@ def build_tiny_target(
     intermediate_size: int = 256,
     vocab_size: int = 1024,
     seed: int = 0,
-    fit_steps: int = 200,
+    fit_steps: int = 300,
     fit_batch_size: int = 8,
     fit_seq_len: int = 128,
-    fit_lr: float = 1e-2,
+    fit_lr: float = 5e-3,
     corpus_size: int = 4000,
     force: bool = False,
     log=print,
@@ -225,11 +253,22 @@ def build_tiny_target(
     out_dir = Path(out_dir)
     head_dim = hidden_size // num_heads
     if hidden_size % num_heads or head_dim < 64:
-        raise ValueError(f"hidden_size/num_heads must be an integer >= 64 (vLLM's CPU build), got {hidden_size}/{num_heads}")
+        raise ValueError(
+            f"hidden_size/num_heads must be an integer >= 64 (vLLM's CPU build), got {hidden_size}/{num_heads}"
+        )
     params = _build_params(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size, vocab_size=vocab_size, seed=seed, fit_steps=fit_steps,
-        fit_batch_size=fit_batch_size, fit_seq_len=fit_seq_len, fit_lr=fit_lr, corpus_size=corpus_size,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        seed=seed,
+        fit_steps=fit_steps,
+        fit_batch_size=fit_batch_size,
+        fit_seq_len=fit_seq_len,
+        fit_lr=fit_lr,
+        corpus_size=corpus_size,
     )
     marker = out_dir / _MARKER
     if not force and marker.is_file() and (out_dir / "model.safetensors").is_file():
@@ -238,7 +277,9 @@ def build_tiny_target(
         except (OSError, ValueError):
             same = False
         if same:
-            log(f"tiny: reusing the existing tiny target in {out_dir} (same build parameters; --force rebuilds)")
+            log(
+                f"tiny: reusing the existing tiny target in {out_dir} (same build parameters; --force rebuilds)"
+            )
             return out_dir
 
     import torch
@@ -273,8 +314,17 @@ def build_tiny_target(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float()
-    loss = _fit(model, tokenizer, texts, steps=fit_steps, batch_size=fit_batch_size, seq_len=fit_seq_len, seed=seed,
-                lr=fit_lr, log=log)
+    loss = _fit(
+        model,
+        tokenizer,
+        texts,
+        steps=fit_steps,
+        batch_size=fit_batch_size,
+        seq_len=fit_seq_len,
+        seed=seed,
+        lr=fit_lr,
+        log=log,
+    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))

@@ -1,0 +1,1 @@
+"""Training data: conversations -> token ids + assistant loss mask (cached), and the draft vocabulary."""

@@ -1,0 +1,184 @@
+"""The tokenised training conversations, cached on disk so a restart does not tokenise again.
+
+The cache file is keyed by everything that changes its content: the data file's bytes, the tokenizer, the
+chat template, max_length and this module's format version. It is written atomically (temp + rename, so
+ranks racing to write it are harmless) and read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelopt_ext.config.recipe import DataConfig
+from modelopt_ext.data.conversations import read_conversations, resolve_chat_template, tokenize_conversation
+
+_CACHE_VERSION = 1
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides token ids: the tokenizer's model and its special tokens."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizer: its vocabulary stands in for the model
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(data_path: Path, tokenizer: Any, template: str | None, max_length: int) -> str:
+    """The cache key (hex) for a data file tokenised with this tokenizer, template and max_length."""
+    h = hashlib.sha256()
+    for part in (
+        f"v{_CACHE_VERSION}",
+        _file_sha256(data_path),
+        tokenizer_fingerprint(tokenizer),
+        template if template is not None else f"tokenizer:{getattr(tokenizer, 'chat_template', None)}",
+        str(max_length),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Map-style dataset of tokenised conversations: item = {"input_ids": int64 [T], "loss_mask": bool [T]}.
+
+    Conversations whose mask is empty after truncation (nothing to learn) are dropped and counted.
+    """
+
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        tokenizer: Any,
+        cache_dir: str | Path,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.path = Path(data_cfg.path)
+        self.max_length = data_cfg.max_length
+        self.vocab_size = len(tokenizer)
+        template = resolve_chat_template(data_cfg.chat_template)
+        key = cache_key(self.path, tokenizer, template, self.max_length) if self.path.is_file() else None
+        self.cache_file = Path(cache_dir) / f"tokenized-{self.path.stem}-{key[:16] if key else 'none'}.pt"
+        cached = self._load_cache(key)
+        if cached is None:
+            cached = self._tokenize(data_cfg, tokenizer, template, key)
+        self._ids, self._mask, self._offsets = cached["input_ids"], cached["loss_mask"], cached["offsets"]
+        self.num_dropped = int(cached["num_dropped"])
+
+    def _load_cache(self, key: str | None) -> dict | None:
+        if key is None or not self.cache_file.is_file():
+            return None
+        try:
+            data = torch.load(self.cache_file, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            # A torn or foreign file: re-tokenise rather than fail.
+            self.log(
+                f"data: ignoring unreadable tokenisation cache {self.cache_file} ({type(e).__name__}: {e})"
+            )
+            return None
+        if not isinstance(data, dict) or data.get("key") != key:
+            self.log(f"data: ignoring tokenisation cache {self.cache_file} (key mismatch)")
+            return None
+        n = len(data["offsets"]) - 1
+        self.log(
+            f"data: loaded {n} tokenised conversations from the cache {self.cache_file} (no re-tokenisation)"
+        )
+        return data
+
+    def _tokenize(self, data_cfg: DataConfig, tokenizer: Any, template: str | None, key: str | None) -> dict:
+        t0 = time.monotonic()
+        conversations = read_conversations(self.path, strict=data_cfg.strict)
+        ids_parts, mask_parts, lengths, dropped, truncated = [], [], [], 0, 0
+        for messages in conversations:
+            full_ids, full_mask = tokenize_conversation(tokenizer, messages, 1 << 62, template)
+            truncated += len(full_ids) > self.max_length
+            ids, mask = full_ids[: self.max_length], full_mask[: self.max_length]
+            if not any(mask):
+                dropped += 1
+                continue
+            ids_parts.append(torch.tensor(ids, dtype=torch.int64))
+            mask_parts.append(torch.tensor(mask, dtype=torch.bool))
+            lengths.append(len(ids))
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0) if lengths else 0
+        data = {
+            "key": key,
+            "input_ids": torch.cat(ids_parts) if ids_parts else torch.zeros(0, dtype=torch.int64),
+            "loss_mask": torch.cat(mask_parts) if mask_parts else torch.zeros(0, dtype=torch.bool),
+            "offsets": offsets,
+            "num_dropped": dropped,
+        }
+        if dropped:
+            print(
+                f"warning: data: dropped {dropped} conversations of {self.path} with no assistant token within "
+                f"max_length={self.max_length}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._save_cache(data)
+        self.log(
+            f"data: tokenised {len(lengths)} conversations from {self.path} in {time.monotonic() - t0:.1f} s "
+            f"({truncated} truncated to {self.max_length} tokens); cached in {self.cache_file}"
+        )
+        return data
+
+    def _save_cache(self, data: dict) -> None:
+        if data["key"] is None:
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_name(f".{self.cache_file.name}.tmp{os.getpid()}")
+        try:
+            torch.save(data, tmp)
+            os.replace(tmp, self.cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        return {"input_ids": self._ids[a:b], "loss_mask": self._mask[a:b]}
+
+    def length(self, i: int) -> int:
+        """Token count of item i (for length-aware batching, without materialising the item)."""
+        return int(self._offsets[i + 1] - self._offsets[i])
+
+
+def collate_padded(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items to the longest: input_ids int64 [B, T] (pad_id), attention_mask and loss_mask bool [B, T]."""
+    width = max(len(it["input_ids"]) for it in items)
+    b = len(items)
+    input_ids = torch.full((b, width), int(pad_id), dtype=torch.int64)
+    attention_mask = torch.zeros((b, width), dtype=torch.bool)
+    loss_mask = torch.zeros((b, width), dtype=torch.bool)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[row, :n] = it["input_ids"]
+        attention_mask[row, :n] = True
+        loss_mask[row, :n] = it["loss_mask"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

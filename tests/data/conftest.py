@@ -1,0 +1,50 @@
+"""Fixtures for the data tests: the tiny language's tokenizer (trained locally, no fitting, no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: extra intra-op threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny target's byte-level BPE tokenizer, saved and reloaded through AutoTokenizer (as users load it)."""
+    from transformers import AutoTokenizer
+
+    from modelopt_ext.tiny import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tiny_tokenizer(out, corpus_size=1000)
+    return AutoTokenizer.from_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    """The same BPE with Llama-3-style special tokens added (for the Llama-3-like template)."""
+    from transformers import AutoTokenizer
+
+    from modelopt_ext.tiny import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tok3")
+    tok = build_tiny_tokenizer(corpus_size=1000)
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ]
+        }
+    )
+    tok.save_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
