@@ -96,7 +96,7 @@ def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) 
         mounts += [f"{layout.repo_dir}:{layout.repo_dir}", f"{layout.cluster_scratch}:{CONTAINER_SCRATCH}"]
         if job.spec.hf_local:
             mounts.append(f"{job.spec.hf_local}:{CONTAINER_HF_LOCAL}")
-    additional: dict[str, Any] = {}
+    additional: dict[str, Any] = dict(cfg.additional_parameters)
     if cfg.requeue:
         additional["requeue"] = True
     executor = run.SlurmExecutor(
@@ -120,7 +120,7 @@ def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) 
         packager=run.Packager(),
         dependency_type="afterany" if job.spec.pipeline.allow_to_fail else "afterok",
         poll_estimated_start_time=False,
-        retries=0,
+        retries=cfg.retries,
     )
     entry = f"bash {shlex.quote(layout.node_path(NODE_EXEC))}"
     if task.inline is not None:

@@ -59,6 +59,11 @@ class SlurmConfig(_Strict):
     srun_args: list[str] = Field(default_factory=list, description="Extra srun arguments, one per item.")
     array: SlurmText = None
     requeue: bool | None = None
+    retries: int = Field(0, ge=0, description="Requeue a failed job this many times (nemo_run's retries).")
+    additional_parameters: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="Extra '#SBATCH --key=value' lines (key with _ or -; true = bare flag).",
+    )
     nodes: int = Field(1, ge=1)
     ntasks_per_node: int = Field(1, ge=1)
     gpus_per_node: int | None = Field(None, ge=0)
@@ -84,6 +89,14 @@ class SlurmConfig(_Strict):
                     f"item [{i}] {arg!r} must be one word (it is passed to srun quoted); "
                     "write '--opt=value' or split it into two items"
                 )
+        return v
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def _sbatch_keys(cls, v: dict) -> dict:
+        for key in v:
+            if not re.match(r"^[a-z][a-z0-9_-]*$", key):
+                raise ValueError(f"{key!r} is not an sbatch option name (e.g. mail_type, exclusive)")
         return v
 
     @field_validator("container_mounts")

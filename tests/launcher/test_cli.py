@@ -84,8 +84,9 @@ def test_misspelled_key_gets_did_you_mean(tmp_path):
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
         f"error: {bad}: pipeline.task_1.slurm_config.segmnet: unknown key (did you mean 'segment'?); allowed keys: "
-        "_factory_, account, array, container, container_mounts, gpus_per_node, host, mem, nodes, ntasks_per_node, "
-        "partition, port, qos, requeue, segment, srun_args, time"
+        "_factory_, account, additional_parameters, array, container, container_mounts, gpus_per_node, host, mem, "
+        "nodes, ntasks_per_node, "
+        "partition, port, qos, requeue, retries, segment, srun_args, time"
     ]
 
 

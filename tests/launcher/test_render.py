@@ -130,3 +130,36 @@ def test_skipped_pipeline_runs_nothing(tmp_path):
     result = run_job(spec, ["pipeline.skip=true"], mode="submit", job_dir=tmp_path, environ={})
     assert [t.state for t in result.tasks] == ["SKIPPED"] and result.ok
     assert not (tmp_path / "experiments").exists()
+
+
+def test_model_optimizer_slurm_extras_render(write_spec, tmp_path):
+    spec = {
+        "job_name": "extras",
+        "pipeline": {
+            "task_0": {
+                "inline": "hostname",
+                "slurm_config": {
+                    "nodes": 1,
+                    "retries": 2,
+                    "requeue": True,
+                    "additional_parameters": {"mail_type": "END", "exclusive": True},
+                    "account": "acct_team",
+                    "qos": "high",
+                    "mem": 0,
+                    "array": "0-3",
+                },
+            }
+        },
+    }
+    text = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={}).tasks[0].script_text
+    for line in [
+        "--account=acct_team",
+        "--qos=high",
+        "--mem=0",
+        "--array=0-3",
+        "--mail-type=END",
+        "--exclusive\n",
+        "--requeue\n",
+    ]:
+        assert f"#SBATCH {line}" in text
+    assert "export TORCHX_MAX_RETRIES=2\n" in text
