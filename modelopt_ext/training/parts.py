@@ -48,7 +48,7 @@ def load_dataset(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Any:
     dataset = ConversationDataset(recipe.data, tokenizer, cache_dir) if env.is_main else None
     barrier(env)
     if dataset is None:
-        dataset = ConversationDataset(recipe.data, tokenizer, cache_dir)
+        dataset = ConversationDataset(recipe.data, tokenizer, cache_dir, log=lambda msg: None)
     if len(dataset) == 0:
         raise ValueError(f"{recipe.data.path}: no usable conversations")
     return dataset
@@ -62,7 +62,7 @@ def build_vocab(recipe: Recipe, env: DistEnv, dataset: Any, tokenizer: Any, voca
         return DraftVocab.load(resume_from)
     counts = torch.zeros(vocab_size, dtype=torch.long)
     if env.is_main:
-        c = torch.as_tensor(count_supervised_tokens(dataset), dtype=torch.long)
+        c = torch.as_tensor(count_supervised_tokens(dataset, vocab_size), dtype=torch.long)
         counts[: min(len(c), vocab_size)] = c[:vocab_size]
     counts = broadcast_tensor(counts, env)
     special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size]
