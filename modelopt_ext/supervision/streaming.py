@@ -40,7 +40,7 @@ import httpx
 import torch
 from torch.utils.data import Dataset
 
-from modelopt_ext.supervision import _hs_file as hs_file
+from modelopt_ext.supervision import vllm_files as hs_file
 from modelopt_ext.supervision.batch import Supervision
 from modelopt_ext.supervision.server_pool import (
     BreakerPolicy,
