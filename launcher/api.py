@@ -115,7 +115,7 @@ def run_job(
     run_id: str | None = None,
     environ: Mapping[str, str] | None = None,
     echo: Printer | None = None,
-    poll_s: float = 2.0,
+    poll_s: float = 0.5,
     follow_timeout_s: float | None = None,
 ) -> RunResult:
     """Validate a job spec and dry-run, submit or run it. `echo` receives progress lines (default: none)."""

@@ -103,17 +103,21 @@ def follow(
     job_ids: list[str],
     *,
     runner: Runner = local_runner,
-    poll_s: float = 2.0,
+    poll_s: float = 0.5,
+    max_poll_s: float = 15.0,
     timeout_s: float = 3600.0,
     on_change: Callable[[JobState], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, JobState]:
     """Poll until every job is in a terminal state or `timeout_s` passes (then the rest keep their state).
 
+    The poll interval starts at `poll_s` and grows by half each time up to `max_poll_s`.
+
     A job pending on a dependency that can never be satisfied (an earlier task failed) is cancelled with
     scancel and reported as NOT_RUN, so no allocation waits forever.
     """
     deadline = time.monotonic() + timeout_s
+    delay = poll_s
     last: dict[str, str] = {}
     not_run: dict[str, str] = {}
     current: dict[str, JobState] = {}
@@ -131,4 +135,5 @@ def follow(
             last[jid] = st.state
         if all(s.done for s in current.values()) or time.monotonic() > deadline:
             return current
-        sleep(poll_s)
+        sleep(delay)
+        delay = min(delay * 1.5, max_poll_s)  # quick jobs are seen quickly, long ones polled gently

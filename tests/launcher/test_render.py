@@ -163,3 +163,26 @@ def test_model_optimizer_slurm_extras_render(write_spec, tmp_path):
     ]:
         assert f"#SBATCH {line}" in text
     assert "export TORCHX_MAX_RETRIES=2\n" in text
+
+
+def test_remote_host_renders_cluster_paths_without_connecting(write_spec, tmp_path):
+    spec = {
+        "job_name": "remote",
+        "job_dir": "/lustre/me/jobs",
+        "repo_dir": "/lustre/me/modelopt-ext",
+        "user": "me",
+        "pipeline": {
+            "task_0": {
+                "script": "common/eagle3/train_eagle_streaming.sh",
+                "environment": {"SERVE_NODES": "1"},
+                "slurm_config": {"host": "login.cluster.example", "nodes": 2, "gpus_per_node": 8},
+            }
+        },
+    }
+    result = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, run_id="r9", environ={})
+    text = result.tasks[0].script_text
+    assert "export MODELOPT_REPO=/lustre/me/modelopt-ext\n" in text
+    assert "export MODELOPT_SCRATCH=/lustre/me/jobs/remote/r9/scratch\n" in text
+    assert "bash /lustre/me/modelopt-ext/launcher/node_exec.sh /lustre/me/modelopt-ext/common/eagle3/" in text
+    assert "#SBATCH --output=/lustre/me/jobs/experiments/remote/remote_r9/task_0/sbatch_remote-task_0_%j.out" in text
+    assert result.dryrun_dir == tmp_path / "remote" / "r9" / "dryrun"  # written on this machine
