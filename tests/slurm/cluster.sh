@@ -131,6 +131,24 @@ take_lock() {
 
 # ---------------------------------------------------------------- install
 
+# retry ATTEMPTS WHAT CMD...: run CMD until it succeeds, at most ATTEMPTS times, 10 s apart.
+retry() {
+  local attempts="$1" what="$2" i out
+  shift 2
+  out="$(mktemp)"
+  for ((i = 1; i <= attempts; i++)); do
+    if "$@" >"$out" 2>&1; then
+      rm -f "$out"
+      return 0
+    fi
+    log "$what failed (attempt $i of $attempts): $(tail -n 1 "$out")"
+    ((i == attempts)) || sleep 10
+  done
+  log "last output of $what: $(tail -n 5 "$out")"
+  rm -f "$out"
+  die "$what failed $attempts times"
+}
+
 package_installed() {
   [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
 }
@@ -142,9 +160,10 @@ install_host_packages() {
   done
   [[ ${#missing[@]} -gt 0 ]] || return 0
   log "apt-get install ${missing[*]}"
-  apt-get update -qq || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "apt-get install ${missing[*]} failed"
+  # Another apt (another session) may hold apt's locks for a while: retry, bounded.
+  retry 6 "apt-get update" apt-get -o DPkg::Lock::Timeout=60 update -qq
+  retry 3 "apt-get install ${missing[*]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get -o DPkg::Lock::Timeout=60 install -y -qq --no-install-recommends "${missing[@]}"
 }
 
 # The Debian mirror this host already uses (apt's own configuration), so no host name is written here.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on every node of a launcher test job (tests/slurm/test_launcher_on_cluster.py): reports what the
+# Runs on every node of a launcher test job (tests/slurm/test_launcher_on_slurm.py): reports what the
 # node sees of the launcher's plan into $MODELOPT_SCRATCH/roles/node-<SLURM_NODEID>.env, one KEY=VALUE
 # per line, written atomically (temp + rename).
 set -euo pipefail

@@ -49,9 +49,8 @@ def wait_for(path: Path, timeout: float = 30) -> str:
     return path.read_text()
 
 
+@pytest.mark.usefixtures("slurm_2205_installed")
 def test_up_twice_stale_restart_and_clean_down(tmp_path: Path):
-    proc = cluster_sh("install", "--version", "22.05", timeout=600)
-    assert proc.returncode == 0, proc.stderr
     state_dir = tmp_path / "state"
     try:
         up(state_dir)
