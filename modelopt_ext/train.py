@@ -18,7 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(prog="python -m modelopt_ext.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="Recipe YAML (see recipes/eagle3/).")
-    p.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. training.lr=3e-4 training.max_steps=100.")
+    p.add_argument(
+        "overrides", nargs="*", help="Dotted overrides, e.g. training.lr=3e-4 training.max_steps=100."
+    )
     p.add_argument(
         "--resume",
         default=None,

@@ -41,7 +41,15 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
-REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, RECIPE_FILE)
+REQUIRED_FILES = (
+    MODEL_FILE,
+    CONFIG_FILE,
+    VOCAB_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    RECIPE_FILE,
+)
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^epoch_(\d+)_step_(\d+)$")
 
@@ -265,7 +273,9 @@ class LoadedCheckpoint:
     rng_state: dict[str, Any] | None  # None when this rank has no saved state (world size changed)
 
 
-def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu"
+) -> LoadedCheckpoint:
     """Read a validated checkpoint (pickles with weights_only=True)."""
     p = Path(path)
     state = validate_checkpoint(p)

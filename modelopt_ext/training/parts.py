@@ -54,7 +54,9 @@ def load_dataset(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Any:
     return dataset
 
 
-def build_vocab(recipe: Recipe, env: DistEnv, dataset: Any, tokenizer: Any, vocab_size: int, resume_from: Path | None):
+def build_vocab(
+    recipe: Recipe, env: DistEnv, dataset: Any, tokenizer: Any, vocab_size: int, resume_from: Path | None
+):
     """The draft vocabulary: from the checkpoint when resuming, else from supervised-token counts."""
     from modelopt_ext.data.draft_vocab import DraftVocab, build_draft_vocab, count_supervised_tokens
 

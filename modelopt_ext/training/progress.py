@@ -20,7 +20,7 @@ def format_duration(seconds: float) -> str:
     """12.3 -> '12s', 754 -> '12m34s', 7384 -> '2h03m'."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -83,9 +83,19 @@ class ProgressTracker:
         )
         if self.enabled:
             print(line, file=self.stream, flush=True)
-            self._append({"step": step, "epoch": epoch, "lr": lr, "samples_per_s": sps, "tokens_per_s": tps,
-                          "elapsed_s": self.elapsed, "run_samples": self.samples, "run_tokens": self.tokens,
-                          **metrics})
+            self._append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "samples_per_s": sps,
+                    "tokens_per_s": tps,
+                    "elapsed_s": self.elapsed,
+                    "run_samples": self.samples,
+                    "run_tokens": self.tokens,
+                    **metrics,
+                }
+            )
         return line
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -102,7 +112,9 @@ class ProgressTracker:
         """The closing human summary (printed on rank 0); returns its text."""
         sps, tps = self.rates()
         m = self.last_metrics
-        acc = ", ".join(f"{k}={m[k]:.3f}" for k in sorted((k for k in m if k.startswith("acc_")), key=_step_key))
+        acc = ", ".join(
+            f"{k}={m[k]:.3f}" for k in sorted((k for k in m if k.startswith("acc_")), key=_step_key)
+        )
         lines = [
             f"training {'stopped' if note else 'done'}: {step - self.start_step} steps this run "
             f"(global step {step}/{self.total_steps}) in {format_duration(self.elapsed)}"

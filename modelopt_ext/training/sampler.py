@@ -13,7 +13,7 @@ unread samples (it is only bit-identical with the same number of ranks).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

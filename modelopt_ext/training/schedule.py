@@ -51,7 +51,11 @@ class LRMultiplier:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepping once per optimizer step; its state_dict is plain numbers (weights_only-safe)."""
     return torch.optim.lr_scheduler.LambdaLR(

@@ -9,9 +9,10 @@ trainer never knows which one it got. Later sources register themselves with `re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -97,7 +98,9 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
 
 
 def _scalar(v: Any) -> float:
@@ -128,7 +131,13 @@ def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
 class Trainer:
     """Runs one training job (fresh or resumed) for a recipe on this process's rank."""
 
-    def __init__(self, recipe: Recipe, parts_factory: PartsFactory, resume: str | None = None, env: DistEnv | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        parts_factory: PartsFactory,
+        resume: str | None = None,
+        env: DistEnv | None = None,
+    ):
         self.recipe = recipe
         self.cfg = recipe.training
         self.env = env or init_distributed()
@@ -164,7 +173,9 @@ class Trainer:
             seed=self.cfg.seed,
         )
         self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.sampler.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.warmup_steps, self.total_steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.schedule, self.cfg.warmup_steps, self.total_steps
+        )
         self.autocast = resolve_autocast(self.cfg.dtype, self.env.device)
         self.global_step = 0
         self.epoch = 0
@@ -202,8 +213,11 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
         if st.get("total_steps") not in (None, self.total_steps):
-            _log(self.env, f"resume: warning: total steps changed {st['total_steps']} -> {self.total_steps} "
-                           "(the LR schedule continues with the new length)")
+            _log(
+                self.env,
+                f"resume: warning: total steps changed {st['total_steps']} -> {self.total_steps} "
+                "(the LR schedule continues with the new length)",
+            )
         self.global_step = st["global_step"]
         self.epoch = st["epoch"]
         self.position = st["data_position"]
@@ -211,9 +225,12 @@ class Trainer:
         self.tokens_seen = int(st.get("tokens_seen", 0))
         self.last_metrics = dict(st.get("metrics", {}))
         if st["world_size"] != self.env.world_size:
-            _log(self.env, f"resume: warning: checkpoint written by {st['world_size']} ranks, now "
-                           f"{self.env.world_size}; data continues at the same position, but the run is not "
-                           "bit-identical to an uninterrupted one")
+            _log(
+                self.env,
+                f"resume: warning: checkpoint written by {st['world_size']} ranks, now "
+                f"{self.env.world_size}; data continues at the same position, but the run is not "
+                "bit-identical to an uninterrupted one",
+            )
         if loaded.rng_state is not None and st["world_size"] == self.env.world_size:
             ckpt.restore_rng_state(loaded.rng_state)
         if self.position >= self.sampler.epoch_length:
@@ -221,10 +238,15 @@ class Trainer:
         try:
             self.sampler.set_epoch(self.epoch, self.position)
         except ValueError as e:
-            raise ckpt.CheckpointError(f"{path}: {e} (batch_size/grad_accum changed since the checkpoint?)") from None
+            raise ckpt.CheckpointError(
+                f"{path}: {e} (batch_size/grad_accum changed since the checkpoint?)"
+            ) from None
         self.last_checkpoint = path
-        _log(self.env, f"resume: from {path} (global step {self.global_step}, epoch {self.epoch}, "
-                       f"data position {self.position})")
+        _log(
+            self.env,
+            f"resume: from {path} (global step {self.global_step}, epoch {self.epoch}, "
+            f"data position {self.position})",
+        )
 
     # --- one optimizer step ------------------------------------------------------------------------------
 
@@ -235,13 +257,21 @@ class Trainer:
         sup = self.parts.source(batch)
         with ctx:
             loss, metrics = self.parts.loss_fn(
-                self.model, sup, self.parts.vocab, self.parts.head,
-                self.recipe.eagle.ttt_steps, self.recipe.eagle.step_loss_decay,
+                self.model,
+                sup,
+                self.parts.vocab,
+                self.parts.head,
+                self.recipe.eagle.ttt_steps,
+                self.recipe.eagle.step_loss_decay,
             )
         (loss / self.cfg.grad_accum).backward()
         out = {"loss": _scalar(loss)}
         out.update({k: _scalar(v) for k, v in metrics.items() if k != "loss"})
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        tokens = (
+            int(batch["attention_mask"].sum())
+            if "attention_mask" in batch
+            else int(batch["input_ids"].numel())
+        )
         return out, int(batch["input_ids"].shape[0]), tokens
 
     def _optimizer_step(self) -> float | None:
@@ -280,13 +310,18 @@ class Trainer:
         env, cfg = self.env, self.cfg
         stop_after = _stop_after()
         progress = ProgressTracker(
-            total_steps=self.total_steps, start_step=self.global_step,
-            output_dir=self.out if env.is_main else None, enabled=env.is_main,
+            total_steps=self.total_steps,
+            start_step=self.global_step,
+            output_dir=self.out if env.is_main else None,
+            enabled=env.is_main,
         )
-        _log(env, f"train: {self.total_steps} steps ({self.sampler.steps_per_epoch}/epoch), {env.world_size} "
-                  f"rank(s) x batch {cfg.batch_size} x accum {cfg.grad_accum} = {self.sampler.samples_per_step} "
-                  f"samples/step, device {env.device}, "
-                  f"{'bf16 autocast' if self.autocast else 'fp32'}, {sum(p.numel() for p in self.params):,} trainable params")
+        _log(
+            env,
+            f"train: {self.total_steps} steps ({self.sampler.steps_per_epoch}/epoch), {env.world_size} "
+            f"rank(s) x batch {cfg.batch_size} x accum {cfg.grad_accum} = {self.sampler.samples_per_step} "
+            f"samples/step, device {env.device}, "
+            f"{'bf16 autocast' if self.autocast else 'fp32'}, {sum(p.numel() for p in self.params):,} trainable params",
+        )
         stopped = False
         window: dict[str, float] = {}
         window_n = 0
@@ -321,7 +356,9 @@ class Trainer:
                 last = self.global_step >= self.total_steps
                 if self.global_step % cfg.log_interval == 0 or last:
                     self.last_metrics = self._reduce_window(window, window_n)
-                    progress.log(self.global_step, self.epoch, self.last_metrics, self.scheduler.get_last_lr()[0])
+                    progress.log(
+                        self.global_step, self.epoch, self.last_metrics, self.scheduler.get_last_lr()[0]
+                    )
                     window, window_n = {}, 0
                 if self.global_step % cfg.save_interval == 0 or last:
                     self.save()
@@ -337,12 +374,20 @@ class Trainer:
         barrier(env)
         sps, tps = progress.rates()
         progress.summary(
-            self.global_step, self.last_checkpoint, export,
+            self.global_step,
+            self.last_checkpoint,
+            export,
             note=f"{STOP_ENV}={stop_after}" if stopped else "",
         )
         return TrainResult(
-            global_step=self.global_step, total_steps=self.total_steps, checkpoint=self.last_checkpoint,
-            export=export, metrics=self.last_metrics, stopped_early=stopped, samples_per_s=sps, tokens_per_s=tps,
+            global_step=self.global_step,
+            total_steps=self.total_steps,
+            checkpoint=self.last_checkpoint,
+            export=export,
+            metrics=self.last_metrics,
+            stopped_early=stopped,
+            samples_per_s=sps,
+            tokens_per_s=tps,
         )
 
     def _reduce_window(self, window: dict[str, float], n: int) -> dict[str, float]:
@@ -401,7 +446,9 @@ class Trainer:
         return path
 
 
-def train(recipe: Recipe, parts_factory: PartsFactory | None = None, resume: str | None = None) -> TrainResult:
+def train(
+    recipe: Recipe, parts_factory: PartsFactory | None = None, resume: str | None = None
+) -> TrainResult:
     """Train a drafter for `recipe` on this process (and its process group, when launched with several)."""
     if parts_factory is None:
         from modelopt_ext.training.parts import build_parts

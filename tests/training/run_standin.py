@@ -9,11 +9,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin import standin_parts  # noqa: E402
+from standin import standin_parts
 
-from modelopt_ext.config.recipe import load_recipe  # noqa: E402
-from modelopt_ext.train import parse_args  # noqa: E402
-from modelopt_ext.training.trainer import train  # noqa: E402
+from modelopt_ext.config.recipe import load_recipe
+from modelopt_ext.train import parse_args
+from modelopt_ext.training.trainer import train
 
 if __name__ == "__main__":
     args = parse_args()

@@ -32,7 +32,7 @@ class StandinVocab:
         save_file({"d2t": self.d2t, "t2d": self.t2d}, str(Path(folder) / "vocab_mapping.safetensors"))
 
     @classmethod
-    def load(cls, folder: Path) -> "StandinVocab":
+    def load(cls, folder: Path) -> StandinVocab:
         t = load_file(str(Path(folder) / "vocab_mapping.safetensors"))
         v = cls(len(t["d2t"]))
         v.d2t, v.t2d = t["d2t"], t["t2d"]
@@ -70,8 +70,11 @@ class StandinTarget:
         x = self.emb[batch["input_ids"]]
         aux = torch.cat([torch.tanh(x @ self.mix[i]) for i in range(N_AUX)], dim=-1)
         return Supervision(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], loss_mask=batch["loss_mask"],
-            aux_hidden_states=aux, target_logits=torch.tanh(x) @ self.out,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            loss_mask=batch["loss_mask"],
+            aux_hidden_states=aux,
+            target_logits=torch.tanh(x) @ self.out,
         )
 
 
@@ -122,7 +125,13 @@ def standin_parts(recipe, env, resume_from) -> TrainingParts:
         return out
 
     return TrainingParts(
-        dataset=make_dataset(), collate=collate, source=StandinTarget(), model=model,
-        model_config={"kind": "standin", "vocab_size": VOCAB}, vocab=vocab, head=None,
-        loss_fn=standin_loss, export_fn=export,
+        dataset=make_dataset(),
+        collate=collate,
+        source=StandinTarget(),
+        model=model,
+        model_config={"kind": "standin", "vocab_size": VOCAB},
+        vocab=vocab,
+        head=None,
+        loss_fn=standin_loss,
+        export_fn=export,
     )

@@ -6,11 +6,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from standin import StandinVocab
 
 from modelopt_ext.training import checkpoint as ckpt
 from modelopt_ext.training.distributed import DistEnv
-
-from standin import StandinVocab
 
 
 def _content(step=1, world=1):
@@ -18,14 +17,24 @@ def _content(step=1, world=1):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    state = {**model.state_dict(), "d2t": torch.zeros(4, dtype=torch.long), "t2d": torch.ones(4, dtype=torch.bool)}
+    state = {
+        **model.state_dict(),
+        "d2t": torch.zeros(4, dtype=torch.long),
+        "t2d": torch.ones(4, dtype=torch.bool),
+    }
     return ckpt.CheckpointContent(
         model_state=state,
         model_config={"hidden_size": 2},
         vocab=StandinVocab(4),
         optimizer_state=opt.state_dict(),
         scheduler_state={"last_epoch": step},
-        trainer_state={"epoch": 0, "global_step": step, "data_position": 8 * step, "world_size": world, "metrics": {}},
+        trainer_state={
+            "epoch": 0,
+            "global_step": step,
+            "data_position": 8 * step,
+            "world_size": world,
+            "metrics": {},
+        },
         recipe={"training": {"output_dir": "x"}},
     )
 
@@ -35,8 +44,14 @@ def test_layout_is_the_contract(tmp_path):
     assert path == tmp_path / "epoch_0_step_3"
     names = {p.name for p in path.iterdir()}
     assert names == {
-        "model.safetensors", "config.json", "vocab_mapping.safetensors", "optimizer.pt", "scheduler.pt",
-        "rng_state_0.pt", "trainer_state.json", "recipe.yaml",
+        "model.safetensors",
+        "config.json",
+        "vocab_mapping.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state_0.pt",
+        "trainer_state.json",
+        "recipe.yaml",
     }
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
     loaded = ckpt.load_checkpoint(path)

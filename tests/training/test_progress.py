@@ -23,7 +23,9 @@ def test_log_line_rates_eta_and_metrics_file(tmp_path):
     p = ProgressTracker(total_steps=100, start_step=20, output_dir=tmp_path, stream=out, clock=clock)
     clock.t += 10.0
     p.add(samples=40, tokens=4000)
-    line = p.log(30, 1, {"loss": 1.25, "acc_1": 0.5, "acc_0": 0.75, "acc_10": 0.1, "sim_accept_len": 2.5}, lr=1e-4)
+    line = p.log(
+        30, 1, {"loss": 1.25, "acc_1": 0.5, "acc_0": 0.75, "acc_10": 0.1, "sim_accept_len": 2.5}, lr=1e-4
+    )
     # 10 steps in 10 s -> 70 steps left -> 70 s; rates over this run only.
     assert "step 30/100" in line and "4.00 samples/s 400 tok/s" in line and "ETA 1m10s" in line
     assert "acc [0.75 0.50 0.10]" in line and "sim_accept_len 2.500" in line
