@@ -51,6 +51,23 @@ def _http_client() -> httpx.Client:
         return _http[1]
 
 
+def _read_into_bytearray(r: httpx.Response) -> bytearray:
+    """The body of a streamed response, copied once into a preallocated bytearray (writable for decode)."""
+    n = int(r.headers.get("Content-Length", "-1"))
+    if n < 0:
+        return bytearray(r.read())
+    buf = bytearray(n)
+    pos = 0
+    for chunk in r.iter_raw():
+        if pos + len(chunk) > n:
+            raise ValueError(f"body longer than its Content-Length {n}")
+        buf[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    if pos != n:
+        raise ValueError(f"body truncated: {pos} of {n} bytes")
+    return buf
+
+
 class RemoteTargetError(RuntimeError):
     """serve_target refused a request, answered garbage, or describes a different model (one line)."""
 
@@ -111,23 +128,32 @@ class RemoteTargetClient:
             body = json.dumps(dict(meta or {})).encode()
             headers["Content-Type"] = "application/json"
         try:
-            r = _http_client().post(
-                f"{self.url}/{endpoint}", content=body, headers=headers, timeout=timeout_s or self.timeout_s
-            )
+            with _http_client().stream(
+                "POST",
+                f"{self.url}/{endpoint}",
+                content=body,
+                headers=headers,
+                timeout=timeout_s or self.timeout_s,
+            ) as r:
+                ctype = r.headers.get("Content-Type", "").split(";")[0].strip()
+                if r.status_code != 200:
+                    r.read()
+                    try:
+                        msg = r.json()["error"]
+                    except (ValueError, KeyError, TypeError):
+                        msg = r.text[:200]
+                    raise RemoteTargetError(
+                        f"serve_target {self.url}/{endpoint} answered {r.status_code}: {msg}"
+                    )
+                if ctype != WIRE_TYPE:
+                    r.read()
+                    return r.json(), None
+                meta_out = json.loads(r.headers.get(META_HEADER, "{}"))
+                buf = _read_into_bytearray(r)
+            # Decoded tensors are views into `buf` (no further copy) and keep it alive.
+            return meta_out, decode(buf)
         except httpx.HTTPError as e:
             raise RemoteTargetError(f"serve_target {self.url}/{endpoint}: {type(e).__name__}: {e}") from None
-        ctype = r.headers.get("Content-Type", "").split(";")[0].strip()
-        if r.status_code != 200:
-            try:
-                msg = r.json()["error"]
-            except Exception:  # noqa: BLE001
-                msg = r.text[:200]
-            raise RemoteTargetError(f"serve_target {self.url}/{endpoint} answered {r.status_code}: {msg}")
-        try:
-            if ctype == WIRE_TYPE:
-                meta_out = json.loads(r.headers.get(META_HEADER, "{}"))
-                return meta_out, decode(bytearray(r.content))
-            return r.json(), None
         except (WireFormatError, ValueError) as e:
             raise RemoteTargetError(f"serve_target {self.url}/{endpoint}: unreadable reply: {e}") from None
 

@@ -332,7 +332,13 @@ class DataPlaneServer:
                     log.info("data plane: session %s formed (%s)", sid[:8], backend)
             except Exception as e:  # noqa: BLE001
                 s.error = f"group did not form: {e}".splitlines()[0]
-                log.warning("data plane: session %s: %s", sid[:8], s.error)
+                # A session the client already gave up on (it fell back to the wire) is no news.
+                log.log(
+                    logging.DEBUG if s.closed else logging.WARNING,
+                    "data plane: session %s: %s",
+                    sid[:8],
+                    s.error,
+                )
             finally:
                 s.ready.set()
 

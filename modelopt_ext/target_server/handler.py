@@ -301,7 +301,8 @@ class TargetHandler:
                 base + per_pos * logits.shape[-1] * logits.element_size()
             ) / b
             reply_meta["bytes_per_sample_probs"] = (base + per_pos * selected.numel() * 4) / b
-        self.requests_served += 1
+        with self._state_lock:
+            self.requests_served += 1
         if transport == "data_plane":
             if session is None:
                 reply_meta["transport"] = "wire"
