@@ -1,0 +1,1 @@
+"""Checkpoint formats leaving the trainer: the HF export vLLM and SGLang load."""

@@ -1,0 +1,43 @@
+"""CLI: export a training checkpoint as an HF folder vLLM and SGLang load as is.
+
+    python -m modelopt_ext.export --checkpoint OUTPUT/epoch_E_step_S --out DIR [--dtype bfloat16] [--t2d]
+
+A bad checkpoint prints one line naming the file and exits 2. See docs/export.md for the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from modelopt_ext.checkpoints.export import ExportError, check_export, export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, export, check the result, print where it is."""
+    p = argparse.ArgumentParser(prog="python -m modelopt_ext.export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="A training checkpoint folder (epoch_E_step_S/).")
+    p.add_argument("--out", required=True, help="Export folder (replaced atomically if it exists).")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="Cast weights (default: as trained)."
+    )
+    p.add_argument(
+        "--t2d", action="store_true", help="Also write t2d into model.safetensors (engines skip it)."
+    )
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, include_t2d=args.t2d)
+        config = check_export(out)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"export: {out} ({config['architectures'][0]}, draft vocab {config['draft_vocab_size']}/"
+        f"{config['vocab_size']}, aux layers {config['eagle_aux_hidden_state_layer_ids']} (vLLM numbering), "
+        f"{config['torch_dtype']})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
