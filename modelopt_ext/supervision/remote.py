@@ -319,3 +319,54 @@ def _norm(v: Any) -> Any:
     if isinstance(v, tuple):
         return list(v)
     return v
+
+
+def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab: Any = None) -> Any:
+    """The trainer's `SourceSetup` for `data.mode: remote` (serve_target; see training/sources.py).
+
+    Rank r uses `data.server_urls[r % n]` (ranks spread evenly over the servers). The server's model_info is
+    checked against the recipe's target config and aux layer ids before anything else; with a draft vocab
+    the server ships `target_probs` over it (Vd/V of the logits' bytes, same values `resolve_target` would
+    compute), so no TargetHead is needed. The drafter's embeddings are seeded from the server's.
+    """
+    import json
+    from functools import partial
+    from pathlib import Path
+
+    from modelopt_ext.config.recipe import default_aux_layer_ids
+    from modelopt_ext.data.dataset import collate_padded
+    from modelopt_ext.training.sources import SourceSetup
+
+    data = recipe.data
+    if not data.server_urls:
+        raise ValueError("data.server_urls is empty: data.mode 'remote' needs serve_target URLs")
+    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    num_layers = int(cfg["num_hidden_layers"])
+    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(num_layers))
+    url = data.server_urls[env.rank % len(data.server_urls)]
+    client = RemoteTargetClient(
+        url,
+        token_file=data.auth_token_file,
+        target_form="probs" if vocab is not None else "logits",
+        device=env.device,
+    )
+    client.model_info(
+        expect={
+            "num_layers": num_layers,
+            "hidden_size": int(cfg["hidden_size"]),
+            "vocab_size": int(cfg["vocab_size"]),
+            "aux_layer_ids": aux,
+            "dtype": recipe.model.dtype,
+        }
+    )
+    if vocab is not None:
+        client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
+    return SourceSetup(
+        dataset=dataset,
+        collate=partial(collate_padded, pad_id=pad_id),
+        source=client,
+        head=None,
+        aux_layer_ids=aux,
+        target_embeddings=client.input_embeddings().to(env.device),
+    )
