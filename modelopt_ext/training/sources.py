@@ -91,3 +91,13 @@ def _streaming(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: A
 
 
 register_source("streaming", _streaming)
+
+
+def _remote(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """serve_target, the transformers target server (supervision/remote.py); imported only when used."""
+    from modelopt_ext.supervision.remote import build_remote_source
+
+    return build_remote_source(recipe, env, dataset, pad_id, vocab)
+
+
+register_source("remote", _remote)
