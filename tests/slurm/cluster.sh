@@ -110,7 +110,7 @@ set_profile() {
   STATE_DIR="${STATE_DIR%/}"
   [[ "$STATE_DIR" == /* ]] || usage_error "--state-dir needs an absolute path (got '$STATE_DIR')"
   CONF="$STATE_DIR/etc/slurm.conf"
-  MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
+  MUNGE_SOCKET="$STATE_DIR/run/munge.socket"
   BIN_DIR="$STATE_DIR/bin"
 }
 
@@ -277,7 +277,6 @@ write_slurm_conf() {
 # Blocks of 2 consecutive nodes (a smaller last block is fatal for slurmctld, so N must be even).
 write_topology_conf() {
   local i block=1
-  (( NODE_COUNT % 2 == 0 )) || die "slurm 24.11 uses blocks of 2 nodes: --nodes must be even (got $NODE_COUNT)"
   {
     for ((i = 1; i <= NODE_COUNT; i += 2)); do
       echo "BlockName=b$block Nodes=$(node_name "$i"),$(node_name $((i + 1)))"
@@ -495,7 +494,7 @@ start_munged() {
     --seed-file="$STATE_DIR/munge/munged.seed")"
   record_pid munged "$pid"
   wait_until "$TIMEOUT" "munged to create its socket $MUNGE_SOCKET" test -S "$MUNGE_SOCKET" \
-    || die "munged did not start; see $STATE_DIR/log/munged.log and munged.out"
+    || die "munged did not start"
 }
 
 # A Slurm client in the controller's namespace, bounded: a dead controller makes clients retry for long.
@@ -519,7 +518,7 @@ start_slurmctld() {
     env SLURM_CONF="$CONF" /usr/sbin/slurmctld -D -i -f "$CONF")"
   record_pid slurmctld "$pid"
   wait_until "$TIMEOUT" "slurmctld on $CTL_NAME ($CTL_IP:6817) to answer scontrol ping" controller_answers \
-    || die "slurmctld did not come up; see $STATE_DIR/log/slurmctld.log"
+    || die "slurmctld did not come up"
 }
 
 start_slurmds() {
@@ -662,12 +661,30 @@ teardown() {
   rm -f "$REGISTRY_FILE"
 }
 
+# EXIT trap of a failed `up`: show and keep the daemons' logs, then remove the half-started cluster.
+up_failed() {
+  local logs="$STATE_DIR.failed-logs" file
+  trap - EXIT
+  rm -rf "$logs"
+  cp -r "$STATE_DIR/log" "$logs" 2>/dev/null || true
+  for file in "$logs"/*; do
+    [[ -s "$file" ]] || continue
+    log "--- last lines of $file:"
+    tail -n 5 "$file" >&2
+  done
+  log "up failed: removing what it started (logs kept in $logs)"
+  teardown
+}
+
 cmd_up() {
   require_root
   take_lock
   local start
   NODE_COUNT="${NODE_COUNT:-$(recorded_node_count)}"
   NODE_COUNT="${NODE_COUNT:-4}"
+  if [[ "$VERSION" == "24.11" ]] && ((NODE_COUNT % 2 != 0)); then
+    usage_error "slurm 24.11 here uses topology blocks of 2 nodes: --nodes must be even (got $NODE_COUNT)"
+  fi
   installed || die "slurm $VERSION is not installed; run: tests/slurm/cluster.sh install --version $VERSION"
   if cluster_healthy; then
     write_state
@@ -684,6 +701,7 @@ cmd_up() {
   start="$(now)"
   mkdir -p "$STATE_DIR"
   touch "$STATE_DIR/$MARKER_FILE"
+  trap up_failed EXIT
   write_slurm_conf
   write_munge_key
   create_network
@@ -693,8 +711,9 @@ cmd_up() {
   start_slurmctld
   start_slurmds
   wait_until "$TIMEOUT" "all $NODE_COUNT slurmd nodes to register as idle (sinfo)" all_nodes_usable \
-    || die "nodes did not come up: $(node_states | tr '\n' ' '); see $STATE_DIR/log/"
+    || die "nodes did not come up: $(node_states | tr '\n' ' ')"
   write_state
+  trap - EXIT
   log "up: $NODE_COUNT nodes idle in $(elapsed_since "$start")s; wrappers in $BIN_DIR"
   echo "$STATE_DIR"
 }
@@ -703,6 +722,7 @@ cmd_down() {
   require_root
   take_lock
   teardown
+  rm -rf "$STATE_DIR.failed-logs"
   log "down: no $CID namespaces, processes, mounts or hosts lines left"
 }
 
