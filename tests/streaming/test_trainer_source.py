@@ -18,15 +18,28 @@ HIDDEN, LAYERS = 8, 3  # default aux ids of a 3-layer target: [1, 2] -> the serv
 
 @pytest.fixture
 def target_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A target folder as the trainer sees it in streaming mode: config + the tensors TargetHead reads.
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=16, num_hidden_layers=LAYERS, num_attention_heads=1,
-        num_key_value_heads=1, vocab_size=600, max_position_embeddings=64,
-    )  # fmt: skip
+    (The decoder layers are never read by a streaming trainer, so they are left out: transformers is not
+    needed and the test stays fast.)
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
     d = tmp_path / "target"
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    d.mkdir()
+    cfg = {"model_type": "llama", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "vocab_size": 600}
+    (d / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}))
+    save_file(
+        {
+            "model.norm.weight": torch.rand(HIDDEN, generator=g) + 0.5,
+            "lm_head.weight": torch.randn(600, HIDDEN, generator=g),
+            "model.embed_tokens.weight": torch.randn(600, HIDDEN, generator=g),
+        },
+        str(d / "model.safetensors"),
+    )
     return d
 
 
@@ -64,6 +77,9 @@ def test_streaming_source_setup_feeds_supervision(tmp_path, target_dir):
         assert torch.equal(sup.aux_hidden_states[2, :3], hs[:, :-1].reshape(3, -1))
         logits = setup.head.logits(sup.target_last_hidden)
         assert logits.shape == (3, 4, 600)
+        h = sup.target_last_hidden[2, :3]
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * setup.head.norm.weight
+        torch.testing.assert_close(logits[2, :3], normed @ setup.head.lm_head.T)  # final norm, then lm_head
         assert setup.target_embeddings.shape == (600, HIDDEN)
     finally:
         server.kill()
