@@ -184,5 +184,21 @@ def test_remote_host_renders_cluster_paths_without_connecting(write_spec, tmp_pa
     assert "export MODELOPT_REPO=/lustre/me/modelopt-ext\n" in text
     assert "export MODELOPT_SCRATCH=/lustre/me/jobs/remote/r9/scratch\n" in text
     assert "bash /lustre/me/modelopt-ext/launcher/node_exec.sh /lustre/me/modelopt-ext/common/eagle3/" in text
-    assert "#SBATCH --output=/lustre/me/jobs/experiments/remote/remote_r9/task_0/sbatch_remote-task_0_%j.out" in text
+    assert (
+        "#SBATCH --output=/lustre/me/jobs/experiments/remote/remote_r9/task_0/sbatch_remote-task_0_%j.out"
+        in text
+    )
     assert result.dryrun_dir == tmp_path / "remote" / "r9" / "dryrun"  # written on this machine
+
+
+def test_allow_to_fail_chains_with_afterany(write_spec, tmp_path):
+    tasks = {f"task_{i}": {"inline": "hostname", "slurm_config": {"nodes": 1}} for i in range(3)}
+    spec = {"job_name": "chain", "pipeline": {"allow_to_fail": True, **tasks}}
+    result = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={})
+    commands = [t.sbatch_command for t in result.tasks]
+    assert "--dependency" not in commands[0]
+    assert "--dependency=afterany:<job id of task_0> " in commands[1]
+    assert "--dependency=afterany:<job id of task_1> " in commands[2]
+    spec["pipeline"]["allow_to_fail"] = False
+    result = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={})
+    assert "--dependency=afterok:<job id of task_1> " in result.tasks[2].sbatch_command
