@@ -82,12 +82,12 @@ def test_misspelled_key_gets_did_you_mean(tmp_path):
     bad.write_text(spec)
     p = launch("--yaml", str(bad), "--dryrun")
     assert p.returncode == 2
-    assert p.stderr.splitlines() == [
+    expected = (
         f"error: {bad}: pipeline.task_1.slurm_config.segmnet: unknown key (did you mean 'segment'?); allowed keys: "
         "_factory_, account, additional_parameters, array, container, container_mounts, gpus_per_node, host, mem, "
-        "nodes, ntasks_per_node, "
-        "partition, port, qos, requeue, retries, segment, srun_args, time"
-    ]
+        "nodes, ntasks_per_node, partition, port, qos, requeue, retries, segment, srun_args, time"
+    )
+    assert p.stderr.splitlines() == [expected]
 
 
 def test_slurm_submit_without_yes_refuses_when_stdin_is_not_a_tty():

@@ -121,8 +121,10 @@ def test_streaming_task_needs_one_task_per_node(write_spec):
     task["slurm_config"]["ntasks_per_node"] = 8
     lines = problems(write_spec(base(task_0=task)))
     assert lines == [
-        "pipeline.task_0.slurm_config.ntasks_per_node: a streaming task runs one entry script per node "
-        "(it starts its own ranks); allowed: 1 (got 8)"
+        (
+            "pipeline.task_0.slurm_config.ntasks_per_node: a streaming task runs one entry script per node "
+            "(it starts its own ranks); allowed: 1 (got 8)"
+        )
     ]
 
 
@@ -135,8 +137,10 @@ def test_overrides_apply_and_misspelled_override_gets_did_you_mean(write_spec):
     lines = problems(path, ["pipeline.task_0.slurm_config.segmnet=2"])
     assert lines[0].startswith("pipeline.task_0.slurm_config.segmnet: unknown key (did you mean 'segment'?)")
     assert problems(path, ["pipeline.task_0.slurm_config.segment=3"]) == [
-        "pipeline.task_0.slurm_config.segment: 3 does not divide nodes=4 (nodes % segment must be 0); "
-        "allowed here: 2, 4"
+        (
+            "pipeline.task_0.slurm_config.segment: 3 does not divide nodes=4 (nodes % segment must be 0); "
+            "allowed here: 2, 4"
+        )
     ]
 
 
