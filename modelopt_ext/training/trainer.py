@@ -213,10 +213,13 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
         if st.get("total_steps") not in (None, self.total_steps):
+            # load_state_dict restored the old schedule length into the multiplier; the recipe wins.
+            for fn in self.scheduler.lr_lambdas:
+                fn.total_steps = self.total_steps
             _log(
                 self.env,
                 f"resume: warning: total steps changed {st['total_steps']} -> {self.total_steps} "
-                "(the LR schedule continues with the new length)",
+                "(the LR schedule continues with the new length; not bit-identical to either run)",
             )
         self.global_step = st["global_step"]
         self.epoch = st["epoch"]

@@ -164,3 +164,18 @@ def test_two_process_gloo_resume_is_bit_identical(tmp_path):
     resumed = _launch_two(tmp_path / "cut.yaml", "--resume", "auto")
     assert "resume: from" in resumed.stdout
     _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
+
+
+def test_resume_with_more_steps_extends_the_schedule(tmp_path, capsys):
+    """Raising max_steps on resume continues training to the new end, with the new schedule length."""
+    first = train(parse_recipe(_recipe(tmp_path / "run", max_steps=4, schedule="linear")), standin_parts)
+    assert first.global_step == 4
+    capsys.readouterr()
+    more = train(
+        parse_recipe(_recipe(tmp_path / "run", max_steps=8, schedule="linear")), standin_parts, resume="auto"
+    )
+    log = capsys.readouterr().out
+    assert "total steps changed 4 -> 8" in log and more.global_step == 8
+    sched = torch.load(more.checkpoint / "scheduler.pt", weights_only=True)
+    assert sched["lr_lambdas"][0]["total_steps"] == 8
+    assert sched["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # linear schedule ends at 0 at step 8
