@@ -1,7 +1,7 @@
 """Build the real training parts from a recipe: tokenised data, draft vocabulary, source, draft head.
 
 Order matters and is the same on every rank:
-1. tokenizer + `ConversationDataset` (rank 0 tokenises first and fills the cache; the others then read it);
+1. tokenizer + `ConversationDataset` (every rank; the tokenisation cache is shared and written atomically);
 2. the draft vocabulary: restored from the checkpoint when resuming; otherwise counted from the supervised
    tokens on rank 0 and broadcast, so every rank builds the identical mapping;
 3. the supervision source for `data.mode` (sources.make_source), which also yields the TargetHead and the
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from modelopt_ext.config.recipe import Recipe
-from modelopt_ext.training.distributed import DistEnv, barrier, broadcast_tensor
+from modelopt_ext.training.distributed import DistEnv, broadcast_tensor
 from modelopt_ext.training.sources import make_source
 from modelopt_ext.training.trainer import TrainingParts
 
@@ -41,14 +41,16 @@ def _exporter():
 
 
 def load_dataset(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Any:
-    """The tokenised conversations; rank 0 builds the tokenisation cache before the others read it."""
+    """The tokenised conversations, on every rank at once.
+
+    No rank waits for another here: tokenising a large dataset can outlast the process group's collective
+    timeout, and the cache is written atomically, so ranks racing to fill it are harmless.
+    """
     from modelopt_ext.data.dataset import ConversationDataset
 
     cache_dir = Path(recipe.data.cache_dir or Path(recipe.training.output_dir) / "cache")
-    dataset = ConversationDataset(recipe.data, tokenizer, cache_dir) if env.is_main else None
-    barrier(env)
-    if dataset is None:
-        dataset = ConversationDataset(recipe.data, tokenizer, cache_dir, log=lambda msg: None)
+    log = None if env.is_main else (lambda msg: None)
+    dataset = ConversationDataset(recipe.data, tokenizer, cache_dir, log=log)
     if len(dataset) == 0:
         raise ValueError(f"{recipe.data.path}: no usable conversations")
     return dataset
