@@ -122,11 +122,13 @@ require_root() {
   [[ "$(id -u)" -eq 0 ]] || die "must run as root (network namespaces, mounts, apt)"
 }
 
+# take_lock SECONDS: one cluster.sh at a time per cluster id (concurrent test sessions, CI and a shell).
 take_lock() {
+  local seconds="$1"
   mkdir -p "$REGISTRY_DIR"
   # fd 9: daemons are started with it closed, so they never hold the lock.
   exec 9>"$LOCK_FILE"
-  flock -w "$TIMEOUT" 9 || die "timed out after ${TIMEOUT}s waiting for the lock $LOCK_FILE (another cluster.sh for $CID?)"
+  flock -w "$seconds" 9 || die "timed out after ${seconds}s waiting for the lock $LOCK_FILE (another cluster.sh for $CID?)"
 }
 
 # ---------------------------------------------------------------- install
@@ -161,9 +163,9 @@ install_host_packages() {
   [[ ${#missing[@]} -gt 0 ]] || return 0
   log "apt-get install ${missing[*]}"
   # Another apt (another session) may hold apt's locks for a while: retry, bounded.
-  retry 6 "apt-get update" apt-get -o DPkg::Lock::Timeout=60 update -qq
+  retry 6 "apt-get update" timeout 300 apt-get update -qq
   retry 3 "apt-get install ${missing[*]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get -o DPkg::Lock::Timeout=60 install -y -qq --no-install-recommends "${missing[@]}"
+    timeout 600 apt-get -o DPkg::Lock::Timeout=60 install -y -qq --no-install-recommends "${missing[@]}"
 }
 
 # The Debian mirror this host already uses (apt's own configuration), so no host name is written here.
@@ -188,15 +190,19 @@ chroot_ready() {
 install_chroot() {
   chroot_ready && return 0
   local partial="$ROOT.partial" mirror start
-  [[ -z "$(mounts_under "$ROOT")" && -z "$(mounts_under "$partial")" ]] \
+  [[ -z "$(mounts_under "$ROOT")" ]] \
     || die "refusing to rebuild $ROOT: something is mounted under it (run: $SCRIPT_NAME down --version 24.11)"
+  # A killed debootstrap can leave its own proc/sys mounts in the partial tree.
+  unmount_all_under "$partial"
+  [[ -z "$(mounts_under "$partial")" ]] || die "cannot unmount what is mounted under $partial"
   mirror="$(host_debian_mirror)"
   rm -rf "$partial" "$ROOT"
   mkdir -p "$CACHE_DIR"
   start="$(now)"
   log "debootstrap $CHROOT_SUITE (slurm 24.11) into $ROOT"
-  debootstrap --variant=minbase --include="$CHROOT_PACKAGES" "$CHROOT_SUITE" "$partial" "$mirror" \
-    >"$CACHE_DIR/debootstrap.log" 2>&1 || die "debootstrap failed; see $CACHE_DIR/debootstrap.log"
+  timeout 1200 debootstrap --variant=minbase --include="$CHROOT_PACKAGES" "$CHROOT_SUITE" "$partial" "$mirror" \
+    >"$CACHE_DIR/debootstrap.log" 2>&1 \
+    || die "debootstrap failed or ran past 1200 s: $(tail -n 3 "$CACHE_DIR/debootstrap.log" | tr '\n' ' ')"
   mv "$partial" "$ROOT"
   log "chroot built in $(elapsed_since "$start")s"
 }
@@ -211,6 +217,8 @@ installed() {
 
 cmd_install() {
   require_root
+  # Another session may be installing the same thing (debootstrap takes minutes).
+  take_lock 900
   local start
   start="$(now)"
   if [[ "$VERSION" == "22.05" ]]; then
@@ -226,7 +234,7 @@ cmd_install() {
 # ---------------------------------------------------------------- configuration
 
 write_slurm_conf() {
-  local i nodes=()
+  local i
   mkdir -p "$STATE_DIR"/{etc,log,run,ctld,spool,munge}
   {
     echo "# Written by tests/slurm/cluster.sh for the $CID test cluster (slurm $VERSION)."
@@ -263,7 +271,6 @@ write_slurm_conf() {
     fi
     for ((i = 1; i <= NODE_COUNT; i++)); do
       echo "NodeName=$(node_name "$i") NodeAddr=$(node_ip "$i") NodeHostname=$(node_name "$i") CPUs=4 RealMemory=4096 State=UNKNOWN"
-      nodes+=("$(node_name "$i")")
     done
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
   } >"$CONF"
@@ -304,12 +311,21 @@ hosts_lines() {
   done
 }
 
+# Lines of a file that do not end with our tag (exact: another cluster's tag may share a prefix).
+lines_without_tag() {
+  awk -v tag=" $HOSTS_TAG" 'length($0) < length(tag) || substr($0, length($0) - length(tag) + 1) != tag' "$1"
+}
+
+has_hosts_entries() {
+  [[ "$(lines_without_tag "$HOSTS_FILE")" != "$(cat "$HOSTS_FILE")" ]]
+}
+
 # Rewrites a hosts file without our tagged lines (plus the given lines); temp + rename, in place if
 # the file cannot be replaced (a bind-mounted /etc/hosts).
 rewrite_hosts_file() {
   local file="$1" extra="$2" tmp
   tmp="$(mktemp "$file.mos.XXXXXX")"
-  { grep -vF -- "$HOSTS_TAG" "$file" || true; [[ -z "$extra" ]] || echo "$extra"; } >"$tmp"
+  { lines_without_tag "$file"; [[ -z "$extra" ]] || echo "$extra"; } >"$tmp"
   chmod 0644 "$tmp"
   if ! mv -f "$tmp" "$file" 2>/dev/null; then
     cat "$tmp" >"$file"
@@ -327,7 +343,7 @@ add_hosts_entries() {
 }
 
 remove_hosts_entries() {
-  if grep -qF -- "$HOSTS_TAG" "$HOSTS_FILE"; then
+  if has_hosts_entries; then
     rewrite_hosts_file "$HOSTS_FILE" ""
   fi
 }
@@ -441,14 +457,18 @@ mount_chroot() {
   done < <(bind_dirs)
 }
 
-unmount_chroot() {
+# Unmounts everything mounted under a folder of ours, deepest first.
+unmount_all_under() {
   local target
-  [[ -n "$ROOT" && -d "$ROOT" ]] || return 0
-  # Deepest first.
   while read -r target; do
     [[ -n "$target" ]] || continue
     umount "$target" 2>/dev/null || umount -l "$target" || log "cannot unmount $target"
-  done < <(mounts_under "$ROOT" | awk '{ print length($0) " " $0 }' | sort -rn | cut -d' ' -f2-)
+  done < <(mounts_under "$1" | awk '{ print length($0) " " $0 }' | sort -rn | cut -d' ' -f2-)
+}
+
+unmount_chroot() {
+  [[ -n "$ROOT" && -d "$ROOT" ]] || return 0
+  unmount_all_under "$ROOT"
 }
 
 # ---------------------------------------------------------------- daemons
@@ -678,7 +698,7 @@ up_failed() {
 
 cmd_up() {
   require_root
-  take_lock
+  take_lock "$TIMEOUT"
   local start
   NODE_COUNT="${NODE_COUNT:-$(recorded_node_count)}"
   NODE_COUNT="${NODE_COUNT:-4}"
@@ -692,7 +712,7 @@ cmd_up() {
     echo "$STATE_DIR"
     return 0
   fi
-  if [[ -n "$(our_namespaces)" || -f "$STATE_DIR/$MARKER_FILE" ]] || grep -qF -- "$HOSTS_TAG" "$HOSTS_FILE"; then
+  if [[ -n "$(our_namespaces)" || -f "$STATE_DIR/$MARKER_FILE" ]] || has_hosts_entries; then
     log "removing a stale or different $CID cluster first"
     teardown
   fi
@@ -720,7 +740,7 @@ cmd_up() {
 
 cmd_down() {
   require_root
-  take_lock
+  take_lock "$TIMEOUT"
   teardown
   rm -rf "$STATE_DIR.failed-logs"
   log "down: no $CID namespaces, processes, mounts or hosts lines left"
