@@ -1,7 +1,7 @@
 """Fixtures for the real-vLLM tests: vLLM's own env, the tiny target, one hidden-state server per session.
 
 The env is created by `ensure_vllm_env()` exactly as users get it (CI is a fresh machine); if that is
-impossible the tests FAIL with the reason, they never skip. The server is started ONCE per session through
+impossible the tests FAIL with the reason, they never skip. The server is started ONCE (per module, so it is gone before other engines start) through
 the real CLI (`python -m modelopt_ext.serve_hidden_states`), since a start costs 60-110 s on 2 cores.
 """
 
@@ -84,7 +84,7 @@ def _read_line(proc: subprocess.Popen, stream, deadline: float) -> str:
     return buf.decode().strip()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
     """A real vLLM hidden-state server on the tiny target (fp32), started through the CLI."""
     from modelopt_ext.serving.hidden_states_server import models_ready

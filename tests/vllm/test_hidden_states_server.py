@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+# Timeout covers the fixtures too: tiny-target build + a server start took 800 s on 2 cores shared with
+# two other vLLM servers; alone it is ~60-110 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 TOL_REL = 1e-5
 
