@@ -51,10 +51,48 @@ def node_reports(scratch: Path) -> dict[int, dict[str, str]]:
     return {int(r["NODE_ID"]): r for r in map(read_env_file, sorted((scratch / "roles").glob("node-*.env")))}
 
 
-def submitted_job_id(stdout: str) -> int:
-    match = re.search(r"^submitted task_0: job (\d+)$", stdout, re.MULTILINE)
-    assert match, f"no job id in launch.py output:\n{stdout}"
-    return int(match.group(1))
+def submitted_job_ids(stdout: str) -> dict[str, int]:
+    """task name -> job id, from launch.py's `submitted TASK: job ID` lines."""
+    ids = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^submitted (\S+): job (\d+)$", stdout, re.MULTILINE)
+    }
+    assert ids, f"no job id in launch.py output:\n{stdout}"
+    return ids
+
+
+@dataclass(frozen=True)
+class PrintedScript:
+    """One task's sbatch script as `launch.py --dryrun` printed it."""
+
+    dryrun_file: Path
+    submitted_with: str
+    text: str
+
+    @property
+    def submitted_path(self) -> Path:
+        """The file nemo_run writes and passes to sbatch (last word of the `# submitted with:` line)."""
+        return Path(self.submitted_with.split()[-1])
+
+
+def printed_scripts(stdout: str) -> dict[str, PrintedScript]:
+    """Parse the dry-run output: per task, its script file, sbatch command line and the script text."""
+    scripts: dict[str, PrintedScript] = {}
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        header = re.match(r"^===== (\S+): sbatch script \((.+)\) =====$", line)
+        if not header:
+            continue
+        submitted = re.match(r"^# submitted with: (.*)$", lines[i + 1])
+        assert submitted, lines[i + 1]
+        body = []
+        for text in lines[i + 2 :]:
+            if text.startswith(("===== ", "----- ", "dry run: nothing submitted")):
+                break
+            body.append(text)
+        scripts[header.group(1)] = PrintedScript(Path(header.group(2)), submitted.group(1), "\n".join(body))
+    assert scripts, f"no sbatch script in the dry-run output:\n{stdout}"
+    return scripts
 
 
 def all_job_ids(cluster: SlurmCluster) -> set[int]:
@@ -65,14 +103,14 @@ def all_job_ids(cluster: SlurmCluster) -> set[int]:
 
 @dataclass
 class LaunchedJob:
-    """A 3-node roles job: dry-run first, then submitted with the same run id."""
+    """The 3-node roles job (task_0) and the task chained after it (task_1): dry-run first, then
+    submitted with the same run id."""
 
     job_dir: Path
     dryrun_stdout: str
-    dryrun_file_text: str
-    submitted_with: str
+    dryrun_files: dict[str, str]
     submit: subprocess.CompletedProcess[str]
-    job_id: int
+    job_ids: dict[str, int]
     elapsed_s: float
 
     @property
@@ -86,28 +124,28 @@ def roles_job(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFact
     common = ["--yaml", str(ROLES_3), "--job-dir", str(job_dir), "--run-id", "r1"]
     dry = launch(slurm_cluster, *common, "--dryrun")
     assert dry.returncode == 0, dry.stderr
-    dry_file = job_dir / "slurm_roles" / "r1" / "dryrun" / "task_0.sbatch.sh"
-    dry_text = dry_file.read_text()  # read now: the submit below renders this folder again
-    match = re.search(r"^# submitted with: (.*)$", dry.stdout, re.MULTILINE)
-    assert match, dry.stdout
+    # Read the dry-run files now: the submit below renders this folder again.
+    dry_files = {task: p.dryrun_file.read_text() for task, p in printed_scripts(dry.stdout).items()}
     before = all_job_ids(slurm_cluster)
     start = time.monotonic()
     sub = launch(slurm_cluster, *common, "--yes")
     elapsed = time.monotonic() - start
     assert sub.returncode == 0, f"launch.py --yes failed:\n{sub.stdout}\n{sub.stderr}"
-    job_id = submitted_job_id(sub.stdout)
-    assert job_id not in before
-    return LaunchedJob(job_dir, dry.stdout, dry_text, match.group(1), sub, job_id, elapsed)
+    job_ids = submitted_job_ids(sub.stdout)
+    assert sorted(job_ids) == ["task_0", "task_1"]
+    assert not set(job_ids.values()) & before
+    return LaunchedJob(job_dir, dry.stdout, dry_files, sub, job_ids, elapsed)
 
 
 def test_three_node_job_through_launcher_reports_planned_roles(
     slurm_cluster: SlurmCluster, roles_job: LaunchedJob
 ):
-    result = slurm_cluster.wait_job(roles_job.job_id, timeout=30)  # launch.py already followed it to the end
+    # launch.py followed both jobs to the end before it returned.
+    result = slurm_cluster.wait_job(roles_job.job_ids["task_0"], timeout=30)
     assert result.state == "COMPLETED", result.record
-    assert "task_0 job" in roles_job.submit.stdout and "COMPLETED" in roles_job.submit.stdout
+    assert f"task_0 job {roles_job.job_ids['task_0']}: COMPLETED" in roles_job.submit.stdout
     record_timing(
-        f"slurm 22.05: 3-node job through `launch.py --yes` (nemo_run import + submit + follow) "
+        f"slurm 22.05: 3-node task + chained 1-node task through `launch.py --yes` (nemo_run import, submit, follow) "
         f"{roles_job.elapsed_s:.1f}s; Slurm submit->end {result.record.get('SubmitTime')} -> "
         f"{result.record.get('EndTime')}"
     )
@@ -129,17 +167,33 @@ def test_three_node_job_through_launcher_reports_planned_roles(
         assert report["ARGS"] == "--tag planned"
 
 
+def test_chained_task_runs_after_the_first_and_sees_its_files(
+    slurm_cluster: SlurmCluster, roles_job: LaunchedJob
+):
+    first = slurm_cluster.job_record(roles_job.job_ids["task_0"])
+    second = slurm_cluster.wait_job(roles_job.job_ids["task_1"], timeout=30)
+    assert second.state == "COMPLETED", second.record
+    assert f"task_1 job {roles_job.job_ids['task_1']}: COMPLETED" in roles_job.submit.stdout
+    assert second.record["StartTime"] >= first["EndTime"]  # ISO timestamps compare as text
+    assert second.record["NumNodes"] == "1"
+    saw = (roles_job.scratch / "after_task_0.txt").read_text().split()
+    assert saw[0] in slurm_cluster.nodes
+    assert saw[1:] == ["saw", "3", "node", "reports"]
+
+
 def test_dryrun_text_equals_submitted_script(slurm_cluster: SlurmCluster, roles_job: LaunchedJob):
-    # The script printed by --dryrun, and the file it wrote, are the same text ...
-    printed = roles_job.dryrun_stdout.split(f"# submitted with: {roles_job.submitted_with}\n", 1)[1]
-    printed = printed.split("\ndry run: nothing submitted", 1)[0]
-    assert printed.rstrip("\n") == roles_job.dryrun_file_text.rstrip("\n")
-    # ... as the sbatch script nemo_run wrote and submitted ...
-    submitted_path = Path(roles_job.submitted_with.split()[-1])
-    assert submitted_path.read_text() == roles_job.dryrun_file_text
-    # ... and as the batch script Slurm itself holds for the job.
-    held = slurm_cluster.run("scontrol", "write", "batch_script", str(roles_job.job_id), "-").stdout
-    assert held == roles_job.dryrun_file_text
+    printed = printed_scripts(roles_job.dryrun_stdout)
+    assert sorted(printed) == ["task_0", "task_1"]
+    for task, script in printed.items():
+        # The script printed by --dryrun and the file it wrote are the same text ...
+        assert script.text.rstrip("\n") == roles_job.dryrun_files[task].rstrip("\n"), task
+        # ... as the sbatch script nemo_run wrote and submitted ...
+        assert script.submitted_path.read_text() == roles_job.dryrun_files[task], task
+        # ... and as the batch script Slurm itself holds for the job.
+        job_id = str(roles_job.job_ids[task])
+        held = slurm_cluster.run("scontrol", "write", "batch_script", job_id, "-").stdout
+        assert held == roles_job.dryrun_files[task], task
+    assert "--dependency=afterok:" in printed["task_1"].submitted_with
 
 
 def test_segment_job_through_launcher_runs_with_servers_in_every_segment(
@@ -152,7 +206,7 @@ def test_segment_job_through_launcher_runs_with_servers_in_every_segment(
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, f"launch.py --yes failed:\n{proc.stdout}\n{proc.stderr}"
-    job_id = submitted_job_id(proc.stdout)
+    job_id = submitted_job_ids(proc.stdout)["task_0"]
     record_timing(f"slurm 24.11: 4-node segment=2 job through `launch.py --yes` {elapsed:.1f}s")
     held = slurm_cluster_2411.run("scontrol", "write", "batch_script", str(job_id), "-").stdout
     assert "#SBATCH --segment=2\n" in held
