@@ -123,3 +123,24 @@ def test_impossible_segment_is_refused_by_slurm(
     assert proc.returncode == 1, proc
     assert "Requested topology configuration is not available" in proc.stderr
     assert slurm_cluster_2411.job_ids() <= before
+
+
+def test_wrappers_keep_arguments_and_working_directory(slurm_cluster: SlurmCluster, tmp_path: Path):
+    write_script(tmp_path / "job.sh", '#!/bin/bash\nprintf "%s\\n" "$PWD" "$@" > args.txt\n')
+    name = "two words 'q'"
+    args = ["arg  one", 'it"s', "$HOME"]
+    # A relative script path and a relative output file: both resolve in the caller's directory.
+    job_id = slurm_cluster.sbatch(
+        "job.sh", "--job-name", name, "-o", "job.log", script_args=args, cwd=tmp_path
+    )
+    assert slurm_cluster.wait_job(job_id, timeout=60).state == "COMPLETED"
+    assert (tmp_path / "args.txt").read_text().splitlines() == [str(tmp_path), *args]
+    assert f"JobName={name} " in slurm_cluster.run("scontrol", "-o", "show", "job", str(job_id)).stdout
+
+
+def test_2411_wrappers_refuse_to_submit_from_a_folder_the_chroot_cannot_see(slurm_cluster_2411: SlurmCluster):
+    proc = slurm_cluster_2411.run("sbatch", "--wrap", "true", cwd="/var", check=False)
+    assert proc.returncode == 1
+    assert "not visible inside the slurm chroot" in proc.stderr
+    # Commands that do not run work somewhere still answer from there.
+    assert slurm_cluster_2411.run("sinfo", "-h", "-o", "%D", cwd="/var").stdout.split() == ["4"]
