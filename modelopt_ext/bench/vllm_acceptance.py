@@ -1,0 +1,280 @@
+"""Acceptance length of an exported EAGLE-3 drafter as vLLM itself measures it (offline engine, greedy).
+
+Two halves in one file:
+- the project side (`run_vllm_acceptance`, the CLI `python -m modelopt_ext.bench.vllm_acceptance`): reads the
+  prompts with the same reader as `specdec_bench` (so both benchmarks decode the same token ids), then runs
+  the worker twice in vLLM's own venv: once plain greedy, once with eagle3 speculation; compares the outputs
+  (speculation must not change greedy output) and writes one JSON report;
+- the worker (this file run BY PATH with vLLM's python, `--worker`): imports only vLLM and the standard
+  library (never `modelopt_ext`, which is not installed in vLLM's venv), builds
+  `LLM(model=target, speculative_config={"method": "eagle3", "model": draft, "num_speculative_tokens": k},
+  dtype="float32", enforce_eager=True)`, generates, and reports the differences of vLLM's counters
+  `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens` and the per-position vector
+  `..._num_accepted_tokens_per_pos` around the generate call. Mean acceptance length = 1 + accepted / drafts
+  (the "tau" users quote; it counts the target's bonus token).
+
+The drafter must be an exported folder (`python -m modelopt_ext.export`): `config.json` with
+`architectures: ["LlamaForCausalLMEagle3"]` and top-level `eagle_aux_hidden_state_layer_ids`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPEC_METRICS = {
+    "drafts": "vllm:spec_decode_num_drafts",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+}
+PER_POS_METRIC = "vllm:spec_decode_num_accepted_tokens_per_pos"
+WORKER_TIMEOUT_S = 1200
+
+
+class BenchInputError(ValueError):
+    """Bad input (one line naming the file or option)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker: runs inside vLLM's venv. Standard library + vLLM only.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _metric_totals(llm) -> tuple[dict[str, int], list[int]]:
+    """Current cumulative spec-decode counters (summed over label sets) and the per-position vector."""
+    totals = {k: 0 for k in SPEC_METRICS}
+    per_pos: list[int] = []
+    for m in llm.get_metrics():
+        for key, name in SPEC_METRICS.items():
+            if m.name in (name, name + "_total"):
+                totals[key] += int(m.value)
+        if m.name == PER_POS_METRIC:
+            vals = list(m.values)
+            per_pos = [a + b for a, b in zip(per_pos, vals)] + vals[len(per_pos) :] if per_pos else vals
+    return totals, per_pos
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from vllm import LLM, SamplingParams
+
+    prompts = json.loads(Path(args.prompts_json).read_text())
+    kw = {
+        "model": args.target,
+        "dtype": args.dtype,
+        "enforce_eager": True,
+        "max_model_len": args.max_model_len,
+    }
+    if args.draft:
+        kw["speculative_config"] = {
+            "method": "eagle3",
+            "model": args.draft,
+            "num_speculative_tokens": args.num_steps,
+        }
+    t0 = time.perf_counter()
+    llm = LLM(**kw, disable_log_stats=False)
+    startup = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    before, pos_before = _metric_totals(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    after, pos_after = _metric_totals(llm)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    n_tok = sum(len(t) for t in tokens)
+    report = {
+        "speculative": bool(args.draft),
+        "engine_startup_s": round(startup, 1),
+        "generate_s": elapsed,
+        "generated_tokens": n_tok,
+        "tokens_per_s": n_tok / elapsed if elapsed > 0 else 0.0,
+        "outputs": tokens,
+    }
+    if args.draft:
+        d = {k: after[k] - before[k] for k in SPEC_METRICS}
+        pos = [a - (pos_before[i] if i < len(pos_before) else 0) for i, a in enumerate(pos_after)]
+        drafts = d["drafts"]
+        report.update(
+            num_drafts=drafts,
+            num_draft_tokens=d["draft_tokens"],
+            num_accepted_tokens=d["accepted_tokens"],
+            accepted_per_position=pos,
+            mean_acceptance_length=1 + d["accepted_tokens"] / drafts if drafts else None,
+            acceptance_rate_per_position=[c / drafts for c in pos] if drafts else None,
+            draft_acceptance_rate=d["accepted_tokens"] / d["draft_tokens"] if d["draft_tokens"] else None,
+        )
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, args.out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Project side.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_draft(draft: Path) -> list[int]:
+    cfg_path = draft / "config.json"
+    if not cfg_path.is_file():
+        raise BenchInputError(
+            f"--draft {draft}: no config.json (export the checkpoint with modelopt_ext.export)"
+        )
+    cfg = json.loads(cfg_path.read_text())
+    if "LlamaForCausalLMEagle3" not in (cfg.get("architectures") or []):
+        raise BenchInputError(
+            f"{cfg_path}: architectures {cfg.get('architectures')} is not LlamaForCausalLMEagle3"
+        )
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if not ids:
+        raise BenchInputError(
+            f"{cfg_path}: no top-level eagle_aux_hidden_state_layer_ids (vLLM would silently use other layers)"
+        )
+    return ids
+
+
+def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dict:
+    out = log.with_suffix(".json")
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", *args, "--out", str(out)]
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+            raise RuntimeError(f"vLLM worker did not finish within {timeout:.0f} s (log {log})") from None
+        finally:
+            try:  # engine core processes live in the worker's group
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+    if rc != 0 or not out.is_file():
+        lines = log.read_text(errors="replace").splitlines()
+        err = next(
+            (ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else ""
+        )
+        raise RuntimeError(f"vLLM worker failed (exit {rc}, log {log}): {err.strip()}")
+    return json.loads(out.read_text())
+
+
+def run_vllm_acceptance(
+    target: str | os.PathLike,
+    draft: str | os.PathLike,
+    prompts_file: str | os.PathLike,
+    *,
+    num_steps: int = 3,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    dtype: str = "float32",
+    max_model_len: int = 1024,
+    compare_plain: bool = True,
+    python: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+    timeout: float = WORKER_TIMEOUT_S,
+) -> dict:
+    """Measure the drafter's acceptance in vLLM (and, with `compare_plain`, check greedy output is unchanged).
+
+    Returns a JSON-ready dict: vLLM's acceptance figures (mean acceptance length, per-position rates, raw
+    counters), tokens/s with and without speculation, `outputs_match_greedy` and the mismatching prompt indices.
+    """
+    from transformers import AutoTokenizer
+
+    from modelopt_ext.bench.prompts import read_prompts
+    from modelopt_ext.serving.vllm_env import ensure_vllm_env
+
+    draft = Path(draft)
+    aux_ids = _check_draft(draft)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(target))
+    except (OSError, ValueError):
+        tokenizer = None  # prompts given as token ids need none
+    prompts = read_prompts(prompts_file, tokenizer, limit=limit)
+    python = Path(python) if python else ensure_vllm_env()
+    work = Path(work_dir or tempfile.mkdtemp(prefix="vllm_acceptance_"))
+    work.mkdir(parents=True, exist_ok=True)
+    pj = work / "prompts.json"
+    pj.write_text(json.dumps(prompts))
+    common = ["--target", str(target), "--prompts-json", str(pj), "--max-new-tokens", str(max_new_tokens),
+              "--dtype", dtype, "--max-model-len", str(max_model_len)]  # fmt: skip
+    spec = _run_worker(
+        python, [*common, "--draft", str(draft), "--num-steps", str(num_steps)], work / "spec.log", timeout
+    )
+    result = {k: v for k, v in spec.items() if k not in ("outputs", "speculative")}
+    result.update(
+        engine="vllm", target=str(target), draft=str(draft), aux_layer_ids=aux_ids, num_prompts=len(prompts),
+        num_steps=num_steps, max_new_tokens=max_new_tokens, dtype=dtype,
+    )  # fmt: skip
+    if compare_plain:
+        plain = _run_worker(python, common, work / "plain.log", timeout)
+        mismatched = [i for i, (a, b) in enumerate(zip(spec["outputs"], plain["outputs"])) if a != b]
+        result.update(
+            tokens_per_s_baseline=plain["tokens_per_s"],
+            speedup=spec["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else None,
+            outputs_match_greedy=not mismatched,
+            mismatched_prompts=mismatched,
+        )
+    result["tokens_per_s_speculative"] = result.pop("tokens_per_s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI (project side, or `--worker` inside vLLM's venv)."""
+    p = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.bench.vllm_acceptance", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", help="Exported EAGLE-3 drafter folder.")
+    p.add_argument("--prompts", help="Prompts JSONL (the specdec_bench format).")
+    p.add_argument("--num-steps", type=int, default=3, help="num_speculative_tokens")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--no-compare-plain", action="store_true", help="Skip the plain greedy run.")
+    p.add_argument("--json", help="Write the report here (atomic).")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prompts-json", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if not args.draft or not args.prompts:
+        print("error: --draft and --prompts are required", file=sys.stderr)
+        return 2
+    for name in ("num_steps", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    from modelopt_ext.bench.prompts import PromptFileError
+
+    try:
+        result = run_vllm_acceptance(
+            args.target, args.draft, args.prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
+            limit=args.limit, dtype=args.dtype, max_model_len=args.max_model_len,
+            compare_plain=not args.no_compare_plain,
+        )  # fmt: skip
+    except (BenchInputError, PromptFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":  # the worker spawns engine processes: keep the guard
+    raise SystemExit(main())
