@@ -1,0 +1,205 @@
+"""Streaming from REAL vLLM servers (the CPU build, fp32) on the tiny target.
+
+Two servers capture the drafter's aux layers plus layer L (pre-final-norm). The streaming dataset must:
+- yield supervision equal to the colocated source within 1e-5 relative (aux states, and target logits via
+  `TargetHead` applied to the streamed layer L);
+- finish an epoch when one server is killed (SIGKILL) mid-epoch: every sample delivered exactly once, the
+  dead server taken out of rotation.
+
+Slow (two server starts, ~1-2 min each on 2 cores, ~3 GB RAM each): marked e2e + vllm.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+N_SAMPLES = 40
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_target() -> Path:
+    from modelopt_ext.tiny import build_tiny_target
+
+    cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
+    return build_tiny_target(cache / "tiny-target")
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_target) -> list[dict[str, torch.Tensor]]:
+    """Tokenized tiny conversations (distinct prompts), as the conversation dataset yields them."""
+    from transformers import AutoTokenizer
+
+    from modelopt_ext.tiny import make_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_target)
+    rng = random.Random(7)
+    out, seen = [], set()
+    while len(out) < N_SAMPLES:
+        ids = tok.apply_chat_template(make_conversation(rng), tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)[:200]
+        if tuple(ids) in seen:
+            continue
+        seen.add(tuple(ids))
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(ids) // 2 :] = True
+        out.append({"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": mask})
+    return out
+
+
+@pytest.fixture(scope="module")
+def aux_ids(tiny_target) -> list[int]:
+    from modelopt_ext.capture import target_num_layers
+    from modelopt_ext.config.recipe import default_aux_layer_ids
+
+    return default_aux_layer_ids(target_num_layers(tiny_target))
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_target, aux_ids, tmp_path_factory):
+    """Two real vLLM hidden-state servers sharing one storage root (started concurrently)."""
+    from modelopt_ext.capture import capture_layer_ids, target_num_layers
+    from modelopt_ext.serving.hidden_states_server import start_hidden_states_server
+    from modelopt_ext.serving.vllm_env import ensure_vllm_env
+
+    python = ensure_vllm_env()
+    root = tmp_path_factory.mktemp("shared")
+    logs = tmp_path_factory.mktemp("logs")
+    capture = capture_layer_ids(target_num_layers(tiny_target), aux_ids)
+    handles, errors = [None, None], []
+
+    def start(i: int) -> None:
+        port = _free_port()
+        try:
+            handles[i] = start_hidden_states_server(
+                str(tiny_target), shared_storage=root, capture_ids=capture, port=port, dtype="float32",
+                max_model_len=512, python=python, log_path=logs / f"vllm_{i}.log", startup_timeout=600,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a starter thread must hand back any failure
+            errors.append(f"server {i}: {e}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=660)
+    try:
+        assert not errors and all(handles), f"vLLM servers failed to start: {errors}"
+        print(f"\n2 vLLM servers up in {time.monotonic() - t0:.0f} s: {[h.url for h in handles]}")
+        yield root, handles
+    finally:
+        for h in handles:
+            if h is not None:
+                h.stop()
+
+
+def _dataset(samples, root, urls, handles, aux_ids, **kw):
+    from modelopt_ext.supervision.server_pool import BreakerPolicy
+    from modelopt_ext.supervision.streaming import StreamingOptions, VllmStreamingDataset
+
+    opts = StreamingOptions(
+        request_timeout_s=60,
+        connect_timeout_s=5,
+        lock_timeout_s=30,
+        backoff_base_s=0.02,
+        breaker=BreakerPolicy(failure_threshold=2, cooldown_s=1.0, max_cooldown_s=5.0, all_down_timeout_s=30),
+    )
+    return VllmStreamingDataset(
+        samples, server_urls=urls, shared_storage_root=root, model=handles[0].model_id,
+        num_aux_layers=len(aux_ids), hidden_size=128, options=opts, **kw,
+    )  # fmt: skip
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_vllm_supervision_matches_colocated(servers, samples, tiny_target, aux_ids):
+    from transformers import AutoModelForCausalLM
+
+    from modelopt_ext.supervision.colocated import ColocatedSource
+    from modelopt_ext.supervision.target_head import TargetHead
+
+    root, handles = servers
+    ds = _dataset(samples, root, [h.url for h in handles], handles, aux_ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    colocated = ColocatedSource(model, aux_ids)
+    head = TargetHead.from_pretrained(tiny_target, dtype=torch.float32)
+    worst_aux = worst_logits = worst_aux_max = 0.0
+    t0 = time.monotonic()
+    for i in range(8):
+        item = ds[i]
+        n = len(item["input_ids"])
+        ref = colocated(
+            {
+                "input_ids": item["input_ids"][None],
+                "attention_mask": torch.ones(1, n, dtype=torch.bool),
+                "loss_mask": item["loss_mask"][None],
+            }
+        )
+        assert item["aux_hidden_states"].dtype == torch.float32
+        worst_aux = max(worst_aux, _rel(item["aux_hidden_states"], ref.aux_hidden_states[0]))
+        diff = (item["aux_hidden_states"] - ref.aux_hidden_states[0]).abs().max()
+        worst_aux_max = max(worst_aux_max, float(diff / ref.aux_hidden_states[0].abs().max()))
+        logits = head.logits(item["target_last_hidden"])
+        worst_logits = max(worst_logits, _rel(logits, ref.target_logits[0]))
+        assert torch.equal(logits.argmax(-1), ref.target_logits[0].argmax(-1))
+    print(
+        f"\nvLLM vs colocated (fp32, 8 samples, {time.monotonic() - t0:.1f} s): aux rel {worst_aux:.2e} "
+        f"(max-abs rel {worst_aux_max:.2e}), logits rel {worst_logits:.2e}"
+    )
+    assert worst_aux <= 1e-5 and worst_logits <= 1e-5
+    assert os.listdir(root) == []  # every file and lock deleted after reading
+
+
+def test_kill_one_server_mid_epoch_every_sample_once(servers, samples, aux_ids):
+    from modelopt_ext.supervision.streaming import collate_supervision
+
+    root, handles = servers
+    a, b = handles
+    ds = _dataset(samples, root, [a.url, b.url], handles, aux_ids, num_workers=2)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_supervision)
+    seen: Counter = Counter()
+    by_first: dict[tuple, int] = {tuple(s["input_ids"].tolist()): i for i, s in enumerate(samples)}
+    killed_at = None
+    t0 = time.monotonic()
+    for k, sup in enumerate(loader):
+        assert sup.input_ids.shape[0] == 2  # never a short batch
+        for row in range(2):
+            n = int(sup.attention_mask[row].sum())
+            seen[by_first[tuple(sup.input_ids[row, :n].tolist())]] += 1
+        if k == 4:
+            os.killpg(b.process.pid, signal.SIGKILL)  # the server dies mid-epoch, no goodbye
+            b.process.wait(timeout=30)
+            killed_at = time.monotonic() - t0
+    elapsed = time.monotonic() - t0
+    assert seen == Counter(range(N_SAMPLES))
+    stats = ds.server_stats()
+    print(
+        f"\nepoch of {N_SAMPLES} over 2 vLLM servers, B killed at {killed_at:.1f} s, done in {elapsed:.1f} s: {stats}"
+    )
+    assert stats[b.url]["down_events"] >= 1
+    assert (
+        stats[a.url]["requests"] - stats[a.url]["errors"] > stats[b.url]["requests"] - stats[b.url]["errors"]
+    )
+    assert sum(s["requests"] - s["errors"] for s in stats.values()) == N_SAMPLES
