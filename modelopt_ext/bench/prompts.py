@@ -32,6 +32,23 @@ class PromptFileError(ValueError):
 
 
 def _messages(obj: dict, where: str) -> list[dict]:
+    """The turns before the first assistant turn. Conversations with an assistant turn go through the
+    training reader (same role aliases and content forms); prompt-only ones through the fallback below."""
+    from modelopt_ext.data.conversations import parse_conversation
+
+    try:
+        conv = parse_conversation(obj)
+    except ValueError:
+        conv = None
+    if conv is not None:
+        head = []
+        for m in conv:
+            if m["role"] == "assistant":
+                break
+            head.append(m)
+        if any(m["role"] == "user" for m in head):
+            return head
+        raise PromptFileError(f"{where}: no user turn before the first assistant turn")
     if "messages" in obj:
         raw = obj["messages"]
         conv = [{"role": m.get("role"), "content": m.get("content")} for m in raw if isinstance(m, dict)]

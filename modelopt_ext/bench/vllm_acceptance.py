@@ -179,11 +179,13 @@ def run_vllm_acceptance(
     python: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     timeout: float = WORKER_TIMEOUT_S,
+    return_outputs: bool = False,
 ) -> dict:
     """Measure the drafter's acceptance in vLLM (and, with `compare_plain`, check greedy output is unchanged).
 
     Returns a JSON-ready dict: vLLM's acceptance figures (mean acceptance length, per-position rates, raw
-    counters), tokens/s with and without speculation, `outputs_match_greedy` and the mismatching prompt indices.
+    counters), tokens/s with and without speculation, `outputs_match_greedy` and the mismatching prompt indices
+    (with `compare_plain`), and the prompts and speculative outputs as token ids with `return_outputs`.
     """
     from transformers import AutoTokenizer
 
@@ -222,6 +224,8 @@ def run_vllm_acceptance(
             mismatched_prompts=mismatched,
         )
     result["tokens_per_s_speculative"] = result.pop("tokens_per_s")
+    if return_outputs:
+        result.update(prompts=prompts, outputs=spec["outputs"])
     return result
 
 
@@ -240,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--no-compare-plain", action="store_true", help="Skip the plain greedy run.")
     p.add_argument("--json", help="Write the report here (atomic).")
+    p.add_argument("--work-dir", help="Keep the worker logs and prompts here (default: a new temp folder).")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompts-json", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_vllm_acceptance(
             args.target, args.draft, args.prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
             limit=args.limit, dtype=args.dtype, max_model_len=args.max_model_len,
-            compare_plain=not args.no_compare_plain,
+            compare_plain=not args.no_compare_plain, work_dir=args.work_dir,
         )  # fmt: skip
     except (BenchInputError, PromptFileError) as e:
         print(f"error: {e}", file=sys.stderr)
