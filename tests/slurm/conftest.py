@@ -25,6 +25,7 @@ from slurm_testlib import (
     SlurmCluster,
     cluster_sh,
     leftovers,
+    namespace_inodes,
     record_timing,
 )
 
@@ -133,8 +134,9 @@ def _start_cluster(version: str, nodes: int) -> Iterator[SlurmCluster]:
     finally:
         with registry:
             if registry.leave():
+                inodes = namespace_inodes(cluster_id)
                 proc = cluster_sh("down", "--version", version, timeout=UP_TIMEOUT_S)
-                left = leftovers(cluster_id, cluster.chroot)
+                left = leftovers(cluster_id, cluster.chroot, inodes)
                 assert proc.returncode == 0 and not left, (
                     f"cluster.sh down (slurm {version}) failed or left things behind: {left}\n{proc.stderr}"
                 )

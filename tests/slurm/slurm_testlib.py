@@ -178,9 +178,31 @@ def cluster_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-def leftovers(cluster_id: str, chroot: Path | None) -> list[str]:
-    """What a stopped cluster must not leave behind: namespaces, processes in them, hosts lines, mounts."""
+def namespace_inodes(cluster_id: str) -> set[int]:
+    """Inodes of the cluster's network namespaces (take them before `down`, check them after)."""
+    netns = Path("/run/netns")
+    return {p.stat().st_ino for p in netns.glob(f"mos-{cluster_id}-*")} if netns.is_dir() else set()
+
+
+def processes_in_namespaces(inodes: set[int]) -> list[int]:
+    """Live processes whose network namespace is one of `inodes` (zombies have none)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "ns" / "net").stat().st_ino in inodes:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def leftovers(cluster_id: str, chroot: Path | None, inodes: set[int] = frozenset()) -> list[str]:
+    """What a stopped cluster must not leave behind: namespaces, processes in them (`inodes`, taken from
+    `namespace_inodes` before stopping), hosts lines, mounts."""
     found = []
+    pids = processes_in_namespaces(set(inodes))
+    if pids:
+        found.append(f"processes still in the cluster's namespaces {pids}")
     netns = Path("/run/netns")
     names = sorted(p.name for p in netns.glob(f"mos-{cluster_id}-*")) if netns.is_dir() else []
     if names:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_testlib import SlurmCluster, cluster_sh, leftovers
+from slurm_testlib import SlurmCluster, cluster_sh, leftovers, namespace_inodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -79,11 +79,13 @@ def test_up_twice_stale_restart_and_clean_down(tmp_path: Path):
         sleeper = int(wait_for(tmp_path / "sleeper.pid"))
         assert alive(sleeper)
     finally:
+        inodes = namespace_inodes(NAME)
         proc = cluster_sh(
             "down", "--version", "22.05", "--name", NAME, "--state-dir", str(state_dir), timeout=120
         )
     assert proc.returncode == 0, proc.stderr
-    assert leftovers(NAME, None) == []
+    assert len(inodes) == 3  # controller + 2 nodes
+    assert leftovers(NAME, None, inodes) == []
     assert not any(alive(pid) for pid in [*second.values(), sleeper])
     assert not state_dir.exists()
     # `down` again is harmless.
