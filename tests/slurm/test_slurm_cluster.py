@@ -144,3 +144,36 @@ def test_2411_wrappers_refuse_to_submit_from_a_folder_the_chroot_cannot_see(slur
     assert "not visible inside the slurm chroot" in proc.stderr
     # Commands that do not run work somewhere still answer from there.
     assert slurm_cluster_2411.run("sinfo", "-h", "-o", "%D", cwd="/var").stdout.split() == ["4"]
+
+
+GLOO_JOB = textwrap.dedent(
+    """\
+    #!/bin/bash
+    #SBATCH --time=5
+    set -euo pipefail
+    master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    srun python - "$1" "$master" <<'EOF'
+    import os, pathlib, sys, torch, torch.distributed as dist
+    out, master = pathlib.Path(sys.argv[1]), sys.argv[2]
+    rank, world = int(os.environ["SLURM_NODEID"]), int(os.environ["SLURM_NNODES"])
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:29500", rank=rank, world_size=world)
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    (out / f"{rank}.txt").write_text(f"{t.item()}\\n")
+    dist.destroy_process_group()
+    EOF
+    """
+)
+
+
+def test_gloo_all_reduce_across_three_nodes(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """torch.distributed rendezvous over the nodes' own addresses (what multi-node training uses)."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    script = write_script(tmp_path / "job.sh", GLOO_JOB)
+    result = slurm_cluster.submit_and_wait(
+        script, "-N", "3", "-o", str(tmp_path / "job.log"), script_args=[str(out)], cwd=tmp_path, timeout=300
+    )
+    record_timing(f"slurm 22.05: 3-node gloo all_reduce job submit-to-finish {result.elapsed_s:.1f}s")
+    assert result.state == "COMPLETED", (result, (tmp_path / "job.log").read_text())
+    assert {p.name: p.read_text().strip() for p in out.iterdir()} == {f"{r}.txt": "6.0" for r in range(3)}
