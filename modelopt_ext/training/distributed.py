@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,13 @@ class DistEnv:
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Initialise the default process group from the launcher's env vars (no-op for a single process)."""
+    if single_process_from_accelerate(os.environ):
+        print(
+            "warning: accelerate launch asked for several processes but started one (on a CPU-only machine "
+            "pass --multi_gpu to get --num_processes processes); training on this one process",
+            file=sys.stderr,
+            flush=True,
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,6 +63,15 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def single_process_from_accelerate(environ: Mapping[str, str]) -> bool:
+    """True when `accelerate launch --num_processes N>1` fell back to its single-process launcher.
+
+    That launcher sets MASTER_ADDR only when more than one process was asked for, but no RANK/WORLD_SIZE
+    (on a machine without GPUs it needs `--multi_gpu` to start N processes).
+    """
+    return "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
 
 
 def shutdown_distributed() -> None:

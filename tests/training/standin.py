@@ -7,6 +7,7 @@ The real parts (tiny Llama target, EAGLE-3 head, eagle3_loss) are exercised by t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ class StandinDraft(nn.Module):
         self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
         self.embed_tokens.weight.requires_grad_(False)
         self.fc = nn.Linear(N_AUX * HIDDEN, HIDDEN, bias=False)
-        self.drop = nn.Dropout(0.2)
+        # STANDIN_DROPOUT=0 makes the step deterministic across ranks (data-parallel equivalence test).
+        self.drop = nn.Dropout(float(os.environ.get("STANDIN_DROPOUT", "0.2")))
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
         self.register_buffer("d2t", torch.zeros(VOCAB, dtype=torch.long))
         self.register_buffer("t2d", torch.ones(VOCAB, dtype=torch.bool))

@@ -4,11 +4,10 @@ import math
 
 import torch
 from safetensors.torch import load_file
+from standin import standin_parts
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.training.trainer import resolve_autocast, train
-
-from standin import standin_parts
 
 
 def test_auto_is_fp32_on_cpu_and_bf16_on_gpu():
@@ -19,11 +18,20 @@ def test_auto_is_fp32_on_cpu_and_bf16_on_gpu():
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, capsys):
-    recipe = parse_recipe({
-        "model": {"path": "standin"}, "data": {"path": "standin.jsonl"},
-        "training": {"output_dir": str(tmp_path), "max_steps": 3, "batch_size": 2, "dtype": "bfloat16",
-                     "save_interval": 3, "lr": 0.01},
-    })
+    recipe = parse_recipe(
+        {
+            "model": {"path": "standin"},
+            "data": {"path": "standin.jsonl"},
+            "training": {
+                "output_dir": str(tmp_path),
+                "max_steps": 3,
+                "batch_size": 2,
+                "dtype": "bfloat16",
+                "save_interval": 3,
+                "lr": 0.01,
+            },
+        }
+    )
     result = train(recipe, standin_parts)
     assert "bf16 autocast" in capsys.readouterr().out
     assert math.isfinite(result.metrics["loss"])

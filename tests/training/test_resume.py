@@ -179,3 +179,26 @@ def test_resume_with_more_steps_extends_the_schedule(tmp_path, capsys):
     sched = torch.load(more.checkpoint / "scheduler.pt", weights_only=True)
     assert sched["lr_lambdas"][0]["total_steps"] == 8
     assert sched["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # linear schedule ends at 0 at step 8
+
+
+@pytest.mark.e2e
+def test_two_ranks_average_gradients_like_one_rank_accumulating(tmp_path, monkeypatch):
+    """2 ranks x batch 1 == 1 rank x batch 1 x grad_accum 2: same samples per step (rank r reads
+    order[r::2]), gradients averaged. Equal up to float summation order, so allclose, not equal.
+    Catches a missing or partial all-reduce and wrong sharding (Adam's scale invariance would hide a sum
+    instead of a mean; distributed.all_reduce_mean_ divides explicitly)."""
+    import yaml
+
+    monkeypatch.setenv("STANDIN_DROPOUT", "0")
+    two = _recipe(tmp_path / "two", batch_size=1, grad_accum=1, max_steps=6, save_interval=6)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    _launch_two(tmp_path / "two.yaml", env_extra={"STANDIN_DROPOUT": "0"})
+    one = train(
+        parse_recipe(_recipe(tmp_path / "one", batch_size=1, grad_accum=2, max_steps=6, save_interval=6)),
+        standin_parts,
+    )
+    a = load_file(str(tmp_path / "two" / "epoch_0_step_6" / "model.safetensors"))
+    b = load_file(str(one.checkpoint / "model.safetensors"))
+    assert one.checkpoint.name == "epoch_0_step_6"
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
