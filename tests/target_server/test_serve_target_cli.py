@@ -85,9 +85,10 @@ class Served:
         return self.proc.returncode
 
 
-@pytest.fixture
-def served(tiny_model_dir, tmp_path):
-    s = Served(tiny_model_dir, tmp_path)
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """One server process for the module's tests (starting one costs seconds); the last test stops it."""
+    s = Served(tiny_model_dir, tmp_path_factory.mktemp("served"))
     yield s
     s.stop()
 
@@ -149,7 +150,14 @@ def test_two_clients_and_a_killed_client_do_not_stop_the_server(served, colocate
     assert not errors, errors
     assert served.proc.poll() is None
     assert httpx.get(f"{served.url}/health", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_server_cleanly(served):
+    assert served.proc.poll() is None
+    t0 = time.monotonic()
     assert served.stop() == 0
+    assert time.monotonic() - t0 < 20
     assert "serve_target: stopped" in served.log.read_text()
 
 
