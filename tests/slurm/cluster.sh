@@ -601,6 +601,7 @@ if [[ ! "$PWD" -ef "$root$PWD" ]]; then
   esac
   dir=/
 fi
+# shellcheck disable=SC2016  # expanded by the inner sh, inside the chroot
 exec nsenter --net="$netns" -- chroot "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$cmd" "$@"
 EOF
   } >"$file.tmp"
