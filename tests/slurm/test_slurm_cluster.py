@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -177,3 +178,12 @@ def test_gloo_all_reduce_across_three_nodes(slurm_cluster: SlurmCluster, tmp_pat
     record_timing(f"slurm 22.05: 3-node gloo all_reduce job submit-to-finish {result.elapsed_s:.1f}s")
     assert result.state == "COMPLETED", (result, (tmp_path / "job.log").read_text())
     assert {p.name: p.read_text().strip() for p in out.iterdir()} == {f"{r}.txt": "6.0" for r in range(3)}
+
+
+def test_generated_wrappers_are_shellcheck_clean(
+    slurm_cluster: SlurmCluster, slurm_cluster_2411: SlurmCluster
+):
+    wrappers = sorted(str(p) for c in (slurm_cluster, slurm_cluster_2411) for p in c.bin_dir.iterdir())
+    assert len(wrappers) == 16
+    proc = subprocess.run(["shellcheck", *wrappers], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
