@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -138,11 +139,26 @@ def _check_draft(draft: Path) -> list[int]:
     return ids
 
 
+def _root_cause(lines: list[str]) -> str:
+    """The first `SomethingError: ...` line of a vLLM log (the root cause; later ones only wrap it)."""
+    for ln in lines:
+        m = re.search(r"\b([A-Za-z]*Error: .*)", ln)
+        if m:
+            return m.group(1).strip()
+    return lines[-1].strip() if lines else "(empty log)"
+
+
 def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dict:
+    from modelopt_ext.serving.vllm_env import detect_flavor
+
     out = log.with_suffix(".json")
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", *args, "--out", str(out)]
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
+    if detect_flavor() == "cpu":
+        # Without an explicit KV-cache size the CPU build reserves 92% of the node's memory (its reading of
+        # gpu_memory_utilization) and refuses to start when other processes use more than 8%.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
