@@ -184,7 +184,7 @@ _entry = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)  # no .hypothesis/ folder in the repo
 @given(st.dictionaries(_keys, _entry, max_size=6))
 def test_property_round_trip(msg):
     out = decode(encode(msg))
@@ -193,7 +193,7 @@ def test_property_round_trip(msg):
         assert (out[k] is None) if v is None else _same(out[k], v)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)  # no .hypothesis/ folder in the repo
 @given(st.dictionaries(_keys, _entry, min_size=1, max_size=4), st.data())
 def test_property_any_single_byte_flip_or_truncation_is_refused(msg, data):
     good = encode(msg)
