@@ -243,13 +243,14 @@ def build_tiny_target(
     fit_lr: float = 5e-3,
     corpus_size: int = 4000,
     force: bool = False,
-    log=print,
+    log=None,
 ) -> Path:
     """Write a tiny, briefly fitted Llama target with its tokenizer and chat template to `out_dir` (atomic).
 
     An existing build with the same parameters is reused (and the reuse is logged); `force` rebuilds.
     Deterministic for a given seed on a given machine. Returns `out_dir`.
     """
+    log = log or (lambda msg: print(msg, flush=True))
     out_dir = Path(out_dir)
     head_dim = hidden_size // num_heads
     if hidden_size % num_heads or head_dim < 64:
