@@ -171,10 +171,20 @@ class SlurmCluster:
         )
 
 
+# The environment pytest started with: cluster.sh may run in a background thread while a test has
+# changed os.environ (PATH, for example) for itself.
+_START_ENV = dict(os.environ)
+
+
 def cluster_sh(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run tests/slurm/cluster.sh; its log lines are on stderr."""
     return subprocess.run(
-        ["bash", str(CLUSTER_SH), *args], check=False, text=True, capture_output=True, timeout=timeout
+        ["/bin/bash", str(CLUSTER_SH), *args],
+        check=False,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        env=_START_ENV,
     )
 
 
