@@ -2,7 +2,7 @@
 
 Routes (all answer JSON `{"error": "..."}` with a 4xx/5xx status on failure; the connection is never dropped):
 
-    GET  /health                     liveness
+    GET  /health                     liveness (open: without the token it says only {"status": "ok"})
     POST /model_info                 layers, hidden, vocab, aux layer ids, dtype, model
     POST /input_embeddings           -> tensors {"embed_tokens": [V, H]}
     POST /set_vocab_mapping          tensors {"selected_token_ids": int64 [Vd], "t2d": bool [V]}
@@ -158,6 +158,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 status = 404 if all(p != path for _, p in _ROUTES) else 405
                 raise _Refuse(status, f"no route {method} {path}; routes: {known}")
             if not bearer_ok(self.headers.get("Authorization"), self.server.token):
+                if endpoint == "health" and method == "GET":
+                    # Liveness probes (the job's entry scripts, curl) carry no token, as with vLLM's /health;
+                    # they learn that the server is up and nothing else.
+                    self._send_json(200, {"status": "ok"})
+                    return
                 # The body is left unread, so this connection cannot be reused: close it after the reply.
                 raise _Refuse(401, "missing or wrong bearer token", close=True)
             body = self._read_body()

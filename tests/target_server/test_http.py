@@ -121,8 +121,11 @@ def test_token_auth(tiny_model, token_file, colocated):
     srv = TargetServer(h, "127.0.0.1", 0, token=read_token_file(token_file))
     srv.start_in_thread()
     try:
+        # Liveness stays open (probes carry no token) and reveals nothing beyond "up".
+        status, _, body, _ = _raw(srv.url, "GET", "/health")
+        assert status == 200 and json.loads(body) == {"status": "ok"}
         for path, method in (
-            ("/health", "GET"),
+            ("/health", "POST"),
             ("/model_info", "POST"),
             ("/generate", "POST"),
             ("/shutdown", "POST"),
