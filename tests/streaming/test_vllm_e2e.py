@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 N_SAMPLES = 40
 REPO = Path(__file__).resolve().parents[2]
+TINY_RECIPE = REPO / "recipes" / "eagle3" / "tiny.yaml"
 
 
 def _free_port() -> int:
@@ -67,11 +68,11 @@ def samples(tiny_target) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def aux_ids(tiny_target) -> list[int]:
-    from modelopt_ext.capture import target_num_layers
-    from modelopt_ext.config.recipe import default_aux_layer_ids
+def aux_ids() -> list[int]:
+    """The tiny recipe's aux layers (vLLM numbering); the servers capture them plus L."""
+    from modelopt_ext.config.overrides import load_yaml_file
 
-    return default_aux_layer_ids(target_num_layers(tiny_target))
+    return list(load_yaml_file(str(TINY_RECIPE))["model"]["aux_layer_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,60 @@ def test_vllm_supervision_matches_colocated(servers, samples, tiny_target, aux_i
     )
     assert worst_aux <= 1e-5 and worst_logits <= 1e-5
     assert os.listdir(root) == []  # every file and lock deleted after reading
+
+
+def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
+    """The real trainer, same recipe and seed: colocated target vs streaming from both vLLM servers."""
+    import json
+
+    from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.tiny import write_tiny_conversations
+    from modelopt_ext.training.trainer import train
+
+    root, handles = servers
+    data = write_tiny_conversations(tmp_path / "conversations.jsonl", 24, seed=1)
+    torch.set_num_threads(1)
+
+    def run(name: str, extra: list[str]) -> list[dict]:
+        out = tmp_path / name
+        recipe = load_recipe(
+            TINY_RECIPE,
+            [
+                f"model.path={tiny_target}",
+                f"data.path={data}",
+                f"data.cache_dir={out / 'cache'}",
+                f"training.output_dir={out}",
+                "training.max_steps=6",
+                "training.batch_size=2",
+                "training.warmup_steps=1",
+                "training.log_interval=1",
+                "training.save_interval=6",
+                "training.export_at_end=false",
+                *extra,
+            ],
+        )
+        t0 = time.monotonic()
+        train(recipe)
+        print(f"\n{name}: 6 steps in {time.monotonic() - t0:.1f} s")
+        return [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line
+        ]
+
+    colocated = run("colocated", [])
+    streamed = run(
+        "streaming",
+        [f"data.server_urls=[{handles[0].url},{handles[1].url}]", f"data.shared_storage_root={root}"],
+    )
+    steps = [r["step"] for r in colocated if "loss" in r]
+    assert steps and steps == [r["step"] for r in streamed if "loss" in r]
+    worst = 0.0
+    for c, s in zip(colocated, streamed):
+        if "loss" in c:
+            worst = max(worst, abs(c["loss"] - s["loss"]) / abs(c["loss"]))
+            print(f"step {c['step']}: loss colocated {c['loss']:.6f} streaming {s['loss']:.6f}")
+    print(f"worst relative loss difference over {len(steps)} steps: {worst:.2e}")
+    assert worst <= 1e-4
+    assert os.listdir(root) == []
 
 
 def test_kill_one_server_mid_epoch_every_sample_once(servers, samples, aux_ids):
