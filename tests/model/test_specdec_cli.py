@@ -55,11 +55,17 @@ def test_load_both_layouts_give_the_same_model(saved_target, tmp_path):
         draft.t2d.zero_().index_fill_(0, torch.arange(120) * 2, True)
     _save_checkpoint_layout(draft, tmp_path / "epoch_0_step_5")
     _save_export_layout(draft, tmp_path / "export")
+    from modelopt_ext.checkpoints.export import export_checkpoint
+
+    export_checkpoint(tmp_path / "epoch_0_step_5", tmp_path / "real_export")  # the [data] exporter
     a = load_drafter(tmp_path / "epoch_0_step_5")
     b = load_drafter(tmp_path / "export", target.model.embed_tokens.weight)
+    c = load_drafter(tmp_path / "real_export", target.model.embed_tokens.weight)
     for k, v in draft.state_dict().items():
         assert torch.equal(a.state_dict()[k], v), k
         assert torch.equal(b.state_dict()[k], v), k  # t2d rebuilt from d2t
+        assert torch.equal(c.state_dict()[k], v), k
+    assert c.config.aux_layer_ids == draft.config.aux_layer_ids
     with pytest.raises(DrafterLoadError, match="embed_tokens"):
         load_drafter(tmp_path / "export")
 
