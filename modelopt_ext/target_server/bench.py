@@ -45,12 +45,12 @@ def _tiny_random_target(out: Path) -> Path:
     return out
 
 
-def _start_server(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+def _start_server(target: Path, tmp: Path, threads: int) -> tuple[subprocess.Popen, str]:
     url_file = tmp / "url"
     env = {**os.environ, "MODELOPT_EXT_NCCL_PORT": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--port", "0",
-         "--device", "cpu", "--url-file", str(url_file)],
+         "--device", "cpu", "--url-file", str(url_file), "--threads", str(threads)],
         stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--draft-vocab", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads here and in the server")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         s = _time(lambda: [t.clone() for t in flat], args.iters)
         rows.append(("memcpy (in process)", "logits", s, sup.nbytes()))
         rows.append(("colocated compute", "logits", _time(lambda: source(batch), args.iters), sup.nbytes()))
-        proc, url = _start_server(target, tmp)
+        proc, url = _start_server(target, tmp, args.threads)
         try:
             for dp in (False, True):
                 for form in ("logits", "probs"):
