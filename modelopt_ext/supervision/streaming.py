@@ -40,6 +40,7 @@ import httpx
 import torch
 from torch.utils.data import Dataset
 
+from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.supervision import vllm_files as hs_file
 from modelopt_ext.supervision.batch import Supervision
 from modelopt_ext.supervision.server_pool import (
@@ -53,7 +54,25 @@ log = logging.getLogger(__name__)
 
 
 class StreamingError(RuntimeError):
-    """The streaming source cannot deliver a sample; the message is one line saying why."""
+    """The streaming source cannot deliver a sample; the message is one line saying why.
+
+    It stays one line when a DataLoader re-raises it from a worker (the DataLoader builds the exception again
+    from "Caught StreamingError in DataLoader worker process N.\nOriginal Traceback ...": keep the last line).
+    """
+
+    def __init__(self, message: str):
+        if "\n" in message and "StreamingError: " in message:
+            where = message.splitlines()[0].partition(" in ")[2].rstrip(".")
+            message = message.rstrip().rsplit("StreamingError: ", 1)[1].strip()
+            message = f"{message} ({where})" if where else message
+        super().__init__(message)
+
+
+class StreamingConfigError(ConfigError, ValueError):
+    """Bad streaming settings (one line naming the field); the CLIs exit 2 on ConfigError."""
+
+    def __init__(self, problem: str):
+        super().__init__([problem])
 
 
 class _Transient(Exception):
@@ -118,17 +137,20 @@ class VllmStreamingDataset(Dataset):
     ):
         urls = [u.rstrip("/") for u in server_urls]
         if not urls:
-            raise ValueError(
+            raise StreamingConfigError(
                 "data.server_urls is empty: streaming needs at least one hidden-state server URL"
             )
         if len(set(urls)) != len(urls):
-            raise ValueError(f"data.server_urls lists a server twice: {urls}")
+            raise StreamingConfigError(f"data.server_urls lists a server twice: {urls}")
         for u in urls:
             if not u.startswith(("http://", "https://")):
-                raise ValueError(f"data.server_urls entry {u!r} is not an http(s) URL")
+                raise StreamingConfigError(f"data.server_urls entry {u!r} is not an http(s) URL")
         self.base = base
         self.urls = urls
-        self.root = str(hs_file.shared_root(shared_storage_root))
+        try:
+            self.root = str(hs_file.shared_root(shared_storage_root))
+        except ValueError as e:
+            raise StreamingConfigError(str(e)) from None
         self.model = model
         self.num_aux_layers = num_aux_layers
         self.hidden_size = hidden_size
@@ -147,7 +169,9 @@ class VllmStreamingDataset(Dataset):
     def from_config(cls, base: Dataset, data_cfg: Any, **kw: Any) -> VllmStreamingDataset:
         """Build from a `DataConfig` (server_urls, shared_storage_root, auth_token_file, num_workers)."""
         if not data_cfg.shared_storage_root:
-            raise ValueError("data.shared_storage_root is required when data.server_urls is set (streaming)")
+            raise StreamingConfigError(
+                "data.shared_storage_root is required when data.server_urls is set (streaming)"
+            )
         return cls(
             base,
             server_urls=data_cfg.server_urls,
@@ -423,7 +447,9 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
 
     data = recipe.data
     if not data.shared_storage_root:
-        raise ValueError("data.shared_storage_root is required when data.server_urls is set (streaming)")
+        raise StreamingConfigError(
+            "data.shared_storage_root is required when data.server_urls is set (streaming)"
+        )
     head = TargetHead.from_pretrained(
         recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device
     )
@@ -453,7 +479,9 @@ def _read_token(path: str | os.PathLike) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise ValueError(f"data.auth_token_file {str(path)!r} cannot be read: {e.strerror}") from None
+        raise StreamingConfigError(
+            f"data.auth_token_file {str(path)!r} cannot be read: {e.strerror}"
+        ) from None
     if not token:
-        raise ValueError(f"data.auth_token_file {str(path)!r} is empty")
+        raise StreamingConfigError(f"data.auth_token_file {str(path)!r} is empty")
     return token

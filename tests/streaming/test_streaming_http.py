@@ -238,6 +238,17 @@ def test_all_servers_dead_fails_with_one_clear_line(root, servers):
     assert "no healthy hidden-state server" in msg and a.url in msg and b.url in msg and "\n" not in msg
 
 
+def test_error_stays_one_line_through_dataloader_workers(root, servers):
+    a = servers(root)
+    a.kill()  # closed before the workers fork: their connections are refused
+    ds = dataset(conversations(4), [a.url], root, num_workers=1)
+    with pytest.raises(StreamingError) as e:
+        list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_supervision))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("sample ") and "no healthy hidden-state server" in msg
+    assert msg.endswith("(DataLoader worker process 0)")
+
+
 def test_bearer_token(root, servers, tmp_path):
     s = servers(root, token="s3cret")
     tok = tmp_path / "token"
@@ -262,7 +273,12 @@ def test_each_rank_fetches_only_its_shard(root, servers):
 
 
 def test_bad_configuration_is_named(root, tmp_path):
+    from modelopt_ext.config.errors import ConfigError
+
     base = conversations(1)
+    with pytest.raises(ConfigError) as e:  # the CLIs turn ConfigError into one line and exit code 2
+        dataset(base, ["http://127.0.0.1:1"], tmp_path / "missing")
+    assert e.value.lines() == [f"data.shared_storage_root {str(tmp_path / 'missing')!r} is not a directory"]
     with pytest.raises(ValueError, match="data.server_urls is empty"):
         dataset(base, [], root)
     with pytest.raises(ValueError, match="not an http"):
