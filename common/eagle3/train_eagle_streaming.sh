@@ -1,25 +1,379 @@
 #!/usr/bin/env bash
-# Placeholder for the streaming EAGLE-3 entry script (serve nodes + trainer nodes). It exists so job specs
-# that reference it validate and dry-run; the real script lands with the multi-node orchestration issue.
-# It prints this node's role from the launcher's env contract (docs/launcher.md) and stops with exit 3.
+# Streaming EAGLE-3 on one or many nodes: hidden-state servers + trainers meeting through shared storage.
+#
+#   bash launcher/node_exec.sh common/eagle3/train_eagle_streaming.sh --config RECIPE.yaml [overrides] [--resume auto]
+#
+# The arguments are those of `python -m modelopt_ext.train`. Runs once per node (srun, one task per node).
+# The node's role comes from the launcher's plan (SERVE_NODE_IDS, TRAIN_NODE_IDS, TRAINER_SERVER_MAP and
+# SLURM_NODEID; never recomputed here). One node that both serves and trains runs the server and the
+# trainer side by side. Files in $MODELOPT_SCRATCH/rendezvous/<job id>/:
+#   server.<id>         the URL of serve node <id>, published atomically once it answers its health check
+#   server.<id>.pid     its server's pid (fault tests kill it); trainer.<id>.pid likewise
+#   trainer_addr        the head trainer's ip:port for accelerate's rendezvous
+#   done | failed       the ending: done by the head trainer after the export; failed by ANY node (trap),
+#                       with the reason. Servers exit on either; trainers stop on failed.
+#   logs/               the servers' and trainers' own logs
+# Knobs (environment; docs/entry-scripts.md): SERVE_ENGINE, SERVE_PORT, SERVE_TP, SERVE_GPU_MEM_UTIL,
+# EAGLE_CAPTURE_IDS, STREAMING_NUM_WORKERS, SERVE_MAX_MODEL_LEN, SERVE_MAX_NUM_SEQS, SERVE_ADVERTISE_IP,
+# MAIN_PROCESS_PORT, TRAIN_PROCS_PER_NODE, and the timeouts SERVE_START_TIMEOUT_S, SERVE_WAIT_S,
+# HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S.
 set -euo pipefail
 
-print_role() {
-  local node="${SLURM_NODEID:-0}"
-  local role="train"
-  if [[ ",${SERVE_NODE_IDS:-}," == *",${node},"* ]]; then
-    role="serve"
-    if [[ ",${TRAIN_NODE_IDS:-}," == *",${node},"* ]]; then
-      role="serve+train"
-    fi
-  fi
-  echo "node ${node}: role ${role} (SERVE_NODE_IDS=${SERVE_NODE_IDS:-} TRAIN_NODE_IDS=${TRAIN_NODE_IDS:-} TRAINER_SERVER_MAP=${TRAINER_SERVER_MAP:-})"
+ENTRY_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+# shellcheck source=common/lib/log.sh
+source "${ENTRY_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/rendezvous.sh
+source "${ENTRY_REPO}/common/lib/rendezvous.sh"
+# shellcheck source=common/lib/plan.sh
+source "${ENTRY_REPO}/common/lib/plan.sh"
+# shellcheck source=common/lib/proc.sh
+source "${ENTRY_REPO}/common/lib/proc.sh"
+
+SERVE_ENGINE="${SERVE_ENGINE:-vllm}"
+SERVE_START_TIMEOUT_S="${SERVE_START_TIMEOUT_S:-900}"
+SERVE_WAIT_S="${SERVE_WAIT_S:-1200}"
+HEALTH_WAIT_S="${HEALTH_WAIT_S:-120}"
+TRAINER_WAIT_S="${TRAINER_WAIT_S:-600}"
+DONE_WAIT_S="${DONE_WAIT_S:-600}"
+
+NODE_ID="${SLURM_NODEID:-0}"
+PHASE="starting"
+SERVER_PID=""
+TRAIN_PID=""
+RDV_DIR=""
+LAST_ERR=""
+
+# ------------------------------------------------------------------------------------------ endings
+
+# on_err LINE: remember the failing command for the failed marker (the EXIT trap writes it).
+on_err() {
+  LAST_ERR="line $1: ${BASH_COMMAND}"
 }
 
+# on_exit: any non-zero exit of this node marks the job failed (first reason wins) and stops our children.
+on_exit() {
+  local rc=$?
+  trap - EXIT ERR
+  if ((rc != 0)) && [[ -n "$RDV_DIR" ]]; then
+    rdv_mark_failed "$RDV_DIR" "${PHASE} failed (exit ${rc})${LAST_ERR:+: ${LAST_ERR}}"
+  fi
+  [[ -n "$TRAIN_PID" ]] && proc_stop_group "$TRAIN_PID" 20
+  [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" 40
+  if ((rc != 0)) && [[ -n "$RDV_DIR" ]]; then
+    log "exiting with ${rc}; job: $(rdv_failure_reason "$RDV_DIR")"
+  fi
+  exit "$rc"
+}
+
+# fail REASON: record REASON as the job's failure and exit non-zero.
+fail() {
+  [[ -n "$RDV_DIR" ]] && rdv_mark_failed "$RDV_DIR" "$*"
+  die "$*"
+}
+
+# ------------------------------------------------------------------------------------------ helpers
+
+# pick_python: the interpreter of the project (MODELOPT_PYTHON, else the repo's .venv, else python3).
+pick_python() {
+  if [[ -n "${MODELOPT_PYTHON:-}" ]]; then
+    printf '%s\n' "$MODELOPT_PYTHON"
+  elif [[ -x "${ENTRY_REPO}/.venv/bin/python" ]]; then
+    printf '%s\n' "${ENTRY_REPO}/.venv/bin/python"
+  else
+    command -v python3
+  fi
+}
+
+# gpu_count: visible NVIDIA GPUs (0 without any).
+gpu_count() {
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# strip_list TEXT: "[2, 30,58]" -> "2,30,58" (EAGLE_CAPTURE_IDS is written either way).
+strip_list() {
+  tr -d '[] ' <<<"$1"
+}
+
+# resolve_job ARGS...: the recipe's target, dtype, layers and output folder (modelopt_ext.job_info).
+resolve_job() {
+  local info
+  info="$("$PY" -m modelopt_ext.job_info "$@")" || fail "the recipe or its overrides are invalid (see above)"
+  eval "$info"
+  CAPTURE_IDS="$JOB_CAPTURE_IDS"
+  AUX_OVERRIDE=()
+  if [[ -n "${EAGLE_CAPTURE_IDS:-}" ]]; then
+    # The servers capture EAGLE_CAPTURE_IDS (aux ids + L); the trainers must read the same aux layers.
+    CAPTURE_IDS="$(strip_list "$EAGLE_CAPTURE_IDS")"
+    [[ "${CAPTURE_IDS##*,}" == "${JOB_CAPTURE_IDS##*,}" ]] \
+      || fail "EAGLE_CAPTURE_IDS=${EAGLE_CAPTURE_IDS} must end with the target's layer count ${JOB_CAPTURE_IDS##*,}"
+    [[ "$CAPTURE_IDS" == *,* ]] || fail "EAGLE_CAPTURE_IDS=${EAGLE_CAPTURE_IDS} needs aux ids before the last id"
+    AUX_OVERRIDE=("model.aux_layer_ids=[${CAPTURE_IDS%,*}]")
+  fi
+  HS_DIR="${SERVE_SHARED_STORAGE:-${MODELOPT_SCRATCH}/hidden_states/$(rdv_job_key)}"
+}
+
+# ------------------------------------------------------------------------------------------ serving
+
+# health_path: the server's health route for the engine.
+health_path() {
+  case "$SERVE_ENGINE" in
+    vllm) echo /v1/models ;;
+    target) echo /health ;;
+  esac
+}
+
+# start_server: start this node's hidden-state server in its own process group (SERVER_PID).
+start_server() {
+  local ip="$1" port="$2" log_file="$RDV_DIR/logs/server.${NODE_ID}.log"
+  local -a cmd
+  mkdir -p "$HS_DIR"
+  case "$SERVE_ENGINE" in
+    vllm)
+      cmd=("$PY" -m modelopt_ext.serve_hidden_states --engine vllm --model "$JOB_TARGET"
+        --shared-storage "$HS_DIR" --capture-ids "$CAPTURE_IDS" --host 0.0.0.0 --port "$port"
+        --advertise-host "$ip" --dtype "$JOB_DTYPE" --startup-timeout "$SERVE_START_TIMEOUT_S"
+        --max-model-len "${SERVE_MAX_MODEL_LEN:-$((JOB_MAX_LENGTH + 64))}"
+        --log "$RDV_DIR/logs/vllm.${NODE_ID}.log")
+      [[ -n "${SERVE_TP:-}" ]] && cmd+=(--tp "$SERVE_TP")
+      [[ -n "${SERVE_MAX_NUM_SEQS:-}" ]] && cmd+=(--max-num-seqs "$SERVE_MAX_NUM_SEQS")
+      [[ -n "${SERVE_GPU_MEM_UTIL:-}" ]] && cmd+=(--gpu-memory-utilization "$SERVE_GPU_MEM_UTIL")
+      ;;
+    target)
+      local device=cpu
+      (($(gpu_count) > 0)) && device=cuda
+      cmd=("$PY" -m modelopt_ext.serve_target --target "$JOB_TARGET" --host 0.0.0.0 --port "$port"
+        --aux-layer-ids "${CAPTURE_IDS%,*}" --dtype "$JOB_DTYPE" --device "$device")
+      ;;
+    *) fail "SERVE_ENGINE='${SERVE_ENGINE}': use vllm or target" ;;
+  esac
+  log "starting the ${SERVE_ENGINE} hidden-state server on port ${port} (log ${log_file})"
+  proc_start_group "$log_file" "${cmd[@]}"
+  SERVER_PID="$PROC_PID"
+  rdv_publish "$RDV_DIR/server.${NODE_ID}.pid" "$SERVER_PID"
+}
+
+# await_own_server URL: bounded wait until our server answers; fail with its log's tail if it dies first.
+await_own_server() {
+  local url="$1" deadline=$((SECONDS + SERVE_START_TIMEOUT_S))
+  until rdv_http_ok "${url}$(health_path)"; do
+    if ! proc_alive "$SERVER_PID"; then
+      proc_wait_exit "$SERVER_PID"
+      SERVER_PID=""
+      tail -n 20 "$RDV_DIR/logs/server.${NODE_ID}.log" >&2 || true
+      fail "the ${SERVE_ENGINE} server exited with code ${PROC_RC} during startup (log $RDV_DIR/logs/server.${NODE_ID}.log)"
+    fi
+    rdv_finished "$RDV_DIR" && fail "the job ended while the server was starting ($(rdv_failure_reason "$RDV_DIR"))"
+    ((SECONDS < deadline)) || fail "the ${SERVE_ENGINE} server did not answer ${url}$(health_path) within ${SERVE_START_TIMEOUT_S}s"
+    sleep 2
+  done
+}
+
+# serve: start the server, publish its URL once healthy (the trainers read it from the rendezvous folder).
+serve() {
+  local ip port
+  PHASE="serve node ${NODE_ID}"
+  ip="$(rdv_advertise_ip)"
+  port="${SERVE_PORT:-8765}"
+  if [[ "$SINGLE_NODE" == 1 && -z "${SERVE_PORT:-}" ]] && ! proc_port_free "$port"; then
+    port="$(proc_free_port)"  # one machine, several jobs: take any free port rather than fail
+  fi
+  start_server "$ip" "$port"
+  await_own_server "http://127.0.0.1:${port}"
+  rdv_publish "$RDV_DIR/server.${NODE_ID}" "http://${ip}:${port}"
+  log "server ready: http://${ip}:${port} (pid ${SERVER_PID})"
+}
+
+# serve_until_finished: keep the server up until the job ends; its death fails the job.
+serve_until_finished() {
+  while :; do
+    if ! proc_alive "$SERVER_PID"; then
+      proc_wait_exit "$SERVER_PID"
+      SERVER_PID=""
+      fail "the ${SERVE_ENGINE} hidden-state server on node ${NODE_ID} exited with code ${PROC_RC}"
+    fi
+    if [[ -e "$RDV_DIR/done" ]]; then
+      log "job done: stopping the server"
+      proc_stop_group "$SERVER_PID" 40
+      SERVER_PID=""
+      return 0
+    fi
+    if rdv_failed "$RDV_DIR"; then
+      log "job failed ($(rdv_failure_reason "$RDV_DIR")): stopping the server"
+      proc_stop_group "$SERVER_PID" 40
+      SERVER_PID=""
+      exit 1
+    fi
+    sleep "${RDV_POLL_S:-1}"
+  done
+}
+
+# ------------------------------------------------------------------------------------------ training
+
+# await_servers: bounded wait for every planned server's URL, then a health check of each.
+await_servers() {
+  local -a ids files
+  local id url
+  IFS=, read -r -a ids <<<"$SERVE_NODE_IDS"
+  for id in "${ids[@]}"; do
+    files+=("$RDV_DIR/server.${id}")
+  done
+  log "waiting (at most ${SERVE_WAIT_S}s) for the hidden-state servers of nodes ${SERVE_NODE_IDS}"
+  rdv_wait_files "$SERVE_WAIT_S" "the hidden-state servers of nodes ${SERVE_NODE_IDS}" "${files[@]}" \
+    || fail "no address from some hidden-state servers (planned: nodes ${SERVE_NODE_IDS}; see above)"
+  SERVER_URLS="$(rdv_ordered_urls "$RDV_DIR" "$(plan_preferred_server)" "${ids[@]}")"
+  IFS=, read -r -a urls <<<"$SERVER_URLS"
+  for url in "${urls[@]}"; do
+    rdv_wait_http "$HEALTH_WAIT_S" "${url}$(health_path)" || fail "hidden-state server ${url} is not healthy"
+  done
+  log "servers (preferred first): ${SERVER_URLS}"
+}
+
+# train_procs: processes per trainer node: TRAIN_PROCS_PER_NODE, else the GPUs left for training, else 1.
+train_procs() {
+  if [[ -n "${TRAIN_PROCS_PER_NODE:-}" ]]; then
+    echo "$TRAIN_PROCS_PER_NODE"
+    return
+  fi
+  local gpus
+  gpus="$(gpu_count)"
+  if [[ "$SINGLE_NODE" == 1 && "$gpus" -gt 1 ]]; then
+    echo $((gpus - ${SERVE_TP:-1}))
+  elif ((gpus > 0)); then
+    echo "$gpus"
+  else
+    echo 1
+  fi
+}
+
+# trainer_rendezvous NUM_MACHINES RANK: the head publishes ip:port for accelerate; the others wait for it.
+trainer_rendezvous() {
+  local machines="$1" rank="$2" port="${MAIN_PROCESS_PORT:-29500}"
+  if ((rank == 0)); then
+    if ((machines == 1)) && [[ -z "${MAIN_PROCESS_PORT:-}" ]] && ! proc_port_free "$port"; then
+      port="$(proc_free_port)"
+    fi
+    rdv_publish "$RDV_DIR/trainer_addr" "$(rdv_advertise_ip):${port}"
+  else
+    rdv_wait_files "$TRAINER_WAIT_S" "the head trainer's address" "$RDV_DIR/trainer_addr" \
+      || fail "the head trainer (node $(plan_head_trainer)) never published its address"
+  fi
+  TRAINER_ADDR="$(rdv_read "$RDV_DIR/trainer_addr")"
+}
+
+# train ARGS...: run modelopt_ext.train (under accelerate when there is more than one process) with the
+# servers' URLs; stop it when the job fails elsewhere.
+train() {
+  local machines rank procs total guard=() rc
+  PHASE="trainer node ${NODE_ID}"
+  await_servers
+  machines="$(plan_count "$TRAIN_NODE_IDS")"
+  rank="$(plan_trainer_rank)"
+  procs="$(train_procs)"
+  total=$((machines * procs))
+  trainer_rendezvous "$machines" "$rank"
+
+  local -a overrides=("data.server_urls=[${SERVER_URLS}]" "data.shared_storage_root=${HS_DIR}" "${AUX_OVERRIDE[@]}")
+  [[ "$SERVE_ENGINE" == target ]] && overrides+=("data.mode=remote")
+  [[ -n "${STREAMING_NUM_WORKERS:-}" ]] && overrides+=("data.num_workers=${STREAMING_NUM_WORKERS}")
+  local -a cmd
+  if ((total == 1)); then
+    cmd=("$PY" -m modelopt_ext.train "$@" "${overrides[@]}")
+  else
+    # --multi_gpu is accelerate's torchrun path; on CPU nodes it is also what starts several processes
+    # (gloo), see docs/training.md.
+    cmd=("$PY" -m accelerate.commands.launch --multi_gpu --num_machines "$machines" --machine_rank "$rank"
+      --num_processes "$total" --main_process_ip "${TRAINER_ADDR%:*}" --main_process_port "${TRAINER_ADDR##*:}"
+      -m modelopt_ext.train "$@" "${overrides[@]}")
+  fi
+  ((procs > 0)) || fail "no processes left for training on node ${NODE_ID} (TRAIN_PROCS_PER_NODE / GPUs)"
+  log "trainer ${rank}/${machines} (${total} processes in all): ${cmd[*]}"
+  proc_start_group - "${cmd[@]}"
+  TRAIN_PID="$PROC_PID"
+  rdv_publish "$RDV_DIR/trainer.${NODE_ID}.pid" "$TRAIN_PID"
+  [[ -n "$SERVER_PID" ]] && guard=("$SERVER_PID" "the ${SERVE_ENGINE} server on node ${NODE_ID}")
+  proc_watch "$RDV_DIR" "$TRAIN_PID" "${guard[@]}"
+  proc_wait_exit "$TRAIN_PID"
+  rc="$PROC_RC"
+  TRAIN_PID=""
+  wait "$PROC_WATCH_PID" 2>/dev/null || true
+  if rdv_failed "$RDV_DIR"; then
+    fail "training stopped: the job failed ($(rdv_failure_reason "$RDV_DIR"))"
+  fi
+  ((rc == 0)) || fail "training on node ${NODE_ID} exited with code ${rc}"
+  if ((rank == 0)); then
+    finish_head
+  fi
+}
+
+# finish_head: the head trainer makes sure the export exists, then marks the job done.
+finish_head() {
+  local out="$JOB_OUTPUT_DIR" last
+  PHASE="export on node ${NODE_ID}"
+  if [[ ! -f "$out/export/config.json" ]]; then
+    last="$(find "$out" -maxdepth 1 -type d -name 'epoch_*_step_*' | sort -t_ -k4,4n | tail -n 1)"
+    [[ -n "$last" ]] || fail "training finished but ${out} has no checkpoint to export"
+    "$PY" -m modelopt_ext.export --checkpoint "$last" --out "$out/export" || fail "export of ${last} failed"
+  fi
+  rdv_mark_done "$RDV_DIR"
+  log "done: drafter exported to ${out}/export"
+}
+
+# await_end: a non-head trainer waits (bounded) for the head's done marker, so the job's end means the
+# export exists.
+await_end() {
+  local deadline=$((SECONDS + DONE_WAIT_S))
+  until rdv_finished "$RDV_DIR"; do
+    ((SECONDS < deadline)) || fail "no done marker from the head trainer within ${DONE_WAIT_S}s"
+    sleep "${RDV_POLL_S:-1}"
+  done
+  rdv_failed "$RDV_DIR" && fail "the job failed after training ($(rdv_failure_reason "$RDV_DIR"))"
+  return 0
+}
+
+# ------------------------------------------------------------------------------------------ main
+
 main() {
-  print_role
-  echo "not built yet: the streaming entry script lands with the multi-node orchestration issue" >&2
-  exit 3
+  [[ $# -gt 0 ]] || { echo "usage: train_eagle_streaming.sh --config RECIPE.yaml [overrides] [--resume auto]" >&2; exit 2; }
+  trap 'on_err $LINENO' ERR
+  trap on_exit EXIT
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
+  : "${SERVE_NODE_IDS:?the launcher sets SERVE_NODE_IDS (docs/launcher.md)}"
+  : "${TRAIN_NODE_IDS:?the launcher sets TRAIN_NODE_IDS (docs/launcher.md)}"
+  RDV_DIR="$(rdv_job_dir)"
+  mkdir -p "$RDV_DIR/logs"
+  export RDV_DIR
+  local role is_trainer=0
+  role="$(plan_role "$NODE_ID")"
+  _plan_contains "$TRAIN_NODE_IDS" "$NODE_ID" && is_trainer=1
+  SINGLE_NODE=0
+  [[ "$role" == serve && "$is_trainer" == 1 ]] && SINGLE_NODE=1
+  log "role ${role}$([[ "$SINGLE_NODE" == 1 ]] && echo '+train') (serve ${SERVE_NODE_IDS}; train ${TRAIN_NODE_IDS}; map ${TRAINER_SERVER_MAP:-}; segment ${SEGMENT_SIZE:-none}) rendezvous ${RDV_DIR}"
+  PY="$(pick_python)"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  resolve_job "$@"
+
+  if [[ "$role" == serve ]]; then
+    serve
+    if [[ "$SINGLE_NODE" == 1 ]]; then
+      train "$@"
+      proc_stop_group "$SERVER_PID" 40
+      SERVER_PID=""
+    else
+      serve_until_finished
+    fi
+  else
+    train "$@"
+    [[ "$(plan_trainer_rank)" == 0 ]] || await_end
+  fi
+  PHASE="finished"
+  log "node ${NODE_ID} finished"
 }
 
 main "$@"

@@ -43,11 +43,22 @@ rdv_wait_files() {
   done
 }
 
+# rdv_http_ok URL: true when URL answers HTTP 2xx within 5 s. curl when present, else python3 (minimal
+# images and chroots often have python3 but no curl).
+rdv_http_ok() {
+  local url="$1"
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null
+  else
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$url" 2>/dev/null
+  fi
+}
+
 # rdv_wait_http TIMEOUT_S URL: wait until URL answers HTTP 2xx (bounded); return 1 on timeout.
 rdv_wait_http() {
   local timeout="$1" url="$2" deadline
   deadline=$((SECONDS + timeout))
-  until curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null; do
+  until rdv_http_ok "$url"; do
     if [[ -n "${RDV_DIR:-}" ]] && rdv_failed "$RDV_DIR"; then
       echo "gave up waiting for ${url}: the job failed ($(rdv_failure_reason "$RDV_DIR"))" >&2
       return 2
@@ -58,6 +69,48 @@ rdv_wait_http() {
     fi
     sleep "${RDV_POLL_S:-1}"
   done
+}
+
+# rdv_job_key: the name of this job's rendezvous folder: the Slurm job id (plus the restart count after a
+# requeue, so a requeued job never sees the markers of its previous attempt), else the launcher's run id and
+# task for local runs.
+rdv_job_key() {
+  if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    local restart="${SLURM_RESTART_COUNT:-0}"
+    if [[ "$restart" == 0 ]]; then
+      printf '%s\n' "$SLURM_JOB_ID"
+    else
+      printf '%s.r%s\n' "$SLURM_JOB_ID" "$restart"
+    fi
+  else
+    printf 'local-%s-%s\n' "${MODELOPT_RUN_ID:-run}" "${MODELOPT_TASK:-task}"
+  fi
+}
+
+# rdv_job_dir: this job's rendezvous folder on shared storage, $MODELOPT_SCRATCH/rendezvous/<job key>.
+rdv_job_dir() {
+  [[ -n "${MODELOPT_SCRATCH:-}" ]] || { echo "MODELOPT_SCRATCH is not set (the launcher sets it)" >&2; return 1; }
+  printf '%s/rendezvous/%s\n' "$MODELOPT_SCRATCH" "$(rdv_job_key)"
+}
+
+# rdv_ordered_urls DIR PREFERRED_ID ID...: the URLs published in DIR/server.<id>, comma-joined, the
+# preferred server (same segment) first and the others after it in plan order. Fails naming an empty file.
+rdv_ordered_urls() {
+  local dir="$1" preferred="$2" id url
+  shift 2
+  local -a ordered=()
+  [[ -n "$preferred" ]] && ordered+=("$preferred")
+  for id in "$@"; do
+    [[ "$id" == "$preferred" ]] || ordered+=("$id")
+  done
+  local -a urls=()
+  for id in "${ordered[@]}"; do
+    url="$(rdv_read "$dir/server.$id")"
+    [[ -n "$url" ]] || { echo "server address file $dir/server.$id is empty or missing" >&2; return 1; }
+    urls+=("$url")
+  done
+  local IFS=,
+  printf '%s\n' "${urls[*]}"
 }
 
 # rdv_mark_done DIR: tell every node the job finished successfully.

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Child processes of the node entry scripts: each long-running child (a server, a training launcher) runs
+# in its own process group, so stopping it stops everything it started (vLLM's engine, accelerate's ranks).
+# Source it after log.sh and rendezvous.sh; it defines functions only. Every wait is bounded.
+
+# proc_start_group LOGFILE CMD...: start CMD in the background in a new process group (setsid), stdout and
+# stderr appended to LOGFILE (or inherited when LOGFILE is "-"). Sets PROC_PID (= the group id).
+# A background child of a non-interactive shell is never a group leader, so setsid does not fork and $!
+# is CMD's own pid.
+proc_start_group() {
+  local logfile="$1"
+  shift
+  if [[ "$logfile" == "-" ]]; then
+    setsid "$@" &
+  else
+    mkdir -p "$(dirname "$logfile")"
+    setsid "$@" >>"$logfile" 2>&1 &
+  fi
+  # shellcheck disable=SC2034 # read by the caller
+  PROC_PID=$!
+}
+
+# proc_alive PID: true while PID exists and is not a zombie (a dead child not yet waited for). Reads
+# /proc directly: minimal images and chroots may have no `ps`.
+proc_alive() {
+  local pid="$1" stat
+  kill -0 "$pid" 2>/dev/null || return 1
+  stat="$(cat "/proc/${pid}/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [[ "${stat:0:1}" != Z ]]
+}
+
+# proc_group_alive PGID: true while any process of group PGID is left.
+proc_group_alive() {
+  kill -0 -- "-$1" 2>/dev/null
+}
+
+# proc_stop_group PGID [GRACE_S]: SIGTERM to the whole group, SIGKILL to what is left after GRACE_S
+# (default 20). Returns once the group is gone or after the KILL (bounded either way).
+proc_stop_group() {
+  local pgid="$1" grace="${2:-20}" deadline
+  [[ -n "$pgid" ]] || return 0
+  proc_group_alive "$pgid" || return 0
+  kill -TERM -- "-$pgid" 2>/dev/null || true
+  deadline=$((SECONDS + grace))
+  while proc_group_alive "$pgid" && ((SECONDS < deadline)); do
+    sleep 0.5
+  done
+  if proc_group_alive "$pgid"; then
+    log "process group ${pgid} still running ${grace}s after SIGTERM: SIGKILL"
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+  fi
+}
+
+# proc_wait_exit PID: wait for a child of THIS shell and set PROC_RC to its exit code (never trips
+# `set -e`). Call it directly, not in $(...): a subshell cannot wait for its parent's children.
+# shellcheck disable=SC2034 # PROC_RC is read by the caller
+proc_wait_exit() {
+  local pid="$1"
+  PROC_RC=0
+  wait "$pid" || PROC_RC=$?
+}
+
+# proc_watch RDV_DIR PGID [GUARD_PID GUARD_NAME]: start a background watcher (its pid in PROC_WATCH_PID)
+# that stops process group PGID as soon as the failed marker appears in RDV_DIR, or, when a guard is given,
+# as soon as GUARD_PID is gone (a colocated server that died), recording that as the failure first.
+# It ends by itself once PGID is gone. Poll period: RDV_POLL_S (default 1 s).
+proc_watch() {
+  local dir="$1" pgid="$2" guard="${3:-}" guard_name="${4:-}"
+  (
+    trap - EXIT ERR
+    while proc_group_alive "$pgid"; do
+      if [[ -n "$guard" ]] && ! proc_alive "$guard"; then
+        rdv_mark_failed "$dir" "${guard_name} (pid ${guard}) exited"
+      fi
+      if rdv_failed "$dir"; then
+        log "stopping process group ${pgid}: the job failed ($(rdv_failure_reason "$dir"))"
+        proc_stop_group "$pgid" "${PROC_STOP_GRACE_S:-20}"
+        exit 0
+      fi
+      sleep "${RDV_POLL_S:-1}"
+    done
+  ) &
+  # shellcheck disable=SC2034 # read by the caller
+  PROC_WATCH_PID=$!
+}
+
+# proc_port_free PORT: true when nothing on this host listens on TCP PORT.
+proc_port_free() {
+  local port="$1"
+  ! (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null
+}
+
+# proc_free_port: print a TCP port nothing listens on (asks the kernel through python3).
+proc_free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()'
+}
