@@ -19,10 +19,63 @@ from typing import Any
 
 import torch
 
+from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.config.recipe import DataConfig
 from modelopt_ext.data.conversations import read_conversations, resolve_chat_template, tokenize_conversation
 
 _CACHE_VERSION = 1
+# Tokenising renders every conversation prefix (~1-10 ms per conversation): large files are split over
+# processes. Below this size the process start-up costs more than it saves.
+PARALLEL_MIN_CONVERSATIONS = 10_000
+_NO_LIMIT = 1 << 62
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer: Any, template: str | None) -> None:
+    _worker_state.update(tokenizer=tokenizer, template=template)
+
+
+def _tokenize_one(
+    tokenizer: Any, messages: list[dict], template: str | None
+) -> tuple[list[int], list[int]] | str:
+    """(ids, mask), or why the template could not render this conversation (one bad sample, not a crash)."""
+    try:
+        return tokenize_conversation(tokenizer, messages, _NO_LIMIT, template)
+    except Exception as e:  # noqa: BLE001 - Jinja raises anything a template author wrote (raise_exception)
+        return f"{type(e).__name__}: {e}"
+
+
+def _tokenize_chunk(chunk: list[list[dict]]) -> list[tuple[list[int], list[int]] | str]:
+    tok, template = _worker_state["tokenizer"], _worker_state["template"]
+    return [_tokenize_one(tok, m, template) for m in chunk]
+
+
+def tokenize_all(
+    conversations: list[list[dict]], tokenizer: Any, template: str | None, num_proc: int = 1
+) -> list[tuple[list[int], list[int]] | str]:
+    """(ids, mask) per conversation, untruncated, in order (or an error string for a conversation the template
+    cannot render); over `num_proc` processes when > 1."""
+    if num_proc <= 1 or len(conversations) < 2 * num_proc:
+        return [_tokenize_one(tokenizer, m, template) for m in conversations]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork is cheap (the tokenizer is already imported); after CUDA is up only spawn is safe.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    size = max(1, min(256, len(conversations) // (4 * num_proc)))
+    chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
+    with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_worker, (tokenizer, template)) as ex:
+        return [r for part in ex.map(_tokenize_chunk, chunks) for r in part]
+
+
+def default_num_proc(n_conversations: int) -> int:
+    """Processes for tokenising n conversations: 1 for small files, else up to 16 of this node's cores."""
+    if n_conversations < PARALLEL_MIN_CONVERSATIONS:
+        return 1
+    return max(
+        1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
 
 
 def _file_sha256(path: Path) -> str:
@@ -72,8 +125,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         tokenizer: Any,
         cache_dir: str | Path,
         log: Callable[[str], None] | None = None,
+        num_proc: int | None = None,
     ):
         self.log = log or (lambda msg: print(msg, flush=True))
+        self.num_proc = num_proc  # tokenising processes; None: default_num_proc(size)
         self.path = Path(data_cfg.path)
         self.max_length = data_cfg.max_length
         self.vocab_size = len(tokenizer)
@@ -110,8 +165,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         t0 = time.monotonic()
         conversations = read_conversations(self.path, strict=data_cfg.strict)
         ids_parts, mask_parts, lengths, dropped, truncated = [], [], [], 0, 0
-        for messages in conversations:
-            full_ids, full_mask = tokenize_conversation(tokenizer, messages, 1 << 62, template)
+        num_proc = self.num_proc if self.num_proc is not None else default_num_proc(len(conversations))
+        failures: list[str] = []
+        for n, result in enumerate(tokenize_all(conversations, tokenizer, template, num_proc)):
+            if isinstance(result, str):
+                failures.append(f"conversation {n + 1}: the chat template failed ({result})")
+                continue
+            full_ids, full_mask = result
             truncated += len(full_ids) > self.max_length
             ids, mask = full_ids[: self.max_length], full_mask[: self.max_length]
             if not any(mask):
@@ -120,6 +180,15 @@ class ConversationDataset(torch.utils.data.Dataset):
             ids_parts.append(torch.tensor(ids, dtype=torch.int64))
             mask_parts.append(torch.tensor(mask, dtype=torch.bool))
             lengths.append(len(ids))
+        if failures and data_cfg.strict:
+            raise ConfigError(failures, source=str(self.path))
+        if failures:
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+            print(
+                f"warning: data: skipped {len(failures)} conversations of {self.path}: {'; '.join(failures[:3])}{more}",
+                file=sys.stderr,
+                flush=True,
+            )
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0) if lengths else 0
         data = {
@@ -139,7 +208,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._save_cache(data)
         self.log(
             f"data: tokenised {len(lengths)} conversations from {self.path} in {time.monotonic() - t0:.1f} s "
-            f"({truncated} truncated to {self.max_length} tokens); cached in {self.cache_file}"
+            f"({num_proc} process{'es' if num_proc > 1 else ''}, "
+            f"{truncated} truncated to {self.max_length} tokens); cached in {self.cache_file}"
         )
         return data
 

@@ -102,3 +102,46 @@ def test_collate_right_pads():
     assert out["attention_mask"].tolist() == [[True, True, True], [True, False, False]]
     assert out["loss_mask"].tolist() == [[False, True, True], [True, False, False]]
     assert out["input_ids"].dtype == torch.int64 and out["loss_mask"].dtype == torch.bool
+
+
+def test_parallel_tokenisation_equals_serial(tmp_path, tiny_tokenizer):
+    from modelopt_ext.data.conversations import read_conversations
+    from modelopt_ext.data.dataset import tokenize_all
+
+    convs = read_conversations(write_tiny_conversations(tmp_path / "c.jsonl", 40, seed=9))
+    assert tokenize_all(convs, tiny_tokenizer, None, num_proc=2) == tokenize_all(convs, tiny_tokenizer, None)
+
+
+RAISING = (
+    "{%- for m in messages %}{%- if m['content'] == 'boom' %}{{ raise_exception('no boom here') }}{%- endif %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_conversation_the_template_rejects_is_skipped_or_strict_error(tmp_path, tiny_tokenizer, capsys):
+    from modelopt_ext.config.errors import ConfigError
+
+    rows = [
+        {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "ok ."}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok ."}]},
+    ]
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = ConversationDataset(
+        DataConfig(path=str(p), chat_template=RAISING), tiny_tokenizer, tmp_path, log=lambda m: None
+    )
+    assert len(ds) == 1
+    err = capsys.readouterr().err
+    assert (
+        "skipped 1 conversations" in err
+        and "conversation 1: the chat template failed" in err
+        and "no boom" in err
+    )
+    with pytest.raises(ConfigError, match="conversation 1"):
+        ConversationDataset(
+            DataConfig(path=str(p), chat_template=RAISING, strict=True),
+            tiny_tokenizer,
+            tmp_path / "s",
+            log=lambda m: None,
+        )
