@@ -658,10 +658,24 @@ recorded_daemons_alive() {
   done <"$STATE_DIR/run/pids"
 }
 
+# True when every folder this `up` wants visible in the chroot is (under) one the running cluster bound.
+recorded_binds_cover_requested() {
+  local recorded dir other covered
+  [[ -n "$ROOT" ]] || return 0
+  recorded="$(awk -F'"' '/^BINDS=/ { print $2 }' "$STATE_DIR/cluster.env" | tr ' ' '\n')"
+  while read -r dir; do
+    covered=1
+    while read -r other; do
+      [[ -n "$other" && "$dir/" == "$other/"* ]] && covered=0
+    done <<<"$recorded"
+    ((covered == 0)) || return 1
+  done < <(bind_dirs)
+}
+
 cluster_healthy() {
   [[ -f "$STATE_DIR/cluster.env" && -e "$NETNS_DIR/$CTL_NS" ]] || return 1
   [[ "$(recorded_node_count)" -eq "$NODE_COUNT" ]] || return 1
-  recorded_daemons_alive && all_nodes_usable
+  recorded_binds_cover_requested && recorded_daemons_alive && all_nodes_usable
 }
 
 # ---------------------------------------------------------------- commands
@@ -708,7 +722,7 @@ cmd_up() {
   fi
   installed || die "slurm $VERSION is not installed; run: tests/slurm/cluster.sh install --version $VERSION"
   if cluster_healthy; then
-    write_state
+    echo "$STATE_DIR" >"$REGISTRY_FILE"
     log "already up ($NODE_COUNT nodes); state in $STATE_DIR"
     echo "$STATE_DIR"
     return 0
