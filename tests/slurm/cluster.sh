@@ -111,6 +111,8 @@ set_profile() {
   [[ "$STATE_DIR" == /* ]] || usage_error "--state-dir needs an absolute path (got '$STATE_DIR')"
   CONF="$STATE_DIR/etc/slurm.conf"
   MUNGE_SOCKET="$STATE_DIR/run/munge.socket"
+  # A unix socket path must fit in 108 bytes.
+  ((${#MUNGE_SOCKET} < 100)) || usage_error "--state-dir is too long for munge's socket path (keep it under 80 characters): $STATE_DIR"
   BIN_DIR="$STATE_DIR/bin"
 }
 

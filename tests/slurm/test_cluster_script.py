@@ -33,6 +33,7 @@ def test_scripts_are_shellcheck_clean():
         (["up", "--name", "Bad_Name"], "--name must be 2-5 lowercase letters/digits"),
         (["up", "--timeout", "soon"], "--timeout must be a positive number of seconds (got 'soon')"),
         (["up", "--frob"], "unknown option '--frob'"),
+        (["up", "--state-dir", "/tmp/" + "x" * 90], "--state-dir is too long for munge's socket path"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_problem(args: list[str], message: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def wait_for(path: Path, timeout: float = 30) -> str:
 
 @pytest.mark.usefixtures("slurm_2205_installed")
 def test_up_twice_stale_restart_and_clean_down(tmp_path: Path):
-    state_dir = tmp_path / "state"
+    # A short state dir: munge's socket lives in it and unix socket paths are limited to 108 bytes.
+    short = Path(tempfile.mkdtemp(prefix="t22-", dir="/tmp"))
+    state_dir = short / "state"
     try:
         up(state_dir)
         cluster = SlurmCluster.from_state_dir(state_dir)
@@ -88,6 +91,7 @@ def test_up_twice_stale_restart_and_clean_down(tmp_path: Path):
     assert leftovers(NAME, None, inodes) == []
     assert not any(alive(pid) for pid in [*second.values(), sleeper])
     assert not state_dir.exists()
+    short.rmdir()
     # `down` again is harmless.
     proc = cluster_sh(
         "down", "--version", "22.05", "--name", NAME, "--state-dir", str(state_dir), timeout=120
