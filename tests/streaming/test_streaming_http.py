@@ -49,7 +49,7 @@ FAST = StreamingOptions(
     max_attempts_per_sample=8,
     backoff_base_s=0.005,
     backoff_max_s=0.05,
-    breaker=BreakerPolicy(failure_threshold=2, cooldown_s=0.05, max_cooldown_s=0.2, all_down_timeout_s=0.6),
+    breaker=BreakerPolicy(failure_threshold=2, cooldown_s=0.05, max_cooldown_s=0.2, all_down_timeout_s=0.3),
 )
 
 
