@@ -10,6 +10,7 @@ this machine still uses them (each session registers itself; the last one out st
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -60,9 +61,16 @@ class _Installs:
 
     def _run(self, versions: list[str]) -> None:
         for version in versions:  # one after the other: both may need apt
-            start = time.monotonic()
+            self.results[version] = self._install(version)
+
+    @staticmethod
+    def _install(version: str) -> tuple[int, str, float]:
+        start = time.monotonic()
+        try:
             proc = cluster_sh("install", "--version", version, timeout=INSTALL_TIMEOUT_S)
-            self.results[version] = (proc.returncode, proc.stderr, time.monotonic() - start)
+        except subprocess.TimeoutExpired:
+            return 1, f"cluster.sh install --version {version} ran past {INSTALL_TIMEOUT_S}s", 0.0
+        return proc.returncode, proc.stderr, time.monotonic() - start
 
     def wait(self, version: str) -> tuple[int, str, float]:
         """(returncode, stderr, seconds) of installing `version`, running it now if nobody started it."""
@@ -72,9 +80,7 @@ class _Installs:
                 return 1, f"the background install of slurm {version} did not finish in time", 0.0
             time.sleep(0.2)
         if version not in self.results:
-            start = time.monotonic()
-            proc = cluster_sh("install", "--version", version, timeout=INSTALL_TIMEOUT_S)
-            self.results[version] = (proc.returncode, proc.stderr, time.monotonic() - start)
+            self.results[version] = self._install(version)
         return self.results[version]
 
 
