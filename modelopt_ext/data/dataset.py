@@ -234,6 +234,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
         return {"input_ids": self._ids[a:b], "loss_mask": self._mask[a:b]}
 
+    def supervised_token_counts(self, vocab_size: int | None = None) -> torch.Tensor:
+        """Counts (int64 [V]) of the tokens under the loss mask, over the whole dataset in one pass."""
+        toks = self._ids[self._mask]
+        size = max(vocab_size or self.vocab_size, int(toks.max()) + 1 if toks.numel() else 0)
+        return torch.bincount(toks, minlength=size)
+
     def length(self, i: int) -> int:
         """Token count of item i (for length-aware batching, without materialising the item)."""
         return int(self._offsets[i + 1] - self._offsets[i])

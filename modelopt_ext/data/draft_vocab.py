@@ -148,6 +148,8 @@ def count_supervised_tokens(dataset, vocab_size: int | None = None) -> torch.Ten
 
     V is `vocab_size`, else the dataset's `vocab_size` attribute, else the largest id seen + 1.
     """
+    if hasattr(dataset, "supervised_token_counts"):  # ConversationDataset: one pass over its flat arrays
+        return dataset.supervised_token_counts(vocab_size)
     counts: torch.Tensor | None = None
     size = vocab_size or getattr(dataset, "vocab_size", None)
     if size:

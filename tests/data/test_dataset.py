@@ -145,3 +145,14 @@ def test_a_conversation_the_template_rejects_is_skipped_or_strict_error(tmp_path
             tmp_path / "s",
             log=lambda m: None,
         )
+
+
+def test_supervised_counts_fast_path_equals_item_by_item(tmp_path, data_file, tiny_tokenizer):
+    from modelopt_ext.data.draft_vocab import count_supervised_tokens
+
+    ds = ConversationDataset(DataConfig(path=str(data_file)), tiny_tokenizer, tmp_path, log=lambda m: None)
+    items = [ds[i] for i in range(len(ds))]
+    fast, slow = count_supervised_tokens(ds), count_supervised_tokens(items, vocab_size=len(tiny_tokenizer))
+    assert torch.equal(fast, slow) and fast.numel() == len(tiny_tokenizer) and int(fast.sum()) > 0
+    eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert int(fast[eos]) >= len(ds)  # every assistant turn ends with a supervised <|im_end|>
