@@ -393,8 +393,8 @@ class Eagle3DraftModel(nn.Module):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Unroll `steps` TTT steps over an aligned, unshifted batch; yields (logits, hidden) per step.
 
-        input_ids [B, T] and aux_hidden_states [B, T, n_aux*H_t] as in `Supervision`. Step j at position t
-        reads token t+1+j and RoPE position t+j; see the module docstring.
+        input_ids [B, T] and aux_hidden_states [B, T, n_aux*H_t] as in `Supervision` (right padding: positions
+        are 0..T-1). Step j at position t reads token t+1+j and RoPE position t+j; see the module docstring.
         """
         b, t = input_ids.shape
         if attention_mask is None:
