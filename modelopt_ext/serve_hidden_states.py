@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port, tp=args.tp, max_model_len=args.max_model_len, dtype=args.dtype, flavor=args.flavor,
             cpu_kvcache_gib=args.cpu_kvcache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, extra_args=args.extra, log_path=args.log,
-            startup_timeout=args.startup_timeout, advertise_host=args.advertise_host,
+            startup_timeout=args.startup_timeout, advertise_host=args.advertise_host, die_with_parent=True,
         )  # fmt: skip
     except (VllmEnvError, ServerStartError) as e:
         print(f"error: {e}", file=sys.stderr)

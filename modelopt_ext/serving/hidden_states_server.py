@@ -164,6 +164,14 @@ class VllmServerHandle:
         self.stop()
 
 
+def _term_when_parent_dies() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent thread exits (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
@@ -190,12 +198,16 @@ def start_hidden_states_server(
     log_path: str | os.PathLike | None = None,
     startup_timeout: float = 900.0,
     advertise_host: str | None = None,
+    die_with_parent: bool = False,
 ) -> VllmServerHandle:
     """Start the server and return once `GET /v1/models` answers (bounded by `startup_timeout` seconds).
 
     `python`: vLLM's interpreter (default: `ensure_vllm_env()`, building the env if needed). The server log
     goes to `log_path` (default `<shared_storage>/vllm_server_<port>.log`). On failure the process group is
-    killed and `ServerStartError` names the log and its last line.
+    killed and `ServerStartError` names the log and its last line. `die_with_parent` (Linux): vLLM gets
+    SIGTERM if the calling THREAD dies, even by SIGKILL, so a crashed launcher never leaves a server
+    burning the allocation; only for callers that start it from a thread that lives as long as they do
+    (the CLI's main thread), since the kernel ties it to the thread, not the process.
     """
     flavor = flavor or detect_flavor()
     storage = Path(shared_storage).resolve()
@@ -212,6 +224,7 @@ def start_hidden_states_server(
         proc = subprocess.Popen(
             cmd, env=server_env(flavor, cpu_kvcache_gib=cpu_kvcache_gib), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_term_when_parent_dies if die_with_parent else None,  # noqa: PLW1509 - opt-in, single-threaded callers
         )  # fmt: skip
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     handle = VllmServerHandle(

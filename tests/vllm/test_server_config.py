@@ -244,3 +244,32 @@ def test_reader_lock_held_too_long_is_transient(tmp_path):
             vllm_files.read_hidden_states_file(str(path), tmp_path, lock_timeout_s=0.2)
     finally:
         os.close(lock_fd)
+
+
+def test_die_with_parent_takes_the_server_down_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL the launcher (no cleanup code runs): the server it started still gets SIGTERM from the kernel."""
+    fake = tmp_path / "python"
+    pidfile = tmp_path / "server.pid"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 300\n")
+    fake.chmod(0o755)
+    launcher = (
+        "from modelopt_ext.serving.hidden_states_server import start_hidden_states_server as s\n"
+        f"s('m', shared_storage={str(tmp_path / 's')!r}, capture_ids=[1, 2], python={str(fake)!r}, flavor='cpu',"
+        " port=1, startup_timeout=120, die_with_parent=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server_pid = int(pidfile.read_text())
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(server_pid, 9)
+    pytest.fail("the server outlived its SIGKILLed launcher")
