@@ -90,8 +90,12 @@ class CircuitBreaker:
         self.trial_in_flight = False
         return reopened
 
-    def on_failure(self) -> bool:
-        """Record a failure; True when this opened the breaker (the server just left rotation)."""
+    def on_failure(self, trip: bool = False) -> bool:
+        """Record a failure; True when this opened the breaker (the server just left rotation).
+
+        `trip`: open at once, whatever the count (a timed-out request already cost a full timeout; waiting
+        for `failure_threshold` of them would stall the trainer that many times).
+        """
         self.consecutive_failures += 1
         self.trial_in_flight = False
         if self.state == HALF_OPEN or self.state == OPEN:
@@ -100,7 +104,7 @@ class CircuitBreaker:
             self.state = OPEN
             self.open_until = self.clock() + self.cooldown_s
             return False
-        if self.consecutive_failures >= self.policy.failure_threshold:
+        if trip or self.consecutive_failures >= self.policy.failure_threshold:
             self.state = OPEN
             self.open_until = self.clock() + self.cooldown_s
             return True
@@ -285,10 +289,13 @@ class ServerPool:
             self.stats.set(url, "open", 0)
             log.warning("hidden-state server %s is back in rotation", url)
 
-    def record_failure(self, url: str, error: str, latency_s: float = 0.0) -> None:
-        """A request to `url` failed (`error`: one line): count it; maybe take the server out of rotation."""
+    def record_failure(self, url: str, error: str, latency_s: float = 0.0, trip: bool = False) -> None:
+        """A request to `url` failed (`error`: one line): count it; maybe take the server out of rotation.
+
+        `trip=True` (a timeout) takes it out at once.
+        """
         with self._lock:
-            opened = self.breakers[url].on_failure()
+            opened = self.breakers[url].on_failure(trip)
             self._last_error[url] = error
             self._note_all_down()
             healthy = len(self._usable_closed())
@@ -300,9 +307,9 @@ class ServerPool:
             self.stats.add(url, down_events=1)
             self.stats.set(url, "open", 1)
             log.error(
-                "hidden-state server %s taken out of rotation after %d consecutive failures (%s); %d/%d healthy",
+                "hidden-state server %s taken out of rotation after %d consecutive failure(s) (%s); %d/%d healthy",
                 url,
-                self.policy.failure_threshold,
+                self.breakers[url].consecutive_failures,
                 error,
                 healthy,
                 len(self.urls),

@@ -76,7 +76,14 @@ class StreamingConfigError(ConfigError, ValueError):
 
 
 class _Transient(Exception):
-    """A failure worth retrying (maybe elsewhere); counts against the server's health."""
+    """A failure worth retrying (maybe elsewhere); counts against the server's health.
+
+    `trip`: take the server out of rotation at once (a timeout: it already cost a whole timeout).
+    """
+
+    def __init__(self, message: str, trip: bool = False):
+        super().__init__(message)
+        self.trip = trip
 
 
 class _ServerFault(Exception):
@@ -269,7 +276,7 @@ class VllmStreamingDataset(Dataset):
                 dt = time.monotonic() - t0
                 level = logging.ERROR if isinstance(e, _ServerFault) else logging.WARNING
                 log.log(level, "sample %s: request to %s failed: %s", sample, url, e)
-                pool.record_failure(url, str(e), dt)
+                pool.record_failure(url, str(e), dt, trip=getattr(e, "trip", False))
                 failed_on.append(url)
                 # While no server is healthy, probes of dead servers are the all-down timer's business, not
                 # this sample's: the job then fails with "no healthy server", the true cause.
@@ -321,6 +328,10 @@ class VllmStreamingDataset(Dataset):
         body = {"model": self._model_for(url), "prompt": token_ids, "max_tokens": 1, "temperature": 0}
         try:
             r = self._client.post(f"{url}/v1/completions", json=body)
+        except httpx.TimeoutException as e:
+            raise _Transient(
+                f"{type(e).__name__} after {self.options.request_timeout_s:.0f}s: {e}", trip=True
+            ) from None
         except httpx.HTTPError as e:
             raise _Transient(f"{type(e).__name__}: {e}") from None
         self._raise_for_status(r)

@@ -123,7 +123,12 @@ class FakeVllmServer:
                 self._send(code, obj)
                 server._after_answer(code)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that gave up (timeout): not news
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -161,6 +166,9 @@ class FakeVllmServer:
             return 400, {"error": "prompt must be token ids"}
         if nth <= self.fail_first:
             return 500, {"error": "internal error (injected)"}
+        if self.mode == "hang":  # alive but never answering in time (overloaded or wedged)
+            time.sleep(2.0)
+            return 503, {"error": "too late"}
         if self.mode == "400":
             return 400, {"error": "prompt too long (injected)"}
         if self.mode == "bad_json":

@@ -195,3 +195,10 @@ def test_all_siblings_out_counts_as_all_down():
     clock.t += 6
     with pytest.raises(NoHealthyServerError):
         w2.check_all_down_timeout()
+
+
+def test_trip_opens_at_once():
+    pool = make()
+    pool.record_failure("http://b", "ReadTimeout after 300s", 300.0, trip=True)
+    assert pool.states()["http://b"] == OPEN
+    assert pool.stats.snapshot()["http://b"]["down_events"] == 1

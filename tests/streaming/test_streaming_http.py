@@ -188,6 +188,25 @@ def test_broken_answer_is_retried_elsewhere(root, servers, mode):
     assert leftovers(root) == []
 
 
+def test_hung_server_leaves_rotation_after_one_timeout(root, servers):
+    import dataclasses
+
+    hung, good = servers(root, mode="hang"), servers(root)
+    base = conversations(6)
+    opts = dataclasses.replace(
+        FAST,
+        request_timeout_s=0.3,
+        breaker=dataclasses.replace(FAST.breaker, cooldown_s=30, max_cooldown_s=30),
+    )
+    ds = dataset(base, [hung.url, good.url], root, options=opts)
+    t0 = time.monotonic()
+    for i in range(6):
+        check_item(ds[i], base[i])
+    assert time.monotonic() - t0 < 2.0  # one timeout, not failure_threshold of them
+    st = ds.server_stats()[hung.url]
+    assert st["errors"] == 1 and st["down_events"] == 1 and hung.completions == 1
+
+
 def test_request_rejected_by_every_server_stops_with_one_line(root, servers):
     a, b = servers(root, mode="400"), servers(root, mode="400")
     with pytest.raises(StreamingError) as e:
