@@ -9,8 +9,9 @@ Each item is fetched from a vLLM server started with `extract_hidden_states` + a
 
 The captured layers are the drafter's aux layers (vLLM numbering) followed by layer L (the last decoder layer's
 output BEFORE the final norm). They become `aux_hidden_states` [T, n_aux*H] and `target_last_hidden` [T, H];
-the trainer turns the latter into logits with `TargetHead`. `collate_supervision` pads items into a
-`Supervision` batch.
+the trainer turns the latter into logits with `TargetHead`. For the trainer: `collate_streamed` pads items
+into a batch dict and `StreamedSource` turns that into a `Supervision`; `build_streaming_source` assembles
+both (plus the TargetHead) for `data.mode: streaming`. `collate_supervision` pads straight to a `Supervision`.
 
 Map-style on purpose: with a DistributedSampler every rank reads only its shard, DataLoader workers give fetch
 concurrency, and resuming is the sampler's position (an item depends only on its index). Per process (the
@@ -19,7 +20,7 @@ main process or a DataLoader worker) there is one HTTP client, created lazily af
 
 Faults: transient errors (connection refused/reset, timeouts, 5xx, 429, a file not yet complete) are retried
 with exponential backoff, on another healthy server when there is one; a server failing repeatedly leaves the
-rotation (circuit breaker) and is probed again later. A server that answers with a path outside the shared
+rotation (circuit breaker; one timeout is enough) and is probed again later. A server that answers with a path outside the shared
 storage root or token ids different from the prompt is treated as faulty (logged loudly, sample retried
 elsewhere). A sample is never skipped: either it is delivered, or the job stops with one clear line
 (`StreamingError`): no healthy server for `all_down_timeout_s`, or every server rejected the same sample.
