@@ -297,8 +297,12 @@ class DataPlaneServer:
                 raise DataPlaneError(self._store_error or "store unavailable")
             return self._store
 
-    def open(self, client_backend: str) -> tuple[ServerSession, dict]:
-        """Open a session and start forming the server's end; returns it and the reply for the client."""
+    def open(self, client_backend: str, local_addr: str | None = None) -> tuple[ServerSession, dict]:
+        """Open a session and start forming the server's end; returns it and the reply for the client.
+
+        `local_addr`: the server address the client's HTTP request arrived on, i.e. one the client can reach;
+        gloo binds there when the server listens on all interfaces (a resolved hostname may be unreachable).
+        """
         if not data_plane_enabled():
             raise DataPlaneError(f"{ENV_ENABLE}=0 on the server")
         store = self._ensure_store()
@@ -313,7 +317,7 @@ class DataPlaneServer:
             lock=threading.Lock(),
         )
         session = ServerSession(s, self.op_timeout_s)
-        bind_host = self.host if self.host not in ("", "0.0.0.0", "::") else None
+        bind_host = self.host if self.host not in ("", "0.0.0.0", "::") else local_addr
 
         def form() -> None:
             try:

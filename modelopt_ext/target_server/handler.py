@@ -325,6 +325,9 @@ class TargetHandler:
     def init_nccl(self, *, meta: dict, client_id: str | None, **_) -> Reply:
         """Open a data-plane session for this client (`meta["backend"]`: "nccl" or "gloo").
 
+        `meta["server_addr"]` (set by the HTTP layer, never by the client): the local address the request
+        arrived on, where the server's end of a gloo group binds when it listens on all interfaces.
+
         Replies `{"data_plane": false, "reason": ...}` (200) when the server cannot offer one: the client then
         uses the wire format.
         """
@@ -341,7 +344,7 @@ class TargetHandler:
         if old is not None:
             self.data_plane.close(old.id)
         try:
-            session, info = self.data_plane.open(backend)
+            session, info = self.data_plane.open(backend, meta.get("server_addr"))
         except DataPlaneError as e:
             return Reply({"data_plane": False, "reason": str(e)})
         with self._state_lock:

@@ -170,6 +170,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self._shutdown()
                 return
             meta, tensors = self._parse(body)
+            meta.pop("server_addr", None)
+            if endpoint == "init_nccl":
+                # The address this client reached us on: the one to bind the data plane to (see the handler).
+                meta["server_addr"] = self.connection.getsockname()[0]
             reply = self.server.handler.dispatch(endpoint, meta, tensors, self.headers.get(CLIENT_HEADER))
             self._write_reply(reply)
             if reply.session is not None:

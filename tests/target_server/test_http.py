@@ -285,3 +285,16 @@ def test_shutdown_without_token_is_loopback_only_and_stops_the_server(tiny_model
     t.join(timeout=10)
     assert not t.is_alive()
     srv.close()
+
+
+def test_gloo_binds_where_the_client_reached_a_server_listening_on_all_interfaces(tiny_model, colocated):
+    h = TargetHandler(tiny_model, AUX, data_plane=DataPlaneServer("0.0.0.0", 0, handshake_timeout_s=10))
+    srv = TargetServer(h, "0.0.0.0", 0)
+    srv.start_in_thread()
+    try:
+        with RemoteTargetClient(f"http://127.0.0.1:{srv.server_address[1]}", use_data_plane=True) as client:
+            batch = make_batch()
+            assert_same_supervision(client(batch), colocated(batch))
+            assert client.transport == "data_plane"
+    finally:
+        srv.close()
