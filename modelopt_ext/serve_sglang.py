@@ -43,6 +43,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default="auto",
         help="Write --speculative-token-map: auto = only when the weights cannot give SGLang the mapping.",
     )
+    p.add_argument(
+        "--layer-name",
+        choices=["midlayer", "layers.0"],
+        default="midlayer",
+        help="Name of the decoder layer's weights in the folder SGLang loads (SGLang's EAGLE-3 model: midlayer).",
+    )
     p.add_argument("--python", help="Interpreter with sglang installed (default: this one).")
     p.add_argument("--print-only", action="store_true", help="Print the command; write and run nothing.")
     return p.parse_args(argv), extra
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sglang(
             args.target, args.draft, algorithm=args.algorithm, num_steps=args.num_steps, topk=args.topk,
             num_draft_tokens=args.num_draft_tokens, port=args.port, host=args.host, tp_size=args.tp_size,
-            python=python, token_map_mode=args.token_map, extra=extra,
+            python=python, token_map_mode=args.token_map, layer_name=args.layer_name, extra=extra,
         )  # fmt: skip
         if args.print_only:
             for note in plan.notes:

@@ -5,12 +5,15 @@ checked with `importlib.util.find_spec` (or, for another interpreter, a subproce
 
 What SGLang needs from the drafter folder, beyond what vLLM needs:
 - `architectures: ["LlamaForCausalLMEagle3"]` and `num_hidden_layers` equal to the layers in the weights
-  (older exports name other architectures or keep the target's layer count); when they differ, a copy
-  `<folder>-sglang` is written with the config rewritten and the weights hard-linked (copied across devices);
+  (older exports name other architectures or keep the target's layer count);
+- the decoder layer's weights named `midlayer.*`, as SGLang's EAGLE-3 model (and SpecForge) name it; our
+  exports and vLLM use `layers.0.*` (vLLM maps `midlayer.` to it), so the SGLang copy renames them
+  (`--layer-name layers.0` keeps them, for an SGLang that reads that name);
 - a token map (`--speculative-token-map`, a .pt of the draft vocabulary's target ids) when the draft vocabulary
   is smaller than the target's and the weights carry no `d2t` for SGLang to derive it from; it is regenerated
   from the vocabulary metadata (`vocab_mapping.safetensors`, or `t2d` in the weights).
-Parallel-drafting (P-EAGLE) heads are refused: SGLang cannot serve them.
+When anything has to change, a copy `<folder>-sglang` is written (atomically; unchanged files hard-linked)
+and the original is left as it is. Parallel-drafting (P-EAGLE) heads are refused: SGLang cannot serve them.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class SglangPlan:
     config_changes: dict = field(default_factory=dict)
     token_map: Path | None = None
     token_ids: torch.Tensor | None = None
+    token_map_pending: bool = False  # token ids known only once the checkpoint is exported
+    layer_name: str = "midlayer"
+    rename_from: str | None = None  # weight-name prefix to rename to `layer_name.` in the copy
     argv: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -90,8 +96,14 @@ def _vocab_ids(folder: Path, keys: list[str]) -> torch.Tensor | None:
     return None
 
 
-def _inspect(folder: Path, token_map_mode: str) -> tuple[dict, torch.Tensor | None, list[str]]:
-    """(config changes SGLang needs, token ids for a token map or None, notes) for a local drafter folder."""
+_LAYER_PREFIXES = ("layers.0.", "midlayer.")
+
+
+def _inspect(
+    folder: Path, token_map_mode: str, layer_name: str
+) -> tuple[dict, torch.Tensor | None, str | None, list[str]]:
+    """For a local drafter folder: (config changes SGLang needs, token ids for a token map or None, the layer
+    prefix to rename to `layer_name` or None, notes)."""
     cfg = read_config(folder)
     keys = weight_keys(folder)
     reason = parallel_drafting_reason(cfg, keys)
@@ -113,6 +125,13 @@ def _inspect(folder: Path, token_map_mode: str) -> tuple[dict, torch.Tensor | No
         changes["num_hidden_layers"] = layers
     if changes:
         notes.append(f"SGLang config fixes: {changes}")
+    want = f"{layer_name}."
+    other = next(p for p in _LAYER_PREFIXES if p != want)
+    rename = other if layers == 1 and any(k.startswith(other) for k in keys) else None
+    if rename:
+        notes.append(
+            f"weights renamed {rename}* -> {want}* (the decoder layer's name in SGLang's EAGLE-3 model)"
+        )
     vocab, draft_vocab = cfg.get("vocab_size"), cfg.get("draft_vocab_size")
     reduced = isinstance(vocab, int) and isinstance(draft_vocab, int) and draft_vocab < vocab
     ids = None
@@ -128,7 +147,7 @@ def _inspect(folder: Path, token_map_mode: str) -> tuple[dict, torch.Tensor | No
                 f"--draft {folder}: vocabulary metadata has {ids.numel()} ids, config says {draft_vocab}"
             )
         notes.append(f"token map of {ids.numel()} target ids regenerated from the vocabulary metadata")
-    return changes, ids, notes
+    return changes, ids, rename, notes
 
 
 def plan_sglang(
@@ -144,6 +163,7 @@ def plan_sglang(
     tp_size: int = 1,
     python: str = "python",
     token_map_mode: str = "auto",
+    layer_name: str = "midlayer",
     extra: list[str] | None = None,
 ) -> SglangPlan:
     """Decide the SGLang command (and the files it needs) without writing anything."""
@@ -154,25 +174,32 @@ def plan_sglang(
             f"--num-draft-tokens must be --num-steps + 1 = {num_steps + 1} when --topk is 1 (a chain); "
             f"got {num_draft_tokens}"
         )
+    if layer_name not in ("midlayer", "layers.0"):
+        raise ServeError(f"--layer-name must be midlayer or layers.0, got {layer_name!r}")
     dp = plan_draft(draft)
-    plan = SglangPlan(draft=dp, draft_path=dp.path, notes=list(dp.notes))
+    plan = SglangPlan(draft=dp, draft_path=dp.path, layer_name=layer_name, notes=list(dp.notes))
     if dp.kind == "checkpoint":
-        # Our own export is already what SGLang wants (LlamaForCausalLMEagle3, one layer, d2t for a reduced
-        # vocabulary); a token map is only written when asked for.
-        if token_map_mode == "always":
-            plan.copy_from = Path(dp.path)
+        # Our export (written first): LlamaForCausalLMEagle3, one layer named layers.0, d2t for a reduced
+        # vocabulary. SGLang needs only the layer renamed (unless told otherwise) and a token map if asked.
+        folder = Path(dp.path)
+        if layer_name == "midlayer":
+            plan.rename_from = "layers.0."
+            plan.notes.append("weights renamed layers.0.* -> midlayer.* (the decoder layer's name in SGLang)")
+        if plan.rename_from or token_map_mode == "always":
+            plan.copy_from = folder
+            plan.token_map_pending = token_map_mode == "always"
     elif dp.kind == "export":
         folder = Path(dp.path)
-        changes, ids, notes = _inspect(folder, token_map_mode)
+        changes, ids, rename, notes = _inspect(folder, token_map_mode, layer_name)
         plan.notes += notes
-        if changes or ids is not None:
+        if changes or ids is not None or rename:
             plan.copy_from = folder
             plan.config_changes = changes
             plan.token_ids = ids
-            plan.draft_path = str(folder.parent / f"{folder.name}-sglang")
-    if plan.copy_from is not None and dp.kind == "checkpoint":
-        plan.draft_path = str(Path(dp.path).parent / f"{Path(dp.path).name}-sglang")
-    if token_map_mode == "always" or plan.token_ids is not None:
+            plan.rename_from = rename
+    if plan.copy_from is not None:
+        plan.draft_path = str(plan.copy_from.parent / f"{plan.copy_from.name}-sglang")
+    if plan.token_map_pending or plan.token_ids is not None:
         plan.token_map = Path(plan.draft_path) / TOKEN_MAP
     argv = [
         python, "-m", "sglang.launch_server",
@@ -197,6 +224,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _write_renamed(src: Path, dst: Path, old: str, new: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as h:
+        tensors = {(new + k[len(old) :] if k.startswith(old) else k): h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        metadata = h.metadata()
+    save_file(tensors, str(dst), metadata=metadata)
+
+
 def prepare(plan: SglangPlan) -> None:
     """Write what the plan needs: the checkpoint's export, then the SGLang copy and token map (atomic)."""
     import torch
@@ -205,14 +242,18 @@ def prepare(plan: SglangPlan) -> None:
     if plan.copy_from is None:
         return
     src = plan.copy_from
-    if plan.draft.kind == "checkpoint" and plan.token_map is not None and plan.token_ids is None:
-        _, plan.token_ids, _ = _inspect(src, "always")
+    if plan.token_map_pending and plan.token_ids is None:
+        _, plan.token_ids, _, _ = _inspect(src, "always", plan.layer_name)
     out = Path(plan.draft_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         for f in src.iterdir():
-            if f.is_file() and f.name != "config.json":
+            if not f.is_file() or f.name == "config.json":
+                continue
+            if plan.rename_from and f.suffix == ".safetensors" and f.name != "vocab_mapping.safetensors":
+                _write_renamed(f, tmp / f.name, plan.rename_from, f"{plan.layer_name}.")
+            else:
                 _link_or_copy(f, tmp / f.name)
         cfg = {**read_config(src), **plan.config_changes}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

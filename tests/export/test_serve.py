@@ -42,10 +42,11 @@ def test_sglang_checkpoint_is_exported_to_a_sibling(checkpoint, tmp_path, capsys
     argv, notes = printed_argv(capsys, ["--target", TARGET, "--draft", str(ckpt), "--print-only"])
     assert tree(tmp_path) == before  # --print-only writes nothing
     sibling = ckpt.parent / f"{ckpt.name}-hf"
+    sglang_dir = ckpt.parent / f"{ckpt.name}-hf-sglang"
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert flag(argv, "--model-path") == TARGET
     assert flag(argv, "--speculative-algorithm") == "EAGLE3"
-    assert flag(argv, "--speculative-draft-model-path") == str(sibling)
+    assert flag(argv, "--speculative-draft-model-path") == str(sglang_dir)
     assert (flag(argv, "--speculative-num-steps"), flag(argv, "--speculative-eagle-topk")) == ("3", "1")
     assert flag(argv, "--speculative-num-draft-tokens") == "4"
     assert "--speculative-token-map" not in argv  # the export carries d2t: SGLang derives the map
@@ -71,17 +72,28 @@ def test_sglang_checkpoint_is_exported_to_a_sibling(checkpoint, tmp_path, capsys
         )
         == 0
     )
-    assert (sibling / "config.json").is_file() and "d2t" in load_file(str(sibling / "model.safetensors"))
+    exported = load_file(str(sibling / "model.safetensors"))
+    assert "d2t" in exported and "layers.0.mlp.up_proj.weight" in exported  # the vLLM-ready export
+    served = load_file(str(sglang_dir / "model.safetensors"))
+    assert sorted(served) == sorted(k.replace("layers.0.", "midlayer.") for k in exported)
+    assert torch.equal(served["midlayer.mlp.up_proj.weight"], exported["layers.0.mlp.up_proj.weight"])
+    assert json.loads((sglang_dir / "config.json").read_text())["num_hidden_layers"] == 1
     assert flag(execs[0], "--port") == "31000" and execs[0][-2:] == ["--mem-fraction-static", "0.8"]
 
 
-def test_sglang_export_folder_used_as_is(checkpoint, tmp_path, capsys):
+def test_sglang_export_folder(checkpoint, tmp_path, capsys):
     out = export_checkpoint(checkpoint[0], tmp_path / "drafter")
-    argv, _ = printed_argv(
+    before = tree(tmp_path)
+    argv, notes = printed_argv(
         capsys, ["--target", TARGET, "--draft", str(out), "--tp-size", "2", "--print-only"]
     )
-    assert flag(argv, "--speculative-draft-model-path") == str(out)
-    assert flag(argv, "--tp-size") == "2"
+    assert tree(tmp_path) == before
+    assert flag(argv, "--speculative-draft-model-path") == str(tmp_path / "drafter-sglang")  # midlayer copy
+    assert flag(argv, "--tp-size") == "2" and any("midlayer" in n for n in notes)
+    argv, _ = printed_argv(
+        capsys, ["--target", TARGET, "--draft", str(out), "--layer-name", "layers.0", "--print-only"]
+    )
+    assert flag(argv, "--speculative-draft-model-path") == str(out)  # nothing to change: used as is
 
 
 def test_sglang_hub_id_passed_through(capsys):
@@ -115,6 +127,7 @@ def test_sglang_rewrites_config_and_regenerates_the_token_map(checkpoint, tmp_pa
     monkeypatch.setattr(serve_sglang.os, "execvp", lambda f, a: None)
     assert serve_sglang.main(["--target", TARGET, "--draft", str(out)]) == 0
     cfg = json.loads((copy / "config.json").read_text())
+    assert "midlayer.self_attn.q_proj.weight" in load_file(str(copy / "model.safetensors"))
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
     assert (
         json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
