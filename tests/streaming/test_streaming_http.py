@@ -291,6 +291,17 @@ def test_each_rank_fetches_only_its_shard(root, servers):
     assert sorted(p[0] - 100 for p in s.served) == sorted(sampler)  # nothing outside the shard was requested
 
 
+def test_workers_start_round_robin_at_rank_times_workers_plus_worker_id(root, servers):
+    # Rank 1 with 2 DataLoader workers over 4 servers: worker w starts at server (1 * 2 + w) % 4, then cycles.
+    srv = [servers(root) for _ in range(4)]
+    base = conversations(8)
+    ds = dataset(base, [s.url for s in srv], root, rank=1, num_workers=2)
+    list(DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_supervision))
+    where = {p[0] - 100: k for k, s in enumerate(srv) for p in s.served}
+    # Worker i % 2 fetches index i as its (i // 2)-th request.
+    assert where == {i: (2 + i % 2 + i // 2) % 4 for i in range(8)}
+
+
 def test_bad_configuration_is_named(root, tmp_path):
     from modelopt_ext.config.errors import ConfigError
 
