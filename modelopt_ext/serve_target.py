@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        _fail(f"--target {args.target!r} cannot be loaded: {str(e).splitlines()[0]}")
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad --target: one line, exit 2
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        _fail(f"--target {args.target!r} cannot be loaded: {type(e).__name__}: {first}")
     try:
         aux = check_aux_layer_ids(num_target_layers(model), args.aux_layer_ids)
     except ValueError as e:
