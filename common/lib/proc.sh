@@ -30,9 +30,18 @@ proc_alive() {
   [[ "${stat:0:1}" != Z ]]
 }
 
-# proc_group_alive PGID: true while any process of group PGID is left.
+# proc_group_alive PGID: true while a live (non-zombie) process of group PGID is left. Zombies do not
+# count: a dead leader we have not waited for yet, or orphans where PID 1 does not reap, would otherwise
+# look alive for ever. Reads /proc with builtins only (no fork per process).
 proc_group_alive() {
-  kill -0 -- "-$1" 2>/dev/null
+  local pgid="$1" f line state grp rest
+  for f in /proc/[0-9]*/stat; do
+    { read -r line <"$f"; } 2>/dev/null || continue
+    rest="${line##*) }"
+    read -r state _ grp _ <<<"$rest"
+    [[ "$grp" == "$pgid" && "$state" != Z ]] && return 0
+  done
+  return 1
 }
 
 # proc_stop_group PGID [GRACE_S]: SIGTERM to the whole group, SIGKILL to what is left after GRACE_S

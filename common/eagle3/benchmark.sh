@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Benchmark task of the examples: check the exported drafter, measure its acceptance length with
+# specdec_bench, print the job summary (modelopt_ext.job_summary) and keep it in OUTPUT/summary.txt.
+#
+#   bash launcher/node_exec.sh common/eagle3/benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl
+# Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round, 3), BENCH_NEW_TOKENS (32).
+set -euo pipefail
+
+BENCH_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+# shellcheck source=common/lib/log.sh
+source "${BENCH_REPO}/common/lib/log.sh"
+
+main() {
+  [[ $# -eq 3 ]] || { echo "usage: benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl" >&2; exit 2; }
+  local out="$1" target="$2" prompts="$3" py bench
+  py="${MODELOPT_PYTHON:-${BENCH_REPO}/.venv/bin/python}"
+  [[ -x "$py" ]] || py="$(command -v python3)"
+  [[ -f "$out/export/config.json" ]] || die "no exported drafter in ${out}/export (did training finish?)"
+  bench="${MODELOPT_SCRATCH:-$out}/specdec_bench.json"
+  log "benchmarking the drafter ${out}/export against ${target}"
+  "$py" -m modelopt_ext.specdec_bench --target "$target" --draft "$out/export" --prompts "$prompts" \
+    --max-prompts "${BENCH_PROMPTS:-8}" --num-steps "${BENCH_STEPS:-3}" --max-new-tokens "${BENCH_NEW_TOKENS:-32}" \
+    --out "$bench"
+  "$py" -m modelopt_ext.job_summary --output "$out" --target "$target" --bench "$bench" \
+    --notes "${MODELOPT_SCRATCH:-$out}/prepare_notes.txt" --write "$out/summary.txt"
+}
+
+main "$@"
