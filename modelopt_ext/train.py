@@ -52,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.training.trainer import train
 
     try:
-        train(recipe, resume=args.resume)
+        result = train(recipe, resume=args.resume)
     except ConfigError as e:
         exit_with(e)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result.stop_signal is not None:
+        # Not finished: say so to the scheduler (a requeue then resumes from the checkpoint just written).
+        return 128 + result.stop_signal
     return 0
 
 

@@ -71,7 +71,9 @@ def single_process_from_accelerate(environ: Mapping[str, str]) -> bool:
     That launcher sets MASTER_ADDR only when more than one process was asked for, but no RANK/WORLD_SIZE
     (on a machine without GPUs it needs `--multi_gpu` to start N processes).
     """
-    return "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
+    return (
+        "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ
+    )
 
 
 def shutdown_distributed() -> None:

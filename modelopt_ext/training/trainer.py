@@ -8,6 +8,9 @@ independent of how the loss calls the model), clipped, and AdamW plus the LR sch
 What the loop trains on comes from `TrainingParts` (built from the recipe by `parts.build_parts`, or by a
 test), so the loop itself knows nothing about targets, tokenizers or where supervision comes from.
 
+Stopping: SIGTERM or SIGUSR1 on any rank makes every rank finish the current optimizer step, write a
+checkpoint and stop (the CLI then exits 128 + signal number), so a preempted job resumes where it stopped.
+
 Exact resume: a checkpoint holds the weights, optimizer, scheduler, every rank's RNG states and the data
 position; resuming restores them all, so an interrupted + resumed run ends bit-identical to an
 uninterrupted one (same number of ranks). Test hook: env `MODELOPT_EXT_STOP_AFTER_STEPS=N` stops the run
@@ -17,7 +20,9 @@ right after the first checkpoint at or after global step N (simulates an interru
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -86,6 +91,8 @@ class TrainResult:
     export: Path | None
     metrics: dict[str, float]
     stopped_early: bool
+    stop_reason: str
+    stop_signal: int | None  # set when a signal stopped the run (the CLI exits 128 + it)
     samples_per_s: float
     tokens_per_s: float
 
@@ -110,6 +117,34 @@ def _scalar(v: Any) -> float:
 def _stop_after() -> int | None:
     raw = os.environ.get(STOP_ENV, "").strip()
     return int(raw) if raw else None
+
+
+class _StopSignals:
+    """SIGTERM/SIGUSR1 (a scheduler's preemption or time-limit warning) ask for a checkpoint and a clean stop
+    after the current optimizer step, instead of losing the work since the last checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:  # noqa: PYI034
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _log(env: DistEnv, msg: str) -> None:
@@ -309,9 +344,15 @@ class Trainer:
         )
 
     def train(self) -> TrainResult:
-        """Run to `total_steps` (or the stop hook); checkpoint, export and summarise."""
+        """Run to `total_steps`, or until a stop signal / the stop hook; checkpoint, export and summarise."""
+        with _StopSignals() as signals:
+            return self._train(signals)
+
+    def _train(self, signals: _StopSignals) -> TrainResult:
         env, cfg = self.env, self.cfg
         stop_after = _stop_after()
+        stop_reason = ""
+        stop_signal: int | None = None
         progress = ProgressTracker(
             total_steps=self.total_steps,
             start_step=self.global_step,
@@ -350,8 +391,11 @@ class Trainer:
                 if grad_norm is not None:
                     window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
                 window_n += 1
-                # Counting all ranks' work costs one tiny all-reduce per step.
-                tot_samples, tot_tokens = all_reduce_sum([float(step_samples), float(step_tokens)], env)
+                # One tiny all-reduce per step counts all ranks' work and tells every rank whether any of
+                # them was asked to stop, so all of them checkpoint the same step.
+                tot_samples, tot_tokens, signalled = all_reduce_sum(
+                    [float(step_samples), float(step_tokens), float(signals.received is not None)], env
+                )
                 self.samples_seen += int(tot_samples)
                 self.tokens_seen += int(tot_tokens)
                 progress.add(tot_samples, tot_tokens)
@@ -363,9 +407,14 @@ class Trainer:
                         self.global_step, self.epoch, self.last_metrics, self.scheduler.get_last_lr()[0]
                     )
                     window, window_n = {}, 0
-                if self.global_step % cfg.save_interval == 0 or last:
+                if signalled and not last:
+                    stop_reason = f"stop signal {signals.name or 'on another rank'}"
+                    stop_signal = signals.received or int(signal.SIGTERM)
+                    stopped = True
+                if self.global_step % cfg.save_interval == 0 or last or stopped:
                     self.save()
                     if stop_after is not None and self.global_step >= stop_after and not last:
+                        stop_reason = stop_reason or f"{STOP_ENV}={stop_after}"
                         stopped = True
                 if last or stopped:
                     break
@@ -380,7 +429,7 @@ class Trainer:
             self.global_step,
             self.last_checkpoint,
             export,
-            note=f"{STOP_ENV}={stop_after}" if stopped else "",
+            note=stop_reason,
         )
         return TrainResult(
             global_step=self.global_step,
@@ -389,6 +438,8 @@ class Trainer:
             export=export,
             metrics=self.last_metrics,
             stopped_early=stopped,
+            stop_reason=stop_reason,
+            stop_signal=stop_signal,
             samples_per_s=sps,
             tokens_per_s=tps,
         )

@@ -202,3 +202,33 @@ def test_two_ranks_average_gradients_like_one_rank_accumulating(tmp_path, monkey
     assert one.checkpoint.name == "epoch_0_step_6"
     for k, v in a.items():
         assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_resume_is_exact(tmp_path):
+    """A preemption signal mid-run: the trainer finishes the step, checkpoints it (off the save interval)
+    and stops; resuming ends bit-identical to the uninterrupted run."""
+    import signal
+
+    train(parse_recipe(_recipe(tmp_path / "full")), standin_parts)
+    calls = {"n": 0}
+
+    def parts_with_sigterm(recipe, env, resume_from):
+        parts = standin_parts(recipe, env, resume_from)
+        inner = parts.loss_fn
+
+        def loss_fn(*args):
+            calls["n"] += 1
+            if calls["n"] == 9:  # during step 5 (2 micro-batches per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(*args)
+
+        parts.loss_fn = loss_fn
+        return parts
+
+    cut = train(parse_recipe(_recipe(tmp_path / "cut")), parts_with_sigterm)
+    assert cut.stopped_early and cut.global_step == 5 and cut.stop_signal == signal.SIGTERM
+    assert cut.checkpoint == tmp_path / "cut" / "epoch_0_step_5"  # save_interval is 3: written for the stop
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    resumed = train(parse_recipe(_recipe(tmp_path / "cut")), standin_parts, resume="auto")
+    assert resumed.global_step == 14 and resumed.stop_signal is None
+    _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
