@@ -12,6 +12,7 @@ CLI: `python -m modelopt_ext.tiny --out DIR [--data FILE --num-conversations N]`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -271,18 +272,57 @@ def build_tiny_target(
         fit_lr=fit_lr,
         corpus_size=corpus_size,
     )
-    marker = out_dir / _MARKER
-    if not force and marker.is_file() and (out_dir / "model.safetensors").is_file():
-        try:
-            same = json.loads(marker.read_text()).get("params") == params
-        except (OSError, ValueError):
-            same = False
-        if same:
-            log(
-                f"tiny: reusing the existing tiny target in {out_dir} (same build parameters; --force rebuilds)"
-            )
+    if not force and _matching_build(out_dir, params):
+        log(f"tiny: reusing the existing tiny target in {out_dir} (same build parameters; --force rebuilds)")
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, helpers) may ask for the same build at once: one builds, the others
+    # wait for it and reuse it.
+    with _build_lock(out_dir):
+        if not force and _matching_build(out_dir, params):
+            log(f"tiny: reusing the tiny target another process just built in {out_dir}")
             return out_dir
+        return _build(out_dir, params, log)
 
+
+def _matching_build(out_dir: Path, params: dict) -> bool:
+    marker = out_dir / _MARKER
+    if not marker.is_file() or not (out_dir / "model.safetensors").is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("params") == params
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path, timeout_s: float = 1800.0):
+    """An exclusive lock on `<out_dir>.lock`, waited for at most `timeout_s`."""
+    import fcntl
+
+    with open(out_dir.with_name(out_dir.name + ".lock"), "a+") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for another build of {out_dir}") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out_dir: Path, params: dict, log) -> Path:
+    num_layers, hidden_size = params["num_layers"], params["hidden_size"]
+    num_heads, num_kv_heads = params["num_heads"], params["num_kv_heads"]
+    intermediate_size, vocab_size, seed = params["intermediate_size"], params["vocab_size"], params["seed"]
+    fit_steps, fit_batch_size = params["fit_steps"], params["fit_batch_size"]
+    fit_seq_len, fit_lr, corpus_size = params["fit_seq_len"], params["fit_lr"], params["corpus_size"]
+    head_dim = hidden_size // num_heads
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -327,7 +367,6 @@ def build_tiny_target(
         log=log,
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
