@@ -132,7 +132,9 @@ class SharedServerStats:
 
     def __init__(self, urls: Sequence[str]):
         self.urls = list(urls)
-        self._arr = multiprocessing.get_context().Array("d", len(self.urls) * len(_FIELDS), lock=True)
+        # A spawn-context lock: inherited by forked workers AND picklable into spawn/forkserver ones (a fork-context
+        # lock refuses the latter).
+        self._arr = multiprocessing.get_context("spawn").Array("d", len(self.urls) * len(_FIELDS), lock=True)
 
     def _slot(self, url: str, field: str) -> int:
         return self.urls.index(url) * len(_FIELDS) + _FIELDS.index(field)

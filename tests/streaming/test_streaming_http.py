@@ -302,6 +302,19 @@ def test_workers_start_round_robin_at_rank_times_workers_plus_worker_id(root, se
     assert where == {i: (2 + i % 2 + i // 2) % 4 for i in range(8)}
 
 
+@pytest.mark.e2e  # spawned workers import torch afresh: seconds, so kept out of the fast tier
+def test_spawned_workers_share_counters(root, servers):
+    # The dataset (config + shared counters, never a live client) pickles into spawn-started workers.
+    s = servers(root)
+    base = conversations(4)
+    ds = dataset(base, [s.url], root, num_workers=1)
+    loader = DataLoader(
+        ds, batch_size=2, num_workers=1, multiprocessing_context="spawn", collate_fn=collate_supervision
+    )
+    assert sorted(int(sup.input_ids[r, 0]) - 100 for sup in loader for r in range(2)) == [0, 1, 2, 3]
+    assert ds.server_stats()[s.url]["requests"] == 4
+
+
 def test_bad_configuration_is_named(root, tmp_path):
     from modelopt_ext.config.errors import ConfigError
 
