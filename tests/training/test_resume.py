@@ -232,3 +232,12 @@ def test_sigterm_checkpoints_the_current_step_and_the_resume_is_exact(tmp_path):
     resumed = train(parse_recipe(_recipe(tmp_path / "cut")), standin_parts, resume="auto")
     assert resumed.global_step == 14 and resumed.stop_signal is None
     _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
+
+
+def test_epochs_without_max_steps(tmp_path):
+    """Without max_steps the run is epochs x steps per epoch; checkpoints carry the epoch in their name."""
+    recipe = _recipe(tmp_path / "ep", epochs=2, save_interval=100)
+    del recipe["training"]["max_steps"]
+    result = train(parse_recipe(recipe), standin_parts)
+    # 37 samples, 4 per step (wrapped to 40) -> 10 steps per epoch.
+    assert result.total_steps == 20 and result.checkpoint.name == "epoch_1_step_20"
