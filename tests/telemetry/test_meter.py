@@ -1,0 +1,156 @@
+"""Meter math on controlled timings: data-wait fraction, supply share, rates, per-server figures, windows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modelopt_ext.supervision.batch import Supervision
+from modelopt_ext.telemetry.latency import N_BINS, LatencyHistogram, bin_index, percentile
+from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, TrainMeter, classify_source
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _batch(b=2, t=5, pad=1):
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[:, t - pad :] = False
+    return {"input_ids": torch.ones(b, t, dtype=torch.long), "attention_mask": mask, "loss_mask": mask}
+
+
+def _sup(batch, h=4):
+    b, t = batch["input_ids"].shape
+    return Supervision(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        loss_mask=batch["loss_mask"],
+        aux_hidden_states=torch.zeros(b, t, 3 * h),
+        target_last_hidden=torch.zeros(b, t, h),
+    )
+
+
+class SlowLoader:
+    """Each batch takes `wait` seconds of the fake clock to arrive."""
+
+    def __init__(self, clock, n, wait):
+        self.clock, self.n, self.wait = clock, n, wait
+
+    def __iter__(self):
+        for _ in range(self.n):
+            self.clock.t += self.wait
+            yield _batch()
+
+
+def test_wait_fraction_and_rates_on_controlled_timings():
+    clock = Clock()
+    m = TrainMeter(kind=PREFETCHED, clock=clock)
+    m.start()
+
+    def source(batch):
+        clock.t += 0.5  # relabelling counted as wait too
+        return _sup(batch)
+
+    for batch in m.timed(SlowLoader(clock, 4, wait=3.0)):
+        m.fetch(source, batch)
+        clock.t += 6.5  # compute
+    win, total = m.window()
+    # per batch: 3 s loader + 0.5 s source = 3.5 s wait of 10 s
+    assert total.wall_s == pytest.approx(40.0) and total.data_wait_frac == pytest.approx(0.35)
+    assert total.samples == 8 and total.tokens == 8 * 4  # one padding token per row
+    assert total.rate(total.tokens) == pytest.approx(32 / 40)
+    assert total.demand_tokens_per_s() == pytest.approx(32 / 26)
+    per_batch = 2 * 5 * 4 * 4 + 2 * 5 * 4 * 4 * 3 + 2 * 5 * 8 + 2 * 5 * 2  # aux, last, ids, masks
+    assert total.sup_bytes == per_batch * 4 and total.record()["hs_bytes_per_sample"] == per_batch / 2
+    assert win.wall_s == total.wall_s  # first window = everything so far
+    # Second window: instant data.
+    for batch in m.timed([_batch()]):
+        m.fetch(lambda b: _sup(b), batch)
+        clock.t += 10.0
+    win2, total2 = m.window()
+    assert win2.wall_s == pytest.approx(10.0) and win2.data_wait_frac == pytest.approx(0.0)
+    assert total2.data_wait_frac == pytest.approx(14.0 / 50.0)
+
+
+def test_in_process_source_counts_as_supply_not_wait():
+    clock = Clock()
+    m = TrainMeter(kind=IN_PROCESS, clock=clock)
+    m.start()
+
+    def target_forward(batch):
+        clock.t += 6.0
+        return _sup(batch)
+
+    for batch in m.timed(SlowLoader(clock, 2, wait=1.0)):
+        m.fetch(target_forward, batch)
+        clock.t += 3.0
+    _, total = m.window()
+    assert total.supply_frac == pytest.approx(0.6) and total.data_wait_frac == pytest.approx(0.1)
+    assert "servers" not in total.record()
+
+
+def test_remote_source_is_timed_per_server():
+    clock = Clock()
+
+    class Remote:
+        url = "http://b:1/"
+
+        def __call__(self, batch):
+            clock.t += 0.2
+            return _sup(batch)
+
+    src = Remote()
+    assert classify_source(src, []) == REMOTE
+    m = TrainMeter(kind=REMOTE, urls=["http://a:1", "http://b:1"], clock=clock)
+    src.url = "http://b:1"
+    m.start()
+    for batch in m.timed([_batch(), _batch()]):
+        m.fetch(src, batch)
+        clock.t += 0.8
+    _, total = m.window()
+    s = total.server_summary()
+    assert s["http://a:1"]["requests"] == 0 and s["http://b:1"]["requests"] == 2
+    assert s["http://b:1"]["lat_mean_ms"] == pytest.approx(200.0)
+    assert s["http://b:1"]["lat_p50_ms"] == pytest.approx(200.0, rel=0.34)
+    assert total.data_wait_frac == pytest.approx(0.2)
+
+
+def test_shared_server_counters_are_read_and_preferred_for_bytes():
+    clock = Clock()
+    hist = LatencyHistogram(["http://s:1"], shared=True)
+    counters = {"http://s:1": {"requests": 10, "errors": 2, "latency_s": 5.0, "bytes": 4e6, "down_events": 1}}
+    for x in [0.1] * 9 + [2.0]:
+        hist.observe("http://s:1", x)
+    m = TrainMeter(
+        kind=PREFETCHED, urls=["http://s:1"], server_stats=lambda: counters, server_latency=hist, clock=clock
+    )
+    m.start()
+    clock.t += 2.0
+    _, total = m.window()
+    s = total.server_summary()["http://s:1"]
+    assert (s["requests"], s["errors"], s["down_events"]) == (10, 2, 1)
+    assert s["lat_mean_ms"] == pytest.approx(500.0)
+    assert s["lat_p50_ms"] == pytest.approx(100.0, rel=0.34) and s["lat_p95_ms"] == pytest.approx(
+        2000.0, rel=0.34
+    )
+    assert total.record()["hs_mb_per_s"] == pytest.approx(2.0)  # server bytes, not the (empty) batches'
+
+
+def test_histogram_percentiles_and_edges():
+    assert bin_index(0.0) == 0 and bin_index(float("nan")) == 0 and bin_index(1e9) == N_BINS - 1
+    assert math.isnan(percentile([0] * N_BINS, 0.5))
+    counts = [0.0] * N_BINS
+    for x in (0.010, 0.020, 0.050, 0.100, 0.200, 0.500, 1.0, 2.0, 5.0, 10.0):
+        counts[bin_index(x)] += 1
+    assert percentile(counts, 0.5) == pytest.approx(0.2, rel=0.34)
+    assert percentile(counts, 1.0) == pytest.approx(10.0, rel=0.34)
+    h = LatencyHistogram(["u"])
+    h.observe("unknown", 1.0)  # ignored, never raises
+    assert sum(h.counts()["u"]) == 0
