@@ -126,7 +126,7 @@ def test_confirmation_on_a_terminal_declined_submits_nothing(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     assert rc == 1
-    assert "Submit 1 task(s) of slurm_streaming_eagle3 to Slurm on localhost? [y/N]" in out
+    assert "Submit 4 task(s) of slurm_streaming_eagle3 to Slurm on localhost? [y/N]" in out
     assert "serve nodes: 0" in out and "train nodes: 1,2" in out
     assert out.rstrip().endswith("not submitted")
     assert not (tmp_path / "experiments").exists()

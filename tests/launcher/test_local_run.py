@@ -41,11 +41,9 @@ def test_local_pipeline_runs_in_order_and_stops_after_a_failure(write_spec, tmp_
     assert (Path(result.scratch_dir) / "from_task_0").read_text() == "handoff\n"
 
 
-def test_quickstart_stops_with_not_built_yet(tmp_path):
-    result = run_job(
-        REPO_ROOT / "examples/local/quickstart.yaml", mode="submit", job_dir=tmp_path, environ={}
-    )
-    task = result.tasks[0]
-    assert task.state == "FAILED" and not result.ok
-    assert task.reason.startswith("not built yet:")
-    assert "node 0: role serve+train" in Path(task.log_paths[0]).read_text()
+def test_quickstart_plan(tmp_path):
+    # The quickstart itself runs in tests/e2e/test_quickstart.py (minutes); here only its plan.
+    result = run_job(REPO_ROOT / "examples/local/quickstart.yaml", mode="validate", job_dir=tmp_path, environ={})
+    assert [t.name for t in result.tasks] == ["task_0", "task_1", "task_2"]
+    assert {t.kind for t in result.tasks} == {"local"}
+    assert "node 0 serves hidden states AND trains" in "\n".join(result.tasks[1].plan)
