@@ -68,8 +68,19 @@ class ProgressTracker:
             return float("nan")
         return (self.total_steps - step) * self.elapsed / done
 
-    def log(self, step: int, epoch: int, metrics: dict[str, float], lr: float) -> str:
-        """Emit one progress line and append a metrics record; returns the line."""
+    def log(
+        self,
+        step: int,
+        epoch: int,
+        metrics: dict[str, float],
+        lr: float,
+        telemetry: tuple[str, list[str], dict[str, Any]] | None = None,
+    ) -> str:
+        """Emit one progress line and append a metrics record; returns the line.
+
+        `telemetry` (modelopt_ext.telemetry): (segment for the line, extra lines printed after it, fields
+        added to the metrics record).
+        """
         self.step = step
         self.last_metrics = dict(metrics)
         sps, tps = self.rates()
@@ -79,10 +90,12 @@ class ProgressTracker:
         line = (
             f"step {step}/{self.total_steps} epoch {epoch} | loss {metrics.get('loss', float('nan')):.4f}"
             f" | acc [{acc}] | sim_accept_len {metrics.get('sim_accept_len', float('nan')):.3f}"
-            f" | lr {lr:.3g} | {sps:.2f} samples/s {tps:.0f} tok/s | ETA {format_duration(self.eta(step))}"
+            f" | lr {lr:.3g} | {sps:.2f} samples/s {tps:.0f} tok/s"
+            + (f" | {telemetry[0]}" if telemetry and telemetry[0] else "")
+            + f" | ETA {format_duration(self.eta(step))}"
         )
         if self.enabled:
-            print(line, file=self.stream, flush=True)
+            print("\n".join([line, *(telemetry[1] if telemetry else [])]), file=self.stream, flush=True)
             self._append(
                 {
                     "step": step,
@@ -94,6 +107,7 @@ class ProgressTracker:
                     "run_samples": self.samples,
                     "run_tokens": self.tokens,
                     **metrics,
+                    **(telemetry[2] if telemetry else {}),
                 }
             )
         return line
@@ -108,8 +122,15 @@ class ProgressTracker:
             f.flush()
             os.fsync(f.fileno())
 
-    def summary(self, step: int, checkpoint: Path | None, export: Path | None, note: str = "") -> str:
-        """The closing human summary (printed on rank 0); returns its text."""
+    def summary(
+        self,
+        step: int,
+        checkpoint: Path | None,
+        export: Path | None,
+        note: str = "",
+        extra_lines: list[str] | None = None,
+    ) -> str:
+        """The closing human summary (printed on rank 0), `extra_lines` (telemetry) appended; returns its text."""
         sps, tps = self.rates()
         m = self.last_metrics
         acc = ", ".join(
@@ -124,6 +145,7 @@ class ProgressTracker:
             + (f", {acc}" if acc else ""),
             f"  checkpoint: {checkpoint if checkpoint else '(none)'}",
             f"  export: {export if export else '(none)'}",
+            *(extra_lines or []),
         ]
         text = "\n".join(lines)
         if self.enabled:

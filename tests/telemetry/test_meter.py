@@ -154,3 +154,30 @@ def test_histogram_percentiles_and_edges():
     h = LatencyHistogram(["u"])
     h.observe("unknown", 1.0)  # ignored, never raises
     assert sum(h.counts()["u"]) == 0
+
+
+def test_progress_line_and_record_carry_telemetry(tmp_path):
+    import io
+    import json
+
+    from modelopt_ext.telemetry.meter import format_window
+    from modelopt_ext.training.progress import ProgressTracker
+
+    clock = Clock()
+    m = TrainMeter(kind=IN_PROCESS, clock=clock)
+    m.start()
+    for batch in m.timed(SlowLoader(clock, 1, wait=1.0)):
+        m.fetch(lambda b: (clock.__setattr__("t", clock.t + 2.0), _sup(b))[1], batch)
+        clock.t += 1.0
+    win, _ = m.window()
+    seg, extra = format_window(win, m.kind)
+    assert seg.startswith("wait 25% | target fwd 50% | ") and extra == []
+    out = io.StringIO()
+    p = ProgressTracker(total_steps=4, output_dir=tmp_path, stream=out, clock=clock)
+    line = p.log(1, 0, {"loss": 1.0}, lr=0.1, telemetry=(seg, ["  servers: x"], win.record()))
+    assert "| wait 25% | target fwd 50% |" in line and line.index("wait") < line.index("ETA")
+    assert out.getvalue().splitlines()[1] == "  servers: x"
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["data_wait_frac"] == pytest.approx(0.25) and rec["supply_frac"] == pytest.approx(0.5)
+    text = p.summary(1, None, None, extra_lines=["  telemetry line"])
+    assert text.endswith("  telemetry line")
