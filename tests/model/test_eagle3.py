@@ -237,3 +237,29 @@ def test_draft_vocab_mapping():
     d.set_vocab(V)
     assert torch.equal(d.draft_to_target(torch.tensor([0, 1, 49])), torch.tensor([0, 2, 98]))
     assert int(d.t2d.sum()) == 50
+
+
+def test_gqa_ttt_matches_dense_and_inference():
+    """Grouped-query attention (4 query heads over 2 KV heads) through both attention paths."""
+    d = tiny_draft(seed=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    assert d.state_dict()["layers.0.self_attn.k_proj.weight"].shape == (2 * 32, 256)
+    ids, aux = _batch(b=1, t=8)
+    with torch.no_grad():
+        got = d(ids, aux, ttt_steps=3).logits
+        ref = _dense_ttt_logits(d, ids, aux, 3)
+        for j in range(3):
+            torch.testing.assert_close(got[j], ref[j], rtol=1e-5, atol=1e-5)
+        t = 4
+        cache, chain = DraftCache(), DraftCache()
+        logits, hidden = d.extend(cache, ids[:, 1 : t + 2], aux[:, : t + 1])
+        for j in range(1, 3):
+            logits, hidden = d.chain_step(cache, chain, ids[:, t + 1 + j : t + 2 + j], hidden, position=t + j)
+            torch.testing.assert_close(logits[:, 0], got[j][:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_loss_is_finite():
+    d = tiny_draft()
+    ids, aux = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(ids, aux, ttt_steps=2)
+    assert all(torch.isfinite(lg.float()).all() for lg in out.logits)
