@@ -188,7 +188,7 @@ def test_broken_answer_is_retried_elsewhere(root, servers, mode):
     assert leftovers(root) == []
 
 
-def test_hung_server_leaves_rotation_after_one_timeout(root, servers):
+def test_hung_server_leaves_rotation_after_one_timeout(root, servers, caplog):
     import dataclasses
 
     hung, good = servers(root, mode="hang"), servers(root)
@@ -205,6 +205,8 @@ def test_hung_server_leaves_rotation_after_one_timeout(root, servers):
     assert time.monotonic() - t0 < 2.0  # one timeout, not failure_threshold of them
     st = ds.server_stats()[hung.url]
     assert st["errors"] == 1 and st["down_events"] == 1 and hung.completions == 1
+    down = [r.getMessage() for r in caplog.records if "taken out of rotation" in r.getMessage()]
+    assert len(down) == 1 and hung.url in down[0] and "ReadTimeout" in down[0]  # the event is logged
 
 
 def test_request_rejected_by_every_server_stops_with_one_line(root, servers):
