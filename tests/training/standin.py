@@ -8,6 +8,7 @@ The real parts (tiny Llama target, EAGLE-3 head, eagle3_loss) are exercised by t
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -134,6 +135,24 @@ def standin_parts(recipe, env, resume_from) -> TrainingParts:
         model_config={"kind": "standin", "vocab_size": VOCAB},
         vocab=vocab,
         head=None,
-        loss_fn=standin_loss,
+        loss_fn=_maybe_sigterm(standin_loss, env.rank),
         export_fn=export,
     )
+
+
+def _maybe_sigterm(loss_fn, rank: int):
+    """STANDIN_SIGTERM_AT=RANK:CALL: that rank sends itself SIGTERM at its CALL-th loss evaluation
+    (simulates a preemption that reaches one rank only)."""
+    spec = os.environ.get("STANDIN_SIGTERM_AT", "")
+    if not spec or int(spec.split(":")[0]) != rank:
+        return loss_fn
+    at = int(spec.split(":")[1])
+    calls = {"n": 0}
+
+    def wrapped(*args):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(*args)
+
+    return wrapped

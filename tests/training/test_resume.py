@@ -146,7 +146,7 @@ def _launch_two(recipe_path: Path, *extra: str, env_extra: dict | None = None) -
 
 
 @pytest.mark.e2e
-def test_two_process_gloo_resume_is_bit_identical(tmp_path):
+def test_two_process_gloo_preempted_resume_is_bit_identical(tmp_path):
     import yaml
 
     for name in ("full", "cut"):
@@ -157,10 +157,13 @@ def test_two_process_gloo_resume_is_bit_identical(tmp_path):
         "rng_state_0.pt",
         "rng_state_1.pt",
     ]
-    _launch_two(tmp_path / "cut.yaml", env_extra={STOP_ENV: "4"})
-    assert (tmp_path / "cut" / "epoch_0_step_6").is_dir() and not (
-        tmp_path / "cut" / "epoch_0_step_9"
-    ).exists()
+    # A preemption that reaches rank 1 only, during step 5 (batch 1 x accum 2: its 9th micro-batch): both
+    # ranks agree to checkpoint step 5 (off the save interval of 3) and stop.
+    cut = _launch_two(tmp_path / "cut.yaml", env_extra={"STANDIN_SIGTERM_AT": "1:9"})
+    assert "stop signal on another rank" in cut.stdout
+    names = sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("epoch"))
+    assert names == ["epoch_0_step_3", "epoch_0_step_5"]
+    assert (tmp_path / "cut" / "epoch_0_step_5" / "rng_state_1.pt").is_file()
     resumed = _launch_two(tmp_path / "cut.yaml", "--resume", "auto")
     assert "resume: from" in resumed.stdout
     _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "cut"))
