@@ -286,9 +286,9 @@ train() {
     cmd=("$PY" -m modelopt_ext.train "$@" "${overrides[@]}")
   else
     # --multi_gpu is accelerate's torchrun path; on CPU nodes it is also what starts several processes
-    # (gloo), see docs/training.md.
+    # (gloo), see docs/training.md. Precision is the trainer's own (training.dtype), hence "no" here.
     cmd=("$PY" -m accelerate.commands.launch --multi_gpu --num_machines "$machines" --machine_rank "$rank"
-      --num_processes "$total" --main_process_ip "${TRAINER_ADDR%:*}" --main_process_port "${TRAINER_ADDR##*:}"
+      --num_processes "$total" --mixed_precision no --dynamo_backend no --main_process_ip "${TRAINER_ADDR%:*}" --main_process_port "${TRAINER_ADDR##*:}"
       -m modelopt_ext.train "$@" "${overrides[@]}")
   fi
   ((procs > 0)) || fail "no processes left for training on node ${NODE_ID} (TRAIN_PROCS_PER_NODE / GPUs)"

@@ -44,20 +44,70 @@ proc_group_alive() {
   return 1
 }
 
-# proc_stop_group PGID [GRACE_S]: SIGTERM to the whole group, SIGKILL to what is left after GRACE_S
-# (default 20). Returns once the group is gone or after the KILL (bounded either way).
+# proc_tree_groups PID: the process groups of PID and of all its live descendants, one per line. Some
+# children leave their parent's group on purpose (torchrun starts each rank with start_new_session, vLLM
+# its engine), so stopping only the leader's group could orphan them.
+proc_tree_groups() {
+  local root="$1" f line rest state ppid grp pid
+  local -A parent_of=() group_of=()
+  for f in /proc/[0-9]*/stat; do
+    { read -r line <"$f"; } 2>/dev/null || continue
+    pid="${line%% *}"
+    rest="${line##*) }"
+    read -r state ppid grp _ <<<"$rest"
+    [[ "$state" == Z ]] && continue
+    parent_of[$pid]="$ppid"
+    group_of[$pid]="$grp"
+  done
+  local -A seen=()
+  local -a queue=("$root")
+  local -A groups=()
+  [[ -n "${group_of[$root]:-}" ]] && groups[${group_of[$root]}]=1
+  while ((${#queue[@]})); do
+    local cur="${queue[0]}"
+    queue=("${queue[@]:1}")
+    for pid in "${!parent_of[@]}"; do
+      if [[ "${parent_of[$pid]}" == "$cur" && -z "${seen[$pid]:-}" ]]; then
+        seen[$pid]=1
+        queue+=("$pid")
+        groups[${group_of[$pid]}]=1
+      fi
+    done
+  done
+  ((${#groups[@]})) && printf '%s\n' "${!groups[@]}"
+  return 0
+}
+
+# _proc_any_alive PGID...: true while any of the groups has a live process.
+_proc_any_alive() {
+  local g
+  for g in "$@"; do
+    proc_group_alive "$g" && return 0
+  done
+  return 1
+}
+
+# proc_stop_group PGID [GRACE_S]: SIGTERM to the group and to the groups of all its descendants, SIGKILL
+# to what is left after GRACE_S (default 20). Returns once they are gone or after the KILL (bounded).
 proc_stop_group() {
-  local pgid="$1" grace="${2:-20}" deadline
+  local pgid="$1" grace="${2:-20}" deadline g
   [[ -n "$pgid" ]] || return 0
-  proc_group_alive "$pgid" || return 0
-  kill -TERM -- "-$pgid" 2>/dev/null || true
+  local -a stop=()
+  mapfile -t stop < <(proc_tree_groups "$pgid")
+  [[ " ${stop[*]} " == *" ${pgid} "* ]] || stop+=("$pgid")
+  _proc_any_alive "${stop[@]}" || return 0
+  for g in "${stop[@]}"; do
+    kill -TERM -- "-$g" 2>/dev/null || true
+  done
   deadline=$((SECONDS + grace))
-  while proc_group_alive "$pgid" && ((SECONDS < deadline)); do
+  while _proc_any_alive "${stop[@]}" && ((SECONDS < deadline)); do
     sleep 0.5
   done
-  if proc_group_alive "$pgid"; then
-    log "process group ${pgid} still running ${grace}s after SIGTERM: SIGKILL"
-    kill -KILL -- "-$pgid" 2>/dev/null || true
+  if _proc_any_alive "${stop[@]}"; then
+    log "process group ${pgid} (with groups ${stop[*]}) still running ${grace}s after SIGTERM: SIGKILL"
+    for g in "${stop[@]}"; do
+      kill -KILL -- "-$g" 2>/dev/null || true
+    done
   fi
 }
 

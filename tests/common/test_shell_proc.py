@@ -107,6 +107,20 @@ def test_stop_group_stops_every_process_of_the_group(tmp_path):
     assert _gone(int(lines[2])) and _gone(int(pids.read_text()))
 
 
+def test_stop_group_also_stops_children_that_left_the_group(tmp_path):
+    # torchrun starts each rank with start_new_session: stopping only the launcher's group would orphan it.
+    pids = tmp_path / "pids"
+    r = bash(
+        f"proc_start_group - bash -c 'setsid sleep 300 & echo $! > {pids}; sleep 300'\n"
+        "sleep 1; proc_tree_groups $PROC_PID | sort; echo ---; proc_stop_group $PROC_PID 5; echo stopped"
+    )
+    assert r.returncode == 0, r.stderr
+    child = int(pids.read_text())
+    groups = r.stdout.split("---")[0].split()
+    assert str(child) in groups and len(groups) == 2
+    assert _gone(child)
+
+
 def test_stop_group_kills_what_ignores_sigterm():
     start = time.monotonic()
     r = bash(
