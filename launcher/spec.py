@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from launcher.schema import JobSpec, Pipeline, SlurmConfig, Task
 from launcher.topology import RolePlan, TopologyError, plan_roles
-from modelopt_ext.config.errors import ConfigError, allowed_keys, did_you_mean, format_loc, model_at
+from modelopt_ext.config.errors import ConfigError, did_you_mean, problems_from_validation
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,38 +204,12 @@ def _with_factory_defaults(data: dict, environ: Mapping[str, str]) -> dict:
 
 def _problems(err: ValidationError) -> list[str]:
     """One line per pydantic error, with `pipeline.task_N` paths and did-you-mean for unknown keys."""
-    lines = []
-    for e in err.errors(include_url=False):
-        raw_loc = list(e["loc"])
-        shown = [p for p in raw_loc if p not in _INTERNAL_KEYS]
-        # Pydantic appends the failing member of a union/tagged type; keep paths to real keys only.
-        path = format_loc(shown)
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            owner = model_at(
-                JobSpec, ["numbered_tasks" if p == "__numbered_tasks__" else p for p in raw_loc[:-1]]
-            )
-            keys = [k for k in (allowed_keys(owner) if owner else []) if k not in _INTERNAL_KEYS]
-            choices = list(keys)
-            if owner is Pipeline:
-                choices += [f"task_{i}" for i in range(10)]
-                keys = keys + ["task_0..task_N"]
-            hint = did_you_mean(raw_loc[-1], choices)
-            lines.append(f"{path}: unknown key{hint}; allowed keys: {', '.join(sorted(keys))}")
-        elif kind == "missing":
-            lines.append(f"{path}: required field is missing")
-        elif kind in ("literal_error", "enum"):
-            expected = e.get("ctx", {}).get("expected", "")
-            lines.append(f"{path}: got {e.get('input')!r}; allowed: {expected}")
-        else:
-            msg = e["msg"]
-            msg = msg.removeprefix("Value error, ")
-            got = e.get("input")
-            suffix = (
-                "" if isinstance(got, (dict, list)) or kind.startswith("value_error") else f" (got {got!r})"
-            )
-            lines.append(f"{path}: {msg}{suffix}")
-    return lines
+
+    def task_keys(owner):
+        # Pipeline accepts task_0..task_N by pattern, not as declared fields.
+        return ([f"task_{i}" for i in range(10)], ["task_0..task_N"]) if owner is Pipeline else ([], [])
+
+    return problems_from_validation(err, JobSpec, hidden=_INTERNAL_KEYS, extra_choices=task_keys)
 
 
 def _interpolate(text: str, gvars: dict[str, str], where: str, problems: list[str]) -> str:

@@ -9,7 +9,8 @@ import difflib
 import sys
 import types
 import typing
-from typing import Any, Iterable, NoReturn
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -74,7 +75,9 @@ def model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | No
     for part in loc:
         if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
             continue
-        field = current.model_fields.get(part)
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
         if field is None:
             # A dict-valued field (e.g. task_N entries) keeps the model of its values.
             continue
@@ -99,17 +102,34 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def problems_from_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per pydantic error: field path, what was wrong, and what is allowed."""
+def problems_from_validation(
+    err: ValidationError,
+    model: type[BaseModel],
+    prefix: str = "",
+    *,
+    hidden: Collection[str] = (),
+    extra_choices: Callable[[type[BaseModel] | None], tuple[list[str], list[str]]] | None = None,
+) -> list[str]:
+    """One line per pydantic error: field path, what was wrong, and what is allowed.
+
+    `hidden` names internal location parts left out of paths and key lists (e.g. a field that collects
+    `task_N` entries). `extra_choices(owner)` returns (extra did-you-mean candidates, extra allowed-key
+    labels) for an unknown key under `owner`, for models that accept keys by pattern.
+    """
     lines = []
     for e in err.errors(include_url=False):
         loc = list(e["loc"])
-        path = format_loc(([prefix] if prefix else []) + loc)
+        path = format_loc(([prefix] if prefix else []) + [p for p in loc if p not in hidden])
         kind = e["type"]
         if kind == "extra_forbidden":
             owner = model_at(model, loc[:-1])
-            keys = allowed_keys(owner) if owner else []
-            hint = did_you_mean(loc[-1], keys)
+            keys = [k for k in (allowed_keys(owner) if owner else []) if k not in hidden]
+            choices = list(keys)
+            if extra_choices is not None:
+                more_choices, more_labels = extra_choices(owner)
+                choices += more_choices
+                keys += more_labels
+            hint = did_you_mean(loc[-1], choices)
             allowed = f"; allowed keys: {', '.join(sorted(keys))}" if keys else ""
             lines.append(f"{path}: unknown key{hint}{allowed}")
         elif kind == "missing":
@@ -118,9 +138,7 @@ def problems_from_validation(err: ValidationError, model: type[BaseModel], prefi
             expected = e.get("ctx", {}).get("expected", "")
             lines.append(f"{path}: got {e.get('input')!r}; allowed: {expected}")
         else:
-            msg = e["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+            msg = e["msg"].removeprefix("Value error, ")
             shown = e.get("input")
             got = "" if isinstance(shown, (dict, list)) or kind.startswith("value_error") else f" (got {shown!r})"
             lines.append(f"{path}: {msg}{got}")

@@ -8,8 +8,9 @@ No torch import here: the launcher validates recipes before anything is submitte
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -103,7 +104,7 @@ class DataConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _derive_mode(self) -> "DataConfig":
+    def _derive_mode(self) -> DataConfig:
         derived: DataMode
         if self.offline_dir and self.server_urls:
             raise ValueError("set either data.offline_dir or data.server_urls, not both")
