@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -117,8 +118,9 @@ def _start_cluster(version: str, nodes: int) -> Iterator[SlurmCluster]:
         start = time.monotonic()
         binds = []
         if version == "24.11":
-            # Jobs in the chroot see these at the same paths: pytest's temp folders and this repo.
-            for folder in dict.fromkeys(["/tmp", tempfile.gettempdir(), str(REPO)]):
+            # Jobs in the chroot see these at the same paths: pytest's temp folders, this repo, and the
+            # interpreter the repo's .venv links to (so jobs there run the project's Python).
+            for folder in dict.fromkeys(["/tmp", tempfile.gettempdir(), str(REPO), sys.base_prefix]):
                 binds += ["--bind", folder]
         proc = cluster_sh(
             "up", "--version", version, "--nodes", str(nodes), "--timeout", "60", *binds, timeout=UP_TIMEOUT_S

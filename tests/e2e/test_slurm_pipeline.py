@@ -1,0 +1,281 @@
+"""The product's main job end to end on the real local Slurm cluster (tests/slurm/cluster.sh).
+
+- `examples/local/slurm_streaming_eagle3.yaml` through `launcher.run_job` on Slurm 22.05 (3 nodes): data task,
+  then the streaming train task (node 0 a real vLLM hidden-state server, CPU build; nodes 1-2 ONE accelerate
+  DDP job across both nodes, gloo), then the export check and the benchmark (afterok chaining).
+- Slurm 24.11 with `segment: 2` (4 nodes, blocks of 2): the segment-aware plan (serve 0,2; train 1,3;
+  each trainer prefers the server of its own segment) and the rendezvous, with the transformers
+  target server (serve_target) for speed.
+- Faults (serve_target for a fast start): the server killed mid-training; a trainer killed mid-training,
+  then a relaunch with `--resume auto` that continues from the last checkpoint.
+Measured times go to the "local Slurm cluster timings" section (and stdout with -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_testlib import record_timing
+
+from launcher import run_job
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "local" / "slurm_streaming_eagle3.yaml"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _on_cluster(monkeypatch, cluster, tmp_path: Path) -> Path:
+    """Make the launcher submit to `cluster` (its wrappers first on PATH); returns a fresh job dir."""
+    monkeypatch.setenv("PATH", f"{cluster.bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    return job_dir
+
+
+def _read_logs(task) -> str:
+    return "\n".join(Path(p).read_text(errors="replace") for p in task.log_paths if Path(p).is_file())
+
+
+def _runtime_s(cluster, job_id) -> float:
+    """Slurm's RunTime of a (recently) finished job, in seconds."""
+    rec = cluster.job_record(int(job_id))
+    h, m, s = (int(x) for x in rec.get("RunTime", "0:0:0").split("-")[-1].split(":"))
+    return h * 3600 + m * 60 + s
+
+
+def _write_spec(tmp_path: Path, name: str, spec: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _train_only_spec(output_dir: Path, *, nodes: int, max_steps: int, save_interval: int, extra_env=None,
+                     extra_args=(), segment=None, serve_nodes=1, time_limit="00:20:00") -> dict:
+    """A one-task job: the streaming entry script with serve_target (fast start), fixed output folder."""
+    env = [{"SERVE_NODES": str(serve_nodes)}, {"SERVE_ENGINE": "target"}, {"STREAMING_NUM_WORKERS": "0"},
+           {"RDV_POLL_S": "0.5"}]
+    env += [{k: v} for k, v in (extra_env or {}).items()]
+    slurm = {"_factory_": "slurm_factory", "host": "localhost", "nodes": nodes, "ntasks_per_node": 1,
+             "time": time_limit}
+    if segment:
+        slurm["segment"] = segment
+    return {
+        "job_name": "e2e_streaming_faults",
+        "pipeline": {
+            "task_0": {
+                "script": "common/eagle3/train_eagle_streaming.sh",
+                "args": [
+                    "--config recipes/eagle3/tiny.yaml",
+                    "model.path=outputs/tiny/target",
+                    f"training.output_dir={output_dir}",
+                    f"training.max_steps={max_steps}",
+                    f"training.save_interval={save_interval}",
+                    "training.log_interval=2",
+                    "training.batch_size=4",
+                    *extra_args,
+                ],
+                "environment": env,
+                "slurm_config": slurm,
+            }
+        },
+    }
+
+
+def _rdv_dir(res, job_id) -> Path:
+    return Path(res.scratch_dir) / "rendezvous" / str(job_id)
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def tiny_ready():
+    """The tiny target and conversations under outputs/tiny (built once, reused; the examples use them)."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "modelopt_ext.tiny", "--out", str(REPO / "outputs/tiny/target"),
+         "--data", str(REPO / "outputs/tiny/conversations.jsonl")],
+        check=True, cwd=REPO, capture_output=True, timeout=900,
+    )
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.timeout(2400)
+def test_streaming_pipeline_with_vllm_on_three_nodes(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    job_dir = _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    t0 = time.monotonic()
+    res = run_job(EXAMPLE, ["pipeline.task_3.environment=[{BENCH_PROMPTS: '4'}, {BENCH_NEW_TOKENS: '24'}]"],
+                  mode="submit", job_dir=job_dir, run_id="e2e", echo=print, poll_s=1.0)
+    wall = time.monotonic() - t0
+    states = {t.name: (t.state, t.exit_code, t.reason) for t in res.tasks}
+    logs = {t.name: _read_logs(t) for t in res.tasks}
+    assert res.ok, f"{states}\n--- task_1 log tail ---\n{logs['task_1'][-6000:]}"
+    assert all(t.state == "COMPLETED" for t in res.tasks), states
+
+    phases = {t.name: _runtime_s(slurm_cluster, t.job_id) for t in res.tasks}
+    record_timing(
+        "e2e pipeline (vLLM, 3 nodes): "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items())
+        + f"; launcher wall {wall:.0f}s"
+    )
+
+    train_log = logs["task_1"]
+    # vLLM served the hidden states: its log exists in the rendezvous folder and the trainers streamed.
+    rdv = _rdv_dir(res, res.tasks[1].job_id)
+    assert (rdv / "logs" / "vllm.0.log").is_file()
+    assert (rdv / "done").is_file() and not (rdv / "failed").exists()
+    assert "mode streaming" in train_log
+    # ONE DDP job across both trainer nodes.
+    assert "trainer 0/2" in train_log and "trainer 1/2" in train_log
+    assert "2 rank(s)" in train_log
+    out = Path(res.scratch_dir) / "eagle3"
+    ckpt = sorted(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 24
+    # The export loads; the benchmark printed an acceptance length.
+    assert "export check:" in logs["task_2"] and "loads as Eagle3DraftModel" in logs["task_2"]
+    m = re.search(r"mean acceptance length: ([0-9.]+)", logs["task_3"])
+    assert m and float(m.group(1)) >= 1.0, logs["task_3"][-3000:]
+    assert "python -m modelopt_ext.serve_vllm" in logs["task_3"]
+
+
+@pytest.mark.timeout(1200)
+def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monkeypatch, tiny_ready):
+    job_dir = _on_cluster(monkeypatch, slurm_cluster_2411, tmp_path)
+    out = tmp_path / "out"
+    spec = _write_spec(tmp_path, "seg", _train_only_spec(out, nodes=4, serve_nodes=2, segment=2,
+                                                          max_steps=4, save_interval=4))
+    t0 = time.monotonic()
+    res = run_job(spec, [], mode="submit", job_dir=job_dir, run_id="seg", echo=print, poll_s=1.0)
+    wall = time.monotonic() - t0
+    task = res.tasks[0]
+    log = _read_logs(task)
+    assert res.ok, f"{task.state} {task.exit_code} {task.reason}\n{log[-6000:]}"
+    record_timing(f"e2e 24.11 segment=2 (serve_target, 4 nodes): job {_runtime_s(slurm_cluster_2411, task.job_id)}s; "
+                  f"launcher wall {wall:.0f}s")
+    rdv = _rdv_dir(res, task.job_id)
+    assert task.env["SERVE_NODE_IDS"] == "0,2" and task.env["TRAIN_NODE_IDS"] == "1,3"
+    urls = {i: (rdv / f"server.{i}").read_text().strip() for i in (0, 2)}
+    # Each trainer lists the server of its own segment first.
+    assert f"[node 1] servers (preferred first): {urls[0]},{urls[2]}" in log
+    assert f"[node 3] servers (preferred first): {urls[2]},{urls[0]}" in log
+    assert "trainer 0/2" in log and "trainer 1/2" in log
+    assert (out / "export" / "config.json").is_file() and (rdv / "done").is_file()
+
+
+def _launch_fault_job(tmp_path, name, out, *, max_steps, extra_args=()):
+    spec = _write_spec(tmp_path, name, _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4,
+                                                         extra_args=extra_args))
+    return run_job(spec, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of pid (by parent links in /proc)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == cur]
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _kill_midway_and_time_stop(cluster, res, pid_file: str, out: Path, only: str | None = None):
+    """Once a checkpoint exists, SIGKILL the process named in the rendezvous pid file (with `only`: its
+    descendants whose command line contains it, e.g. the training rank); return the seconds until Slurm
+    reports the job finished, and its state."""
+    job_id = res.tasks[0].job_id
+    rdv = _rdv_dir(res, job_id)
+    _wait_for(lambda: list(out.glob("epoch_*_step_*")), 900, "the first checkpoint")
+    pid = int((rdv / pid_file).read_text().strip())
+    if only:
+        victims = [p for p in _descendants(pid) if only in _cmdline(p)]
+        assert victims, f"no process matching {only!r} under pid {pid}"
+    else:
+        victims = [pid]
+    for v in victims:
+        os.kill(v, signal.SIGKILL)
+    killed = time.monotonic()
+    result = cluster.wait_job(int(job_id), timeout=240, poll_s=0.5)
+    return time.monotonic() - killed, result.state
+
+
+@pytest.mark.timeout(1200)
+def test_killed_server_stops_every_node(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    res = _launch_fault_job(tmp_path, "kill_server", out, max_steps=400)
+    stop_s, state = _kill_midway_and_time_stop(slurm_cluster, res, "server.0.pid", out)
+    record_timing(f"fault: server killed -> job {state} in {stop_s:.1f}s")
+    assert state == "FAILED"
+    assert stop_s < 120
+    rdv = _rdv_dir(res, res.tasks[0].job_id)
+    reason = (rdv / "failed").read_text()
+    assert "server on node 0 exited" in reason, reason
+    assert slurm_cluster.job_ids() == set() or int(res.tasks[0].job_id) not in slurm_cluster.job_ids()
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    assert "training stopped: the job failed" in log
+
+
+@pytest.mark.timeout(1800)
+def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    res = _launch_fault_job(tmp_path, "kill_trainer", out, max_steps=24)
+    stop_s, state = _kill_midway_and_time_stop(slurm_cluster, res, "trainer.2.pid", out,
+                                                only="modelopt_ext.train")
+    record_timing(f"fault: trainer killed -> job {state} in {stop_s:.1f}s")
+    assert state == "FAILED" and stop_s < 120
+    reason = (_rdv_dir(res, res.tasks[0].job_id) / "failed").read_text()
+    assert "node 2" in reason, reason
+    done = sorted(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+    last_step = int(done[-1].name.rsplit("_", 1)[-1])
+    assert last_step < 24
+
+    res2 = run_job(
+        _write_spec(tmp_path, "resume", _train_only_spec(out, nodes=3, max_steps=24, save_interval=4,
+                                                         extra_args=["--resume auto"])),
+        [], mode="submit", job_dir=tmp_path / "jobs", run_id="resume", echo=print, poll_s=1.0,
+    )
+    log = _read_logs(res2.tasks[0])
+    assert res2.ok, log[-6000:]
+    assert "(restored from the checkpoint)" in log
+    # The resumed run started at the checkpoint's step: it ran exactly the remaining steps.
+    assert f"{24 - last_step} steps this run (global step 24/24)" in log, log[-3000:]
+    assert (out / "export" / "config.json").is_file()
