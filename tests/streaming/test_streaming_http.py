@@ -175,6 +175,19 @@ def test_500_is_retried_on_the_same_lone_server(root, servers):
     assert st["errors"] == 1 and st["requests"] == 4
 
 
+def test_server_leaves_and_rejoins_rotation(root, servers, caplog):
+    # Two 500s open the breaker of the only server; after the cooldown a half-open probe succeeds: back in.
+    s = servers(root, fail_first=2)
+    base = conversations(3)
+    ds = dataset(base, [s.url], root)
+    for i in range(3):
+        check_item(ds[i], base[i])
+    st = ds.server_stats()[s.url]
+    assert (st["errors"], st["down_events"], st["up_events"], st["open"]) == (2, 1, 1, 0)
+    events = [r.getMessage() for r in caplog.records if "rotation" in r.getMessage()]
+    assert len(events) == 2 and "taken out of rotation" in events[0] and "back in rotation" in events[1]
+
+
 @pytest.mark.parametrize("mode", ["truncated", "no_file", "bad_json"])
 def test_broken_answer_is_retried_elsewhere(root, servers, mode):
     # truncated: the lock is released on half a file; no_file: released with no file written (a writer
