@@ -121,8 +121,10 @@ def follow(
     last: dict[str, str] = {}
     not_run: dict[str, str] = {}
     current: dict[str, JobState] = {}
+    final: dict[str, JobState] = {}  # end states already seen: kept (Slurm purges finished jobs after MinJobAge)
     while True:
-        current = query(job_ids, runner)
+        open_ids = [jid for jid in job_ids if jid not in final]
+        current = {**final, **(query(open_ids, runner) if open_ids else {})}
         for jid in job_ids:
             st = current[jid]
             if jid not in not_run and st.state == "PENDING" and st.reason in NEVER_RUNS:
@@ -133,6 +135,8 @@ def follow(
             if on_change and last.get(jid) != st.state:
                 on_change(st)
             last[jid] = st.state
+            if st.done:
+                final[jid] = st
         if all(s.done for s in current.values()) or time.monotonic() > deadline:
             return current
         sleep(delay)

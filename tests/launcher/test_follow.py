@@ -61,3 +61,21 @@ def test_purged_job_is_unknown_and_follow_is_bounded():
     assert final["7"].state == "RUNNING"  # still running when the bound hit: reported as is
     gone = FakeSlurm([{}])
     assert query(["9"], gone)["9"].state == "UNKNOWN"
+
+
+def test_end_state_seen_once_is_kept_after_slurm_purges_the_job():
+    # A pipeline's first task ends long before the last (MinJobAge purges it meanwhile): its COMPLETED stays.
+    fake = FakeSlurm(
+        [
+            {"1": ("RUNNING", "None", True), "2": ("RUNNING", "None", True)},
+            {"1": ("COMPLETED", "None", False), "2": ("RUNNING", "None", True)},
+            {"1": ("COMPLETED", "None", False), "2": ("RUNNING", "None", True)},
+            {"2": ("RUNNING", "None", True)},  # job 1 purged from here on
+            {"2": ("RUNNING", "None", True)},
+            {"2": ("COMPLETED", "None", False)},
+            {"2": ("COMPLETED", "None", False)},
+        ]
+    )
+    final = follow(["1", "2"], runner=fake, poll_s=0, sleep=lambda s: None)
+    assert final["1"].state == "COMPLETED" and final["1"].exit_code == "0:0"
+    assert final["2"].state == "COMPLETED"
