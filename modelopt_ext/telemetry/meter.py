@@ -8,6 +8,10 @@ A step's wall time splits into:
   starved, but time the drafter does not train;
 - the rest: the drafter's forward/backward, the optimizer, collectives, checkpoints.
 
+Start-up - from creating the loader's iterator to its first batch (starting DataLoader workers, filling the
+fetch pipeline), once per pass over the data - is counted apart (`startup_s`) and left out of the fractions:
+it is a fixed cost per epoch, not a sign that supply is short, and would dominate a short run.
+
 Per server: requests, errors, summed latency, bytes, outage events (the streaming dataset's shared counters,
 which its DataLoader workers fill; or, for a remote source, timed here around each call) and a latency
 histogram (telemetry/latency.py) for p50/p95. Every rank keeps cumulative totals; `aggregate` sums them over
@@ -28,7 +32,7 @@ import torch
 from modelopt_ext.telemetry.latency import N_BINS, LatencyHistogram, percentile
 
 SERVER_FIELDS = ("requests", "errors", "latency_s", "bytes", "down_events")
-_RUN_FIELDS = ("wall_s", "wait_s", "supply_s", "sup_bytes", "samples", "tokens")
+_RUN_FIELDS = ("wall_s", "wait_s", "startup_s", "supply_s", "sup_bytes", "samples", "tokens")
 
 # How a source's call counts: 'remote' (network fetch: data wait), 'in_process' (target forward here: supply),
 # 'prefetched' (the dataset fetched already; the call only relabels tensors: counted as data wait, ~0).
@@ -54,6 +58,7 @@ class Totals:
     ranks: int = 1
     wall_s: float = 0.0
     wait_s: float = 0.0
+    startup_s: float = 0.0  # waiting for the first batch of each pass over the loader (not in the fractions)
     supply_s: float = 0.0
     sup_bytes: float = 0.0  # bytes of the Supervision batches the trainer received (padding included)
     samples: float = 0.0
@@ -86,14 +91,19 @@ class Totals:
         return self.wall_s / max(self.ranks, 1)
 
     @property
+    def steady_s(self) -> float:
+        """Trainer time (summed over ranks) after start-up."""
+        return self.wall_s - self.startup_s
+
+    @property
     def data_wait_frac(self) -> float:
-        """Share of the trainers' time blocked waiting for the next batch / its supervision."""
-        return self.wait_s / self.wall_s if self.wall_s > 0 else float("nan")
+        """Share of the trainers' (steady) time blocked waiting for the next batch / its supervision."""
+        return self.wait_s / self.steady_s if self.steady_s > 0 else float("nan")
 
     @property
     def supply_frac(self) -> float:
-        """Share of the trainers' time spent producing supervision in-process (colocated target forward)."""
-        return self.supply_s / self.wall_s if self.wall_s > 0 else float("nan")
+        """Share of the trainers' (steady) time producing supervision in-process (colocated target forward)."""
+        return self.supply_s / self.steady_s if self.steady_s > 0 else float("nan")
 
     @property
     def hs_bytes(self) -> float:
@@ -106,9 +116,14 @@ class Totals:
         w = self.mean_wall_s
         return amount / w if w > 0 else float("nan")
 
+    def supply_tokens_per_s(self) -> float:
+        """Tokens/s the supply delivered to the trainers (per second of steady time)."""
+        steady = self.steady_s / max(self.ranks, 1)
+        return self.tokens / steady if steady > 0 else float("nan")
+
     def demand_tokens_per_s(self) -> float:
-        """Tokens/s the trainers could consume if supply were instant (their time minus the data wait)."""
-        busy = (self.wall_s - self.wait_s) / max(self.ranks, 1)
+        """Tokens/s the trainers could consume if supply were instant (their steady time minus the data wait)."""
+        busy = (self.steady_s - self.wait_s) / max(self.ranks, 1)
         return self.tokens / busy if busy > 0 else float("nan")
 
     def server_summary(self) -> dict[str, dict[str, float]]:
@@ -131,6 +146,7 @@ class Totals:
         """The JSON-ready figures of these totals (NaN where undefined)."""
         rec: dict[str, Any] = {
             "data_wait_frac": self.data_wait_frac,
+            "startup_s": self.startup_s / max(self.ranks, 1),
             "supply_frac": self.supply_frac,
             "hs_mb_per_s": self.rate(self.hs_bytes) / 1e6,
             "hs_bytes_per_sample": self.hs_bytes / self.samples if self.samples else float("nan"),
@@ -163,7 +179,7 @@ class TrainMeter:
         self._sync_cuda = device is not None and device.type == "cuda"
         self.clock = clock
         self.t0: float | None = None
-        self.wait_s = self.supply_s = 0.0
+        self.wait_s = self.startup_s = self.supply_s = 0.0
         self.sup_bytes = self.samples = self.tokens = 0.0
         self._last: Totals | None = None
 
@@ -197,19 +213,25 @@ class TrainMeter:
         self.t0 = self.clock()
 
     def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
-        """Yield from `batches`, counting the time blocked in iter()/next() as data wait."""
+        """Yield from `batches`, counting the time blocked in iter()/next() as data wait (start-up until the
+        first batch apart)."""
         t = self.clock()
-        it = iter(batches)  # starting DataLoader workers is waiting too
-        self.wait_s += self.clock() - t
+        it = iter(batches)  # starts the DataLoader workers
+        first = True
         while True:
-            t = self.clock()
             try:
                 batch = next(it)
             except StopIteration:
                 self.wait_s += self.clock() - t
                 return
-            self.wait_s += self.clock() - t
+            dt = self.clock() - t
+            if first:
+                self.startup_s += dt
+                first = False
+            else:
+                self.wait_s += dt
             yield batch
+            t = self.clock()
 
     def fetch(self, source: Callable[[Any], Any], batch: dict[str, torch.Tensor]) -> Any:
         """`source(batch)`, timed as data wait (remote, prefetched) or supply (in-process); counts its bytes."""
@@ -239,7 +261,7 @@ class TrainMeter:
     # -- totals ---------------------------------------------------------------------------------------------
     def _vector(self) -> list[float]:
         wall = self.clock() - self.t0 if self.t0 is not None else 0.0
-        vec = [wall, self.wait_s, self.supply_s, self.sup_bytes, self.samples, self.tokens]
+        vec = [wall, self.wait_s, self.startup_s, self.supply_s, self.sup_bytes, self.samples, self.tokens]
         shared = self._server_stats() if self._server_stats is not None else {}
         hist = (self._server_latency or self._local_latency).counts()
         for url in self.urls:
@@ -289,7 +311,7 @@ def format_window(win: Totals, kind: str) -> tuple[str, list[str]]:
     parts = [f"wait {_pct(win.data_wait_frac)}"]
     if kind == IN_PROCESS:
         parts.append(f"target fwd {_pct(win.supply_frac)}")
-    parts.append(f"{win.rate(win.hs_bytes) / 1e6:.2f} MB/s")
+    parts.append(f"{win.rate(win.hs_bytes) / 1e6:.3g} MB/s")
     lines = []
     if win.servers:
         cells = []

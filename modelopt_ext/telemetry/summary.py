@@ -43,7 +43,7 @@ def build_metrics(
     time split, bytes and servers.
     """
     # Supply: tokens delivered per second of the training loop; demand: per second of NOT waiting.
-    supply = totals.rate(totals.tokens)
+    supply = totals.supply_tokens_per_s()
     demand = totals.demand_tokens_per_s()
     m: dict[str, Any] = {
         "steps": global_step,
@@ -59,6 +59,7 @@ def build_metrics(
         "samples_per_s": samples / wall_s if wall_s > 0 else float("nan"),
         "tokens_per_s": tokens / wall_s if wall_s > 0 else float("nan"),
         "data_wait_frac": totals.data_wait_frac,
+        "startup_s": totals.startup_s / max(totals.ranks, 1),
         "supply_frac": totals.supply_frac,
         "hs_bytes": totals.hs_bytes,
         "hs_mb_per_s": totals.rate(totals.hs_bytes) / 1e6,
@@ -137,7 +138,10 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     if kind == IN_PROCESS:
         split += f" | target forward {_pct(m.get('supply_frac'))}"
     lines = [
-        f"  time: {split} of {m.get('world_size', 1)} trainer(s)' step time ({kind} supervision)",
+        (
+            f"  time: {split} of {m.get('world_size', 1)} trainer(s)' step time ({kind} supervision; "
+            f"start-up {_num(m.get('startup_s'), '.1f')}s not counted)"
+        ),
         f"  hidden states: {_num(m.get('hs_mb_per_s'), '.2f')} MB/s, "
         f"{_num(_div(m.get('hs_bytes_per_sample'), 1e6), '.3f')} MB/sample, "
         f"{_num(_div(m.get('hs_bytes'), 1e6), '.1f')} MB in all"

@@ -62,21 +62,24 @@ def test_wait_fraction_and_rates_on_controlled_timings():
         m.fetch(source, batch)
         clock.t += 6.5  # compute
     win, total = m.window()
-    # per batch: 3 s loader + 0.5 s source = 3.5 s wait of 10 s
-    assert total.wall_s == pytest.approx(40.0) and total.data_wait_frac == pytest.approx(0.35)
+    # per batch: 3 s loader + 0.5 s source of 10 s; the first batch's 3 s are start-up (not in the fraction)
+    assert total.wall_s == pytest.approx(40.0) and total.startup_s == pytest.approx(3.0)
+    assert total.data_wait_frac == pytest.approx(11.0 / 37.0)
     assert total.samples == 8 and total.tokens == 8 * 4  # one padding token per row
     assert total.rate(total.tokens) == pytest.approx(32 / 40)
+    assert total.supply_tokens_per_s() == pytest.approx(32 / 37)
     assert total.demand_tokens_per_s() == pytest.approx(32 / 26)
     per_batch = 2 * 5 * 4 * 4 + 2 * 5 * 4 * 4 * 3 + 2 * 5 * 8 + 2 * 5 * 2  # aux, last, ids, masks
     assert total.sup_bytes == per_batch * 4 and total.record()["hs_bytes_per_sample"] == per_batch / 2
     assert win.wall_s == total.wall_s  # first window = everything so far
     # Second window: instant data.
-    for batch in m.timed([_batch()]):
+    for batch in m.timed(SlowLoader(clock, 2, wait=2.0)):  # a new pass over the data: start-up again
         m.fetch(lambda b: _sup(b), batch)
-        clock.t += 10.0
+        clock.t += 8.0
     win2, total2 = m.window()
-    assert win2.wall_s == pytest.approx(10.0) and win2.data_wait_frac == pytest.approx(0.0)
-    assert total2.data_wait_frac == pytest.approx(14.0 / 50.0)
+    assert win2.wall_s == pytest.approx(20.0) and win2.startup_s == pytest.approx(2.0)
+    assert win2.data_wait_frac == pytest.approx(2.0 / 18.0)
+    assert total2.data_wait_frac == pytest.approx(13.0 / 55.0)
 
 
 def test_in_process_source_counts_as_supply_not_wait():
@@ -92,7 +95,8 @@ def test_in_process_source_counts_as_supply_not_wait():
         m.fetch(target_forward, batch)
         clock.t += 3.0
     _, total = m.window()
-    assert total.supply_frac == pytest.approx(0.6) and total.data_wait_frac == pytest.approx(0.1)
+    # 20 s: 1 s start-up, 1 s wait, 12 s target forward, 6 s training
+    assert total.supply_frac == pytest.approx(12 / 19) and total.data_wait_frac == pytest.approx(1 / 19)
     assert "servers" not in total.record()
 
 
@@ -114,7 +118,7 @@ def test_remote_source_is_timed_per_server():
     for batch in m.timed([_batch(), _batch()]):
         m.fetch(src, batch)
         clock.t += 0.8
-    _, total = m.window()
+    _, total = m.window()  # start-up 0: the list is instant
     s = total.server_summary()
     assert s["http://a:1"]["requests"] == 0 and s["http://b:1"]["requests"] == 2
     assert s["http://b:1"]["lat_mean_ms"] == pytest.approx(200.0)
@@ -166,18 +170,19 @@ def test_progress_line_and_record_carry_telemetry(tmp_path):
     clock = Clock()
     m = TrainMeter(kind=IN_PROCESS, clock=clock)
     m.start()
-    for batch in m.timed(SlowLoader(clock, 1, wait=1.0)):
+    for batch in m.timed(SlowLoader(clock, 2, wait=1.0)):
         m.fetch(lambda b: (clock.__setattr__("t", clock.t + 2.0), _sup(b))[1], batch)
         clock.t += 1.0
-    win, _ = m.window()
+    win, _ = m.window()  # 8 s: 1 s start-up, then 1 s wait, 4 s target forward, 2 s training
     seg, extra = format_window(win, m.kind)
-    assert seg.startswith("wait 25% | target fwd 50% | ") and extra == []
+    assert seg.startswith("wait 14% | target fwd 57% | ") and extra == []
     out = io.StringIO()
     p = ProgressTracker(total_steps=4, output_dir=tmp_path, stream=out, clock=clock)
     line = p.log(1, 0, {"loss": 1.0}, lr=0.1, telemetry=(seg, ["  servers: x"], win.record()))
-    assert "| wait 25% | target fwd 50% |" in line and line.index("wait") < line.index("ETA")
+    assert "| wait 14% | target fwd 57% |" in line and line.index("wait") < line.index("ETA")
     assert out.getvalue().splitlines()[1] == "  servers: x"
     rec = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert rec["data_wait_frac"] == pytest.approx(0.25) and rec["supply_frac"] == pytest.approx(0.5)
+    assert rec["data_wait_frac"] == pytest.approx(1 / 7) and rec["supply_frac"] == pytest.approx(4 / 7)
+    assert rec["startup_s"] == pytest.approx(1.0)
     text = p.summary(1, None, None, extra_lines=["  telemetry line"])
     assert text.endswith("  telemetry line")
