@@ -25,4 +25,6 @@ main() {
     --notes "${MODELOPT_SCRATCH:-$out}/prepare_notes.txt" --write "$out/summary.txt"
 }
 
-main "$@"
+# On one line with main: bash reads a script as it runs it, so an edit of this file during a long run
+# must not be read as the next command.
+{ main "$@"; exit $?; }

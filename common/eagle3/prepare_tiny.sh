@@ -58,4 +58,6 @@ main() {
   fi
 }
 
-main "$@"
+# On one line with main: bash reads a script as it runs it, so an edit of this file during a long run
+# must not be read as the next command.
+{ main "$@"; exit $?; }

@@ -46,11 +46,13 @@ LAST_ERR=""
 # ------------------------------------------------------------------------------------------ endings
 
 # on_err LINE: remember the failing command for the failed marker (the EXIT trap writes it).
+# shellcheck disable=SC2329 # invoked by the ERR trap set in main
 on_err() {
   LAST_ERR="line $1: ${BASH_COMMAND}"
 }
 
 # on_exit: any non-zero exit of this node marks the job failed (first reason wins) and stops our children.
+# shellcheck disable=SC2329 # invoked by the EXIT trap set in main
 on_exit() {
   local rc=$?
   trap - EXIT ERR
@@ -376,4 +378,6 @@ main() {
   log "node ${NODE_ID} finished"
 }
 
-main "$@"
+# On one line with main: bash reads a script as it runs it, so an edit of this file during a long run
+# must not be read as the next command.
+{ main "$@"; exit $?; }
