@@ -33,6 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from modelopt_ext.config.recipe import Recipe
+from modelopt_ext.telemetry.meter import TrainMeter, format_window
+from modelopt_ext.telemetry.summary import build_metrics, summary_lines, write_report
 from modelopt_ext.training import checkpoint as ckpt
 from modelopt_ext.training.distributed import (
     DistEnv,
@@ -212,6 +214,8 @@ class Trainer:
             self.optimizer, self.cfg.schedule, self.cfg.warmup_steps, self.total_steps
         )
         self.autocast = resolve_autocast(self.cfg.dtype, self.env.device)
+        # Telemetry: data wait vs in-process supply vs training, bytes, per-server counters.
+        self.meter = TrainMeter.for_parts(self.parts, recipe.data.server_urls or (), self.env.device)
         self.global_step = 0
         self.epoch = 0
         self.position = 0
@@ -292,7 +296,7 @@ class Trainer:
         batch = _to_device(batch, self.env.device)
         ctx = torch.autocast(self.env.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         # The source runs outside autocast: it must compute exactly what a remote server would.
-        sup = self.parts.source(batch)
+        sup = self.meter.fetch(self.parts.source, batch)
         with ctx:
             loss, metrics = self.parts.loss_fn(
                 self.model,
@@ -367,6 +371,7 @@ class Trainer:
             f"{'bf16 autocast' if self.autocast else 'fp32'}, {sum(p.numel() for p in self.params):,} trainable params",
         )
         stopped = False
+        self.meter.start()
         window: dict[str, float] = {}
         window_n = 0
         while self.global_step < self.total_steps and not stopped:
@@ -374,7 +379,7 @@ class Trainer:
             micro = 0
             step_metrics: dict[str, float] = {}
             step_samples = step_tokens = 0
-            for batch in self._loader():
+            for batch in self.meter.timed(self._loader()):
                 m, ns, nt = self._micro_step(batch)
                 for k, v in m.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.grad_accum
@@ -403,8 +408,13 @@ class Trainer:
                 last = self.global_step >= self.total_steps
                 if self.global_step % cfg.log_interval == 0 or last:
                     self.last_metrics = self._reduce_window(window, window_n)
+                    tele, _ = self.meter.window(env)
                     progress.log(
-                        self.global_step, self.epoch, self.last_metrics, self.scheduler.get_last_lr()[0]
+                        self.global_step,
+                        self.epoch,
+                        self.last_metrics,
+                        self.scheduler.get_last_lr()[0],
+                        telemetry=(*format_window(tele, self.meter.kind), tele.record()),
                     )
                     window, window_n = {}, 0
                 if signalled and not last:
@@ -425,12 +435,30 @@ class Trainer:
             export = self._export()
         barrier(env)
         sps, tps = progress.rates()
-        progress.summary(
+        report = build_metrics(
+            self.meter.aggregate(env),  # collective: every rank
+            kind=self.meter.kind,
+            global_step=self.global_step,
+            start_step=progress.start_step,
+            total_steps=self.total_steps,
+            samples=progress.samples,
+            tokens=progress.tokens,
+            wall_s=progress.elapsed,
+            final_metrics=self.last_metrics,
+            num_workers=self.recipe.data.num_workers,
+            checkpoint=self.last_checkpoint,
+            export=export,
+            stopped_early=stopped,
+        )
+        text = progress.summary(
             self.global_step,
             self.last_checkpoint,
             export,
             note=stop_reason,
+            extra_lines=summary_lines(report),
         )
+        if env.is_main:
+            write_report(self.out, report, text)
         return TrainResult(
             global_step=self.global_step,
             total_steps=self.total_steps,
