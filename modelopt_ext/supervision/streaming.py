@@ -50,6 +50,7 @@ from modelopt_ext.supervision.server_pool import (
     ServerPool,
     SharedServerStats,
 )
+from modelopt_ext.telemetry.latency import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class VllmStreamingDataset(Dataset):
         self._token = _read_token(auth_token_file) if auth_token_file else None
         # Created here, in the parent, so DataLoader workers add to the same counters (telemetry).
         self.stats = SharedServerStats(urls)
+        self.latency = LatencyHistogram(urls, shared=True)  # per-request latency of successes, for p50/p95
         self._pid: int | None = None  # per-process state below is (re)built lazily after fork
         self._client: httpx.Client | None = None
         self._pool: ServerPool | None = None
@@ -294,7 +296,9 @@ class VllmStreamingDataset(Dataset):
                     delay = min(opt.backoff_max_s, opt.backoff_base_s * 2 ** max(attempt - 1, 0))
                     time.sleep(delay * (0.5 + random.random() / 2))
                 continue
-            pool.record_success(url, time.monotonic() - t0, nbytes)
+            dt = time.monotonic() - t0
+            pool.record_success(url, dt, nbytes)
+            self.latency.observe(url, dt)
             return aux, last
 
     def _model_for(self, url: str) -> str:
