@@ -4,6 +4,7 @@ bad-input handling, and the hidden-state file reader's rejections."""
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import subprocess
@@ -273,3 +274,33 @@ def test_die_with_parent_takes_the_server_down_when_the_launcher_is_killed(tmp_p
         time.sleep(0.1)
     os.kill(server_pid, 9)
     pytest.fail("the server outlived its SIGKILLed launcher")
+
+
+def test_concurrent_callers_build_once(tmp_path, monkeypatch):
+    """Several callers at once: one builds (under the file lock), the others wait and reuse its result."""
+    monkeypatch.delenv(vllm_env.PYTHON_VAR, raising=False)
+    calls = []
+
+    def fake_build(env_dir, spec, log):
+        calls.append(env_dir)
+        time.sleep(0.5)  # long enough for the others to queue on the lock
+        (env_dir / "bin").mkdir(parents=True)
+        (env_dir / "bin" / "python").touch()
+        (env_dir / vllm_env.MARKER).write_text(json.dumps(spec))
+
+    monkeypatch.setattr(vllm_env, "_build", fake_build)
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(vllm_env.ensure_vllm_env(tmp_path / "env", flavor="cpu", log=io.StringIO()))
+        except Exception as e:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(calls) == 1
+    assert results == [tmp_path / "env" / "bin" / "python"] * 4
