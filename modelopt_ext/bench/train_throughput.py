@@ -27,7 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="Measured optimizer steps (after the warmup).")
     p.add_argument("--warmup", type=int, default=3, help="Unmeasured first steps (allocations, caches).")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)."
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: tiny models gain nothing from more, and on a shared machine "
+        "spinning OpenMP threads cost ~10x; 0 = torch's default).",
     )
     p.add_argument("--workdir", default=None, help="Scratch output folder (default: a temporary one).")
     p.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
