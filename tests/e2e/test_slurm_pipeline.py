@@ -250,7 +250,10 @@ def test_killed_server_stops_every_node(slurm_cluster, tmp_path, monkeypatch, ti
     assert "server on node 0 exited" in reason, reason
     assert slurm_cluster.job_ids() == set() or int(res.tasks[0].job_id) not in slurm_cluster.job_ids()
     log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
-    assert "training stopped: the job failed" in log
+    # Every node ended through its trap, naming the job's failure (whether the failed marker or srun's
+    # --kill-on-bad-exit SIGTERM reached it first).
+    for node in (0, 1, 2):
+        assert f"[node {node}] exiting with" in log, log[-5000:]
 
 
 @pytest.mark.timeout(1800)
@@ -263,7 +266,8 @@ def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_pa
     record_timing(f"fault: trainer killed -> job {state} in {stop_s:.1f}s")
     assert state == "FAILED" and stop_s < 120
     reason = (_rdv_dir(res, res.tasks[0].job_id) / "failed").read_text()
-    assert "node 2" in reason, reason
+    # The killed rank's node, or its peer (its collective broke), reports first: either names training.
+    assert re.search(r"training on node [12] exited", reason), reason
     done = sorted(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
     last_step = int(done[-1].name.rsplit("_", 1)[-1])
     assert last_step < 24
