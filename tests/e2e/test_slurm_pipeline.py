@@ -63,8 +63,9 @@ def _write_spec(tmp_path: Path, name: str, spec: dict) -> Path:
 def _train_only_spec(output_dir: Path, *, nodes: int, max_steps: int, save_interval: int, extra_env=None,
                      extra_args=(), segment=None, serve_nodes=1, time_limit="00:20:00") -> dict:
     """A one-task job: the streaming entry script with serve_target (fast start), fixed output folder."""
+    # Ports apart from the example's (8765, 29500): Slurm may place these jobs on nodes the pipeline uses.
     env = [{"SERVE_NODES": str(serve_nodes)}, {"SERVE_ENGINE": "target"}, {"STREAMING_NUM_WORKERS": "0"},
-           {"RDV_POLL_S": "0.5"}]
+           {"RDV_POLL_S": "0.5"}, {"SERVE_PORT": "8799"}, {"MAIN_PROCESS_PORT": "29599"}]
     env += [{k: v} for k, v in (extra_env or {}).items()]
     slurm = {"_factory_": "slurm_factory", "host": "localhost", "nodes": nodes, "ntasks_per_node": 1,
              "time": time_limit}
