@@ -56,12 +56,16 @@ class ModelConfig(_Strict):
 def default_aux_layer_ids(num_layers: int) -> list[int]:
     """Low, middle and high layers (vLLM numbering), the common EAGLE-3 choice: [2, L//2, L-3].
 
-    For very shallow targets (tests) the ids are clamped into [1, L-1] and de-duplicated.
+    For shallow targets (tests) the ids are clamped into [1, L-1]; when that leaves fewer than three
+    distinct ids, [1, L//2, L-1] is used instead, because vLLM's and SGLang's EAGLE-3 heads size `fc`
+    for three aux layers.
     """
     if num_layers < 2:
         raise ValueError(f"target has {num_layers} layers; EAGLE-3 needs at least 2")
-    raw = [2, num_layers // 2, num_layers - 3]
-    return sorted({min(max(i, 1), num_layers - 1) for i in raw})
+    ids = sorted({min(max(i, 1), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
+    if len(ids) < 3:
+        ids = sorted({1, num_layers // 2, num_layers - 1})
+    return ids
 
 
 class DataConfig(_Strict):

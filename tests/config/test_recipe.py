@@ -82,7 +82,7 @@ def test_aux_layer_ids_validated():
     assert lines[0].startswith("model.aux_layer_ids:") and "distinct" in lines[0]
 
 
-@pytest.mark.parametrize("layers,expected", [(36, [2, 18, 33]), (32, [2, 16, 29]), (4, [1, 2]), (2, [1])])
+@pytest.mark.parametrize("layers,expected", [(36, [2, 18, 33]), (32, [2, 16, 29]), (5, [1, 2, 4]), (4, [1, 2, 3]), (3, [1, 2]), (2, [1])])
 def test_default_aux_layer_ids(layers, expected):
     assert default_aux_layer_ids(layers) == expected
 

@@ -61,6 +61,6 @@ def test_from_recipe(saved_target, tmp_path):
         }
     )
     src = ColocatedSource.from_recipe(recipe, "cpu")
-    assert src.aux_layer_ids == [1, 2]  # default rule for a 4-layer target
+    assert src.aux_layer_ids == [1, 2, 3]  # default rule for a 4-layer target
     sup = src(_batch())
-    assert sup.aux_hidden_states.shape[-1] == 2 * 128
+    assert sup.aux_hidden_states.shape[-1] == 3 * 128

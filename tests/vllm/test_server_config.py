@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_capture_ids_default_rule_plus_last_layer():
     assert capture_layer_ids(32) == [2, 16, 29, 32]
-    assert capture_layer_ids(4) == [1, 2, 4]  # shallow targets: clamped, de-duplicated
+    assert capture_layer_ids(4) == [1, 2, 3, 4]  # shallow targets: three distinct aux ids in [1, L-1]
     assert capture_layer_ids(36, [1, 17, 33]) == [1, 17, 33, 36]
 
 
