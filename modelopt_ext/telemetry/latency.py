@@ -59,7 +59,9 @@ class LatencyHistogram:
         self.urls = list(urls)
         n = len(self.urls) * N_BINS
         if shared:
-            self._arr = multiprocessing.get_context().Array("d", n, lock=True)
+            # Spawn-context lock: inherited by forked workers AND picklable into spawned ones (a fork-context
+            # SemLock refuses to pickle into a spawn-started DataLoader worker).
+            self._arr = multiprocessing.get_context("spawn").Array("d", n, lock=True)
             self._lock = self._arr.get_lock()
         else:
             self._arr = [0.0] * n
