@@ -45,6 +45,24 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def _window_rates(records: list[dict], key: str, fallback: str) -> tuple[list[float], list[float], str]:
+    """Per-window rate of a run counter (`run_samples` / `run_tokens` over `elapsed_s`), which shows dips the
+    cumulative mean hides; falls back to the cumulative `fallback` field when the counters are missing.
+    A resumed run restarts its counters: its first record is rated from zero."""
+    xs, ys, prev = [], [], (0.0, 0.0)
+    for r in records:
+        n, t, step = r.get(key), r.get("elapsed_s"), r.get("step")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (n, t, step)):
+            return (*_series(records, fallback), "since start")
+        if n < prev[0] or t < prev[1]:
+            prev = (0.0, 0.0)
+        if t > prev[1]:
+            xs.append(float(step))
+            ys.append((n - prev[0]) / (t - prev[1]))
+        prev = (n, t)
+    return xs, ys, "per window"
+
+
 def _step_keys(records: list[dict], prefix: str) -> list[str]:
     keys = {k for r in records for k in r if k.startswith(prefix) and k[len(prefix) :].isdigit()}
     return sorted(keys, key=lambda k: int(k[len(prefix) :]))
@@ -87,13 +105,18 @@ def plot_training(
             ax_sal.plot(*sal, color="gray", linestyle="--", marker="o" if len(sal[0]) < 3 else None)
             ax_sal.set_ylabel("sim. acceptance length (dashed)", color="gray")
 
-        ok = _draw(ax_tp, *_series(records, "samples_per_s"), "samples/s", color="tab:blue")
-        tok = _series(records, "tokens_per_s")
-        if tok[0]:
+        sx, sy, how = _window_rates(records, "run_samples", "samples_per_s")
+        ok = _draw(ax_tp, sx, sy, "samples/s", color="tab:blue")
+        tx, ty, _ = _window_rates(records, "run_tokens", "tokens_per_s")
+        if tx:
             ax_tok = ax_tp.twinx()
-            ax_tok.plot(*tok, color="tab:orange", marker="o" if len(tok[0]) < 3 else None)
+            ax_tok.plot(tx, ty, color="tab:orange", marker="o" if len(tx) < 3 else None)
             ax_tok.set_ylabel("tokens/s", color="tab:orange")
-        _finish(ax_tp, PANELS[2], "samples/s", ok or bool(tok[0]), legend=False)
+            ax_tok.set_ylim(bottom=0)
+        _finish(ax_tp, f"{PANELS[2]} ({how})", "samples/s", ok or bool(tx), legend=False)
+        if ok:
+            ax_tp.set_ylim(bottom=0)
+            ax_tp.set_ylabel("samples/s", color="tab:blue")
 
         wait = _series(records, "data_wait_frac")
         ok = _draw(ax_wait, wait[0], [100 * y for y in wait[1]], "data wait %", color="tab:red")
@@ -107,6 +130,7 @@ def plot_training(
             ax_mb = ax_wait.twinx()
             ax_mb.plot(*mbs, color="tab:green", marker="o" if len(mbs[0]) < 3 else None)
             ax_mb.set_ylabel("hidden states MB/s", color="tab:green")
+            ax_mb.set_ylim(bottom=0)
         _finish(ax_wait, PANELS[3], "% of step time", ok or bool(mbs[0]))
 
         fig.suptitle(title or f"{Path(metrics_jsonl).parent.name}: {len(records)} log record(s)")
