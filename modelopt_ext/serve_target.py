@@ -153,4 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is closed by now (sockets, sessions). Skip interpreter teardown: native destructors of
+    # process groups and thread pools can take seconds, or block on a peer that is gone.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
