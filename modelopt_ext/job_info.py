@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         info = job_info(args.config, list(args.overrides))
     except ConfigError as e:
         exit_with(e)
-    except (ValueError, OSError) as e:  # the target: no config.json, not resolvable, aux ids outside its layers
+    except (
+        ValueError,
+        OSError,
+    ) as e:  # the target: no config.json, not resolvable, aux ids outside its layers
         print(f"error: {args.config}: model.path: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     for name, value in info.items():

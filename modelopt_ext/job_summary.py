@@ -83,7 +83,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally write) the summary."""
-    p = argparse.ArgumentParser(prog="python -m modelopt_ext.job_summary", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.job_summary", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--output", required=True, help="The training output folder (training.output_dir).")
     p.add_argument("--target", required=True, help="The target model (for the serve commands).")
     p.add_argument("--bench", help="specdec_bench's JSON result.")

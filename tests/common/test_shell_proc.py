@@ -24,7 +24,11 @@ def bash(snippet: str, env: dict | None = None, timeout: float = 60) -> subproce
     full_env.update(env or {})
     return subprocess.run(
         ["bash", "-c", f"set -euo pipefail\n{libs}{snippet}\n"],
-        capture_output=True, text=True, env=full_env, timeout=timeout,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
     )
 
 
@@ -86,11 +90,16 @@ def test_http_check_works_without_curl(http_url, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("python3", "bash", "sleep", "mkdir", "dirname", "mktemp", "mv", "head", "date"):
-        src = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        src = subprocess.run(
+            ["bash", "-c", f"command -v {tool}"], check=False, capture_output=True, text=True
+        ).stdout.strip()
         (bin_dir / tool).symlink_to(src)
     env = {"PATH": str(bin_dir)}
-    r = bash(f'command -v curl || echo no-curl; rdv_http_ok "{http_url}/" && echo up; '
-             f'rdv_http_ok "http://127.0.0.1:9/" || echo down', env)
+    r = bash(
+        f'command -v curl || echo no-curl; rdv_http_ok "{http_url}/" && echo up; '
+        f'rdv_http_ok "http://127.0.0.1:9/" || echo down',
+        env,
+    )
     assert r.stdout.split() == ["no-curl", "up", "down"], r.stderr
 
 
@@ -133,7 +142,9 @@ def test_stop_group_kills_what_ignores_sigterm():
 
 
 def test_wait_exit_reports_the_code():
-    r = bash("bash -c 'exit 7' & proc_wait_exit $!; echo $PROC_RC; sleep 0.1 & proc_wait_exit $!; echo $PROC_RC")
+    r = bash(
+        "bash -c 'exit 7' & proc_wait_exit $!; echo $PROC_RC; sleep 0.1 & proc_wait_exit $!; echo $PROC_RC"
+    )
     assert r.stdout.split() == ["7", "0"], r.stderr
 
 
@@ -175,16 +186,32 @@ def test_port_checks():
 
 def _entry(args, tmp_path, **env):
     full = {
-        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "MODELOPT_REPO": str(REPO),
-        "MODELOPT_SCRATCH": str(tmp_path), "SLURM_JOB_ID": "7", "SERVE_NODES": "1", "SERVE_NODE_IDS": "0",
-        "TRAIN_NODE_IDS": "1,2", "TRAINER_SERVER_MAP": "1:0,2:0", "SLURM_NODEID": "1", "RDV_POLL_S": "0.2",
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "MODELOPT_REPO": str(REPO),
+        "MODELOPT_SCRATCH": str(tmp_path),
+        "SLURM_JOB_ID": "7",
+        "SERVE_NODES": "1",
+        "SERVE_NODE_IDS": "0",
+        "TRAIN_NODE_IDS": "1,2",
+        "TRAINER_SERVER_MAP": "1:0,2:0",
+        "SLURM_NODEID": "1",
+        "RDV_POLL_S": "0.2",
     }
     full.update(env)
-    return subprocess.run(["bash", str(ENTRY), *args], capture_output=True, text=True, env=full, timeout=120, cwd=REPO)
+    return subprocess.run(
+        ["bash", str(ENTRY), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=120,
+        cwd=REPO,
+    )
 
 
 def test_entry_usage_error():
-    r = subprocess.run(["bash", str(ENTRY)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", str(ENTRY)], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr
 
 
@@ -211,4 +238,6 @@ def test_entry_trainer_wait_for_servers_is_bounded_and_names_them(tmp_path):
     r = _entry(["--config", "recipes/eagle3/tiny.yaml"], tmp_path, SERVE_WAIT_S="1")
     assert r.returncode != 0
     assert "hidden-state servers of nodes 0" in r.stderr and f"{tmp_path}/rendezvous/7/server.0" in r.stderr
-    assert "no address from some hidden-state servers" in (tmp_path / "rendezvous" / "7" / "failed").read_text()
+    assert (
+        "no address from some hidden-state servers" in (tmp_path / "rendezvous" / "7" / "failed").read_text()
+    )

@@ -25,8 +25,21 @@ REPO = Path(__file__).resolve().parents[2]
 def _launch(job_dir: Path, run_id: str, *overrides: str, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ, MODELOPT_JOB_DIR=str(job_dir))
     return subprocess.run(
-        [sys.executable, "launch.py", "--yaml", "examples/local/quickstart.yaml", "--run-id", run_id, *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "launch.py",
+            "--yaml",
+            "examples/local/quickstart.yaml",
+            "--run-id",
+            run_id,
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

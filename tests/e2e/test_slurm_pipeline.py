@@ -60,15 +60,36 @@ def _write_spec(tmp_path: Path, name: str, spec: dict) -> Path:
     return path
 
 
-def _train_only_spec(output_dir: Path, *, nodes: int, max_steps: int, save_interval: int, extra_env=None,
-                     extra_args=(), segment=None, serve_nodes=1, time_limit="00:20:00") -> dict:
+def _train_only_spec(
+    output_dir: Path,
+    *,
+    nodes: int,
+    max_steps: int,
+    save_interval: int,
+    extra_env=None,
+    extra_args=(),
+    segment=None,
+    serve_nodes=1,
+    time_limit="00:20:00",
+) -> dict:
     """A one-task job: the streaming entry script with serve_target (fast start), fixed output folder."""
     # Ports apart from the example's (8765, 29500): Slurm may place these jobs on nodes the pipeline uses.
-    env = [{"SERVE_NODES": str(serve_nodes)}, {"SERVE_ENGINE": "target"}, {"STREAMING_NUM_WORKERS": "0"},
-           {"RDV_POLL_S": "0.5"}, {"SERVE_PORT": "8799"}, {"MAIN_PROCESS_PORT": "29599"}]
+    env = [
+        {"SERVE_NODES": str(serve_nodes)},
+        {"SERVE_ENGINE": "target"},
+        {"STREAMING_NUM_WORKERS": "0"},
+        {"RDV_POLL_S": "0.5"},
+        {"SERVE_PORT": "8799"},
+        {"MAIN_PROCESS_PORT": "29599"},
+    ]
     env += [{k: v} for k, v in (extra_env or {}).items()]
-    slurm = {"_factory_": "slurm_factory", "host": "localhost", "nodes": nodes, "ntasks_per_node": 1,
-             "time": time_limit}
+    slurm = {
+        "_factory_": "slurm_factory",
+        "host": "localhost",
+        "nodes": nodes,
+        "ntasks_per_node": 1,
+        "time": time_limit,
+    }
     if segment:
         slurm["segment"] = segment
     return {
@@ -114,9 +135,19 @@ def tiny_ready():
     import sys
 
     subprocess.run(
-        [sys.executable, "-m", "modelopt_ext.tiny", "--out", str(REPO / "outputs/tiny/target"),
-         "--data", str(REPO / "outputs/tiny/conversations.jsonl")],
-        check=True, cwd=REPO, capture_output=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "modelopt_ext.tiny",
+            "--out",
+            str(REPO / "outputs/tiny/target"),
+            "--data",
+            str(REPO / "outputs/tiny/conversations.jsonl"),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        timeout=900,
     )
 
 
@@ -127,8 +158,15 @@ def tiny_ready():
 def test_streaming_pipeline_with_vllm_on_three_nodes(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
     job_dir = _on_cluster(monkeypatch, slurm_cluster, tmp_path)
     t0 = time.monotonic()
-    res = run_job(EXAMPLE, ["pipeline.task_3.environment=[{BENCH_PROMPTS: '4'}, {BENCH_NEW_TOKENS: '24'}]"],
-                  mode="submit", job_dir=job_dir, run_id="e2e", echo=print, poll_s=1.0)
+    res = run_job(
+        EXAMPLE,
+        ["pipeline.task_3.environment=[{BENCH_PROMPTS: '4'}, {BENCH_NEW_TOKENS: '24'}]"],
+        mode="submit",
+        job_dir=job_dir,
+        run_id="e2e",
+        echo=print,
+        poll_s=1.0,
+    )
     wall = time.monotonic() - t0
     states = {t.name: (t.state, t.exit_code, t.reason) for t in res.tasks}
     logs = {t.name: _read_logs(t) for t in res.tasks}
@@ -152,7 +190,7 @@ def test_streaming_pipeline_with_vllm_on_three_nodes(slurm_cluster, tmp_path, mo
     assert "trainer 0/2" in train_log and "trainer 1/2" in train_log
     assert "2 rank(s)" in train_log
     out = Path(res.scratch_dir) / "eagle3"
-    ckpt = sorted(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))[-1]
+    ckpt = max(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 24
     # The export loads; the benchmark printed an acceptance length.
@@ -166,16 +204,21 @@ def test_streaming_pipeline_with_vllm_on_three_nodes(slurm_cluster, tmp_path, mo
 def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monkeypatch, tiny_ready):
     job_dir = _on_cluster(monkeypatch, slurm_cluster_2411, tmp_path)
     out = tmp_path / "out"
-    spec = _write_spec(tmp_path, "seg", _train_only_spec(out, nodes=4, serve_nodes=2, segment=2,
-                                                          max_steps=4, save_interval=4))
+    spec = _write_spec(
+        tmp_path,
+        "seg",
+        _train_only_spec(out, nodes=4, serve_nodes=2, segment=2, max_steps=4, save_interval=4),
+    )
     t0 = time.monotonic()
     res = run_job(spec, [], mode="submit", job_dir=job_dir, run_id="seg", echo=print, poll_s=1.0)
     wall = time.monotonic() - t0
     task = res.tasks[0]
     log = _read_logs(task)
     assert res.ok, f"{task.state} {task.exit_code} {task.reason}\n{log[-6000:]}"
-    record_timing(f"e2e 24.11 segment=2 (serve_target, 4 nodes): job {_runtime_s(slurm_cluster_2411, task.job_id)}s; "
-                  f"launcher wall {wall:.0f}s")
+    record_timing(
+        f"e2e 24.11 segment=2 (serve_target, 4 nodes): job {_runtime_s(slurm_cluster_2411, task.job_id)}s; "
+        f"launcher wall {wall:.0f}s"
+    )
     rdv = _rdv_dir(res, task.job_id)
     assert task.env["SERVE_NODE_IDS"] == "0,2" and task.env["TRAIN_NODE_IDS"] == "1,3"
     urls = {i: (rdv / f"server.{i}").read_text().strip() for i in (0, 2)}
@@ -187,8 +230,11 @@ def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monke
 
 
 def _launch_fault_job(tmp_path, name, out, *, max_steps, extra_args=()):
-    spec = _write_spec(tmp_path, name, _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4,
-                                                         extra_args=extra_args))
+    spec = _write_spec(
+        tmp_path,
+        name,
+        _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4, extra_args=extra_args),
+    )
     return run_job(spec, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
 
 
@@ -241,7 +287,7 @@ def _kill_midway_and_time_stop(cluster, res, pid_file: str, out: Path, only: str
 def test_killed_server_stops_every_node(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
     _on_cluster(monkeypatch, slurm_cluster, tmp_path)
     out = tmp_path / "out"
-    res = _launch_fault_job(tmp_path, "kill_server", out, max_steps=400)
+    res = _launch_fault_job(tmp_path, "kill-server", out, max_steps=400)
     stop_s, state = _kill_midway_and_time_stop(slurm_cluster, res, "server.0.pid", out)
     record_timing(f"fault: server killed -> job {state} in {stop_s:.1f}s")
     assert state == "FAILED"
@@ -261,9 +307,10 @@ def test_killed_server_stops_every_node(slurm_cluster, tmp_path, monkeypatch, ti
 def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
     _on_cluster(monkeypatch, slurm_cluster, tmp_path)
     out = tmp_path / "out"
-    res = _launch_fault_job(tmp_path, "kill_trainer", out, max_steps=24)
-    stop_s, state = _kill_midway_and_time_stop(slurm_cluster, res, "trainer.2.pid", out,
-                                                only="modelopt_ext.train")
+    res = _launch_fault_job(tmp_path, "kill-trainer", out, max_steps=24)
+    stop_s, state = _kill_midway_and_time_stop(
+        slurm_cluster, res, "trainer.2.pid", out, only="modelopt_ext.train"
+    )
     record_timing(f"fault: trainer killed -> job {state} in {stop_s:.1f}s")
     assert state == "FAILED" and stop_s < 120
     reason = (_rdv_dir(res, res.tasks[0].job_id) / "failed").read_text()
@@ -274,9 +321,17 @@ def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_pa
     assert last_step < 24
 
     res2 = run_job(
-        _write_spec(tmp_path, "resume", _train_only_spec(out, nodes=3, max_steps=24, save_interval=4,
-                                                         extra_args=["--resume auto"])),
-        [], mode="submit", job_dir=tmp_path / "jobs", run_id="resume", echo=print, poll_s=1.0,
+        _write_spec(
+            tmp_path,
+            "resume",
+            _train_only_spec(out, nodes=3, max_steps=24, save_interval=4, extra_args=["--resume auto"]),
+        ),
+        [],
+        mode="submit",
+        job_dir=tmp_path / "jobs",
+        run_id="resume",
+        echo=print,
+        poll_s=1.0,
     )
     log = _read_logs(res2.tasks[0])
     assert res2.ok, log[-6000:]

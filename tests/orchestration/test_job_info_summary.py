@@ -42,18 +42,34 @@ def test_job_info_resolves_defaults_and_overrides(recipe):
 
 def test_job_info_cli_prints_shell_safe_assignments(recipe):
     path, _ = recipe
-    r = subprocess.run([sys.executable, "-m", "modelopt_ext.job_info", "--config", str(path), "--resume", "auto"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_ext.job_info", "--config", str(path), "--resume", "auto"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    out = subprocess.run(["bash", "-c", f"eval {shlex.quote(r.stdout)}; printf '%s|' \"$JOB_OUTPUT_DIR\" \"$JOB_AUX_IDS\""],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", f'eval {shlex.quote(r.stdout)}; printf \'%s|\' "$JOB_OUTPUT_DIR" "$JOB_AUX_IDS"'],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert out == "out dir/x|2,16,29|"
 
 
 def test_job_info_cli_bad_override_is_one_line(recipe):
     path, _ = recipe
-    r = subprocess.run([sys.executable, "-m", "modelopt_ext.job_info", "--config", str(path), "training.lr=-1"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "modelopt_ext.job_info", "--config", str(path), "training.lr=-1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "training.lr" in r.stderr
 
 
@@ -63,16 +79,48 @@ def test_summary(tmp_path, capsys):
     (out / "export" / "config.json").write_text("{}")
     (out / "epoch_0_step_80").mkdir()
     (out / "epoch_0_step_40").mkdir()
-    rec = {"step": 80, "loss": 6.5, "acc_0": 0.5, "acc_1": 0.4, "sim_accept_len": 1.9, "samples_per_s": 4.2,
-           "tokens_per_s": 300.0}
+    rec = {
+        "step": 80,
+        "loss": 6.5,
+        "acc_0": 0.5,
+        "acc_1": 0.4,
+        "sim_accept_len": 1.9,
+        "samples_per_s": 4.2,
+        "tokens_per_s": 300.0,
+    }
     (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n" + '{"step": 9')  # torn last line ignored
     bench = tmp_path / "b.json"
-    bench.write_text(json.dumps({"num_prompts": 8, "num_steps": 3, "mean_acceptance_length": 1.75,
-                                 "tokens_per_s_speculative": 30.0, "tokens_per_s_baseline": 20.0, "speedup": 1.5}))
+    bench.write_text(
+        json.dumps(
+            {
+                "num_prompts": 8,
+                "num_steps": 3,
+                "mean_acceptance_length": 1.75,
+                "tokens_per_s_speculative": 30.0,
+                "tokens_per_s_baseline": 20.0,
+                "speedup": 1.5,
+            }
+        )
+    )
     notes = tmp_path / "notes.txt"
     notes.write_text("reused: tiny target\n")
-    assert summary_main(["--output", str(out), "--target", "t", "--bench", str(bench), "--notes", str(notes),
-                         "--write", str(out / "summary.txt")]) == 0
+    assert (
+        summary_main(
+            [
+                "--output",
+                str(out),
+                "--target",
+                "t",
+                "--bench",
+                str(bench),
+                "--notes",
+                str(notes),
+                "--write",
+                str(out / "summary.txt"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text == (out / "summary.txt").read_text()
     assert f"drafter (export, loads in vLLM/SGLang): {out / 'export'}" in text
