@@ -311,7 +311,7 @@ def format_window(win: Totals, kind: str) -> tuple[str, list[str]]:
     parts = [f"wait {_pct(win.data_wait_frac)}"]
     if kind == IN_PROCESS:
         parts.append(f"target fwd {_pct(win.supply_frac)}")
-    parts.append(f"{win.rate(win.hs_bytes) / 1e6:.3g} MB/s")
+    parts.append(f"{human_bytes(win.rate(win.hs_bytes))}/s")
     lines = []
     if win.servers:
         cells = []
@@ -322,6 +322,17 @@ def format_window(win: Totals, kind: str) -> tuple[str, list[str]]:
             )
         lines.append("  servers: " + " | ".join(cells))
     return " | ".join(parts), lines
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, 3 significant digits)."""
+    if not math.isfinite(n):
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"  # unreachable; keeps type checkers calm
 
 
 def short_url(url: str) -> str:

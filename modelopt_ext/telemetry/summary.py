@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, short_url
+from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
 
 STARVED_FRAC = 0.30  # data wait above this share of step time: the trainers are starved
 TARGET_HEAVY_FRAC = 0.50  # in-process target forward above this share: worth offloading to serve nodes
@@ -142,16 +142,15 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
             f"  time: {split} of {m.get('world_size', 1)} trainer(s)' step time ({kind} supervision; "
             f"start-up {_num(m.get('startup_s'), '.1f')}s not counted)"
         ),
-        f"  hidden states: {_num(m.get('hs_mb_per_s'), '.2f')} MB/s, "
-        f"{_num(_div(m.get('hs_bytes_per_sample'), 1e6), '.3f')} MB/sample, "
-        f"{_num(_div(m.get('hs_bytes'), 1e6), '.1f')} MB in all"
+        f"  hidden states: {_bytes(_div(m.get('hs_mb_per_s'), 1e-6))}/s, "
+        f"{_bytes(m.get('hs_bytes_per_sample'))}/sample, {_bytes(m.get('hs_bytes'))} in all"
         + (" (produced in-process)" if kind == IN_PROCESS else ""),
     ]
     for url, s in (m.get("servers") or {}).items():
         lines.append(
             f"  server {short_url(url)}: {s['requests']} req, {s['errors']} err, {s['down_events']} outage(s), "
             f"latency mean {_ms(s['lat_mean_ms'])} p50 {_ms(s['lat_p50_ms'])} p95 {_ms(s['lat_p95_ms'])}, "
-            f"{s['mb']:.1f} MB"
+            f"{_bytes(_div(s['mb'], 1e-6))}"
         )
     lines += ["  " + line for line in verdict(m)]
     return lines
@@ -204,6 +203,10 @@ def _finite(x: Any) -> Any:
 def _real(x: Any) -> bool:
     """A finite number (not None, NaN or inf)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bytes(x: Any) -> str:
+    return human_bytes(x) if _real(x) else "?"
 
 
 def _div(x: Any, d: float) -> float:

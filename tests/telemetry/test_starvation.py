@@ -134,12 +134,12 @@ def _check_report_matches_jsonl(out: Path) -> dict:
 
 
 def test_slow_server_run_says_starved(tmp_path, capsys):
-    out = _run(tmp_path, write_delay_s=0.35)  # 2 samples/batch x 0.35 s vs 0.2 s compute
+    out = _run(tmp_path, write_delay_s=0.5)  # one worker, 2 samples/batch x 0.5 s vs 0.2 s compute
     m = _check_report_matches_jsonl(out)
-    assert m["starved"] and m["data_wait_frac"] > 0.5
-    assert m["demand_tokens_per_s"] > 2 * m["supply_tokens_per_s"]
+    assert m["starved"] and m["data_wait_frac"] > 0.4
+    assert m["demand_tokens_per_s"] > 1.5 * m["supply_tokens_per_s"]
     (srv,) = m["servers"].values()
-    assert srv["lat_p50_ms"] > 250
+    assert srv["lat_p50_ms"] > 400
     summary = (out / "summary.txt").read_text()
     assert "STARVED" in summary and "more serve nodes" in summary and "STREAMING_NUM_WORKERS" in summary
     printed = capsys.readouterr().out
