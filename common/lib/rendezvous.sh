@@ -141,10 +141,15 @@ rdv_failure_reason() {
 }
 
 # rdv_advertise_ip: the address other nodes should use to reach this one. SERVE_ADVERTISE_IP wins;
+# a one-node job (SLURM_NNODES unset or 1) uses loopback, since every peer is on this machine;
 # otherwise the source address of the default route, then the first non-loopback address.
 rdv_advertise_ip() {
   if [[ -n "${SERVE_ADVERTISE_IP:-}" ]]; then
     printf '%s\n' "$SERVE_ADVERTISE_IP"
+    return 0
+  fi
+  if [[ "${SLURM_NNODES:-1}" == "1" ]]; then
+    printf '127.0.0.1\n'
     return 0
   fi
   local ip=""

@@ -102,7 +102,10 @@ def test_wait_http_is_bounded():
 def test_advertise_ip_override_wins():
     r = bash("rdv_advertise_ip", env={"SERVE_ADVERTISE_IP": "10.1.2.3"})
     assert r.stdout.strip() == "10.1.2.3"
-    r = bash("rdv_advertise_ip")
+    # One node: every peer is local, so loopback (no traffic leaves through a real interface).
+    assert bash("rdv_advertise_ip").stdout.strip() == "127.0.0.1"
+    assert bash("rdv_advertise_ip", env={"SLURM_NNODES": "1"}).stdout.strip() == "127.0.0.1"
+    r = bash("rdv_advertise_ip", env={"SLURM_NNODES": "3"})
     assert r.returncode == 0 and r.stdout.strip().count(".") == 3
 
 
