@@ -102,6 +102,31 @@ strip_list() {
   tr -d '[] ' <<<"$1"
 }
 
+# split_train_args ARGS...: the trainer's options (--config/--resume with their values) into TRAIN_OPTS and
+# its dotted overrides into TRAIN_OVERRIDES, so the script's own overrides can follow the user's (argparse
+# takes positional overrides only before the first option: `... --resume auto data.x=1` is an error).
+split_train_args() {
+  TRAIN_OPTS=()
+  TRAIN_OVERRIDES=()
+  while (($#)); do
+    case "$1" in
+      --config | --resume)
+        (($# >= 2)) || fail "$1 needs a value"
+        TRAIN_OPTS+=("$1" "$2")
+        shift 2
+        ;;
+      --config=* | --resume=*)
+        TRAIN_OPTS+=("$1")
+        shift
+        ;;
+      *)
+        TRAIN_OVERRIDES+=("$1")
+        shift
+        ;;
+    esac
+  done
+}
+
 # resolve_job ARGS...: the recipe's target, dtype, layers and output folder (modelopt_ext.job_info).
 resolve_job() {
   local info
@@ -284,14 +309,16 @@ train() {
   [[ "$SERVE_ENGINE" == target ]] && overrides+=("data.mode=remote")
   [[ -n "${STREAMING_NUM_WORKERS:-}" ]] && overrides+=("data.num_workers=${STREAMING_NUM_WORKERS}")
   local -a cmd
+  split_train_args "$@"
+  local -a train_args=("${TRAIN_OPTS[@]}" "${TRAIN_OVERRIDES[@]}" "${overrides[@]}")
   if ((total == 1)); then
-    cmd=("$PY" -m modelopt_ext.train "$@" "${overrides[@]}")
+    cmd=("$PY" -m modelopt_ext.train "${train_args[@]}")
   else
     # --multi_gpu is accelerate's torchrun path; on CPU nodes it is also what starts several processes
     # (gloo), see docs/training.md. Precision is the trainer's own (training.dtype), hence "no" here.
     cmd=("$PY" -m accelerate.commands.launch --multi_gpu --num_machines "$machines" --machine_rank "$rank"
       --num_processes "$total" --mixed_precision no --dynamo_backend no --main_process_ip "${TRAINER_ADDR%:*}" --main_process_port "${TRAINER_ADDR##*:}"
-      -m modelopt_ext.train "$@" "${overrides[@]}")
+      -m modelopt_ext.train "${train_args[@]}")
   fi
   ((procs > 0)) || fail "no processes left for training on node ${NODE_ID} (TRAIN_PROCS_PER_NODE / GPUs)"
   log "trainer ${rank}/${machines} (${total} processes in all): ${cmd[*]}"
