@@ -35,6 +35,8 @@ SERVE_WAIT_S="${SERVE_WAIT_S:-1200}"
 HEALTH_WAIT_S="${HEALTH_WAIT_S:-120}"
 TRAINER_WAIT_S="${TRAINER_WAIT_S:-600}"
 DONE_WAIT_S="${DONE_WAIT_S:-600}"
+# A hidden-state server has nothing to save: a short grace after SIGTERM (vLLM's CPU build can take 30 s+).
+SERVER_STOP_GRACE_S="${SERVER_STOP_GRACE_S:-15}"
 
 NODE_ID="${SLURM_NODEID:-0}"
 PHASE="starting"
@@ -60,7 +62,7 @@ on_exit() {
     rdv_mark_failed "$RDV_DIR" "${PHASE} failed (exit ${rc})${LAST_ERR:+: ${LAST_ERR}}"
   fi
   [[ -n "$TRAIN_PID" ]] && proc_stop_group "$TRAIN_PID" 20
-  [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" 40
+  [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
   if ((rc != 0)) && [[ -n "$RDV_DIR" ]]; then
     log "exiting with ${rc}; job: $(rdv_failure_reason "$RDV_DIR")"
   fi
@@ -226,13 +228,13 @@ serve_until_finished() {
     fi
     if [[ -e "$RDV_DIR/done" ]]; then
       log "job done: stopping the server"
-      proc_stop_group "$SERVER_PID" 40
+      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
       SERVER_PID=""
       return 0
     fi
     if rdv_failed "$RDV_DIR"; then
       log "job failed ($(rdv_failure_reason "$RDV_DIR")): stopping the server"
-      proc_stop_group "$SERVER_PID" 40
+      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
       SERVER_PID=""
       exit 1
     fi
@@ -392,7 +394,7 @@ main() {
     serve
     if [[ "$SINGLE_NODE" == 1 ]]; then
       train "$@"
-      proc_stop_group "$SERVER_PID" 40
+      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
       SERVER_PID=""
     else
       serve_until_finished
