@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark task of the examples: check the exported drafter, measure its acceptance length with
-# specdec_bench, print the job summary (modelopt_ext.job_summary) and keep it in OUTPUT/summary.txt.
+# specdec_bench, print the job summary (modelopt_ext.job_summary) and keep it in OUTPUT/job_summary.txt
+# (OUTPUT/summary.txt is the trainer's own training summary).
 #
 #   bash launcher/node_exec.sh common/eagle3/benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl
 # Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round, 3), BENCH_NEW_TOKENS (32).
@@ -22,7 +23,7 @@ main() {
     --max-prompts "${BENCH_PROMPTS:-8}" --num-steps "${BENCH_STEPS:-3}" --max-new-tokens "${BENCH_NEW_TOKENS:-32}" \
     --out "$bench"
   "$py" -m modelopt_ext.job_summary --output "$out" --target "$target" --bench "$bench" \
-    --notes "${MODELOPT_SCRATCH:-$out}/prepare_notes.txt" --write "$out/summary.txt"
+    --notes "${MODELOPT_SCRATCH:-$out}/prepare_notes.txt" --write "$out/job_summary.txt"
 }
 
 # On one line with main: bash reads a script as it runs it, so an edit of this file during a long run

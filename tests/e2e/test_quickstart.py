@@ -59,7 +59,7 @@ def test_quickstart_end_to_end_and_reuse(tmp_path):
     rdv = next((scratch / "rendezvous").iterdir())
     assert (rdv / "logs" / "vllm.0.log").is_file() and (rdv / "done").is_file()
     assert "mode streaming" in out
-    summary = (scratch / "eagle3" / "summary.txt").read_text()
+    summary = (scratch / "eagle3" / "job_summary.txt").read_text()
     assert f"drafter (export, loads in vLLM/SGLang): {export}" in summary
     m = re.search(r"acceptance length \(specdec_bench.*\): ([0-9.]+)", summary)
     assert m and float(m.group(1)) > 1.0, summary
