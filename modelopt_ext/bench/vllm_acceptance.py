@@ -148,6 +148,21 @@ def _root_cause(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
+def _reap_group(pgid: int, grace_s: float = 10.0) -> None:
+    """Give the engine processes in the worker's group a moment to exit (and flush their logs), then SIGKILL."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dict:
     from modelopt_ext.serving.vllm_env import detect_flavor
 
@@ -168,16 +183,10 @@ def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dic
             proc.wait(10)
             raise RuntimeError(f"vLLM worker did not finish within {timeout:.0f} s (log {log})") from None
         finally:
-            try:  # engine core processes live in the worker's group
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
+            _reap_group(proc.pid)
     if rc != 0 or not out.is_file():
         lines = log.read_text(errors="replace").splitlines()
-        err = next(
-            (ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else ""
-        )
-        raise RuntimeError(f"vLLM worker failed (exit {rc}, log {log}): {err.strip()}")
+        raise RuntimeError(f"vLLM worker failed (exit {rc}, log {log}): {_root_cause(lines)}")
     return json.loads(out.read_text())
 
 
