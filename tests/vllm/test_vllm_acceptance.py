@@ -29,8 +29,10 @@ def write_untrained_export(target_dir, out_dir, seed: int = 0):
     """An untrained EAGLE-3 drafter for `target_dir`, exported by the project's exporter (what vLLM loads).
 
     Written as a training checkpoint first (draft state dict + Eagle3Config), then `export_checkpoint`, so
-    the folder vLLM sees is exactly the real export layout. Full draft vocabulary (identity d2t), the
-    target's embeddings, the tiny recipe's aux layers [1, 2, 3].
+    the folder vLLM sees is exactly the real export layout. A reduced draft vocabulary (512 of 1024, from
+    random token counts) as real runs have, the target's embeddings, the tiny recipe's aux layers [1, 2, 3].
+    (A FULL draft vocabulary currently fails in vLLM 0.32: it also loads the export's
+    vocab_mapping.safetensors, whose d2t then has no parameter to go to; see docs/vllm.md.)
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig
