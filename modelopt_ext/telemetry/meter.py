@@ -179,6 +179,7 @@ class TrainMeter:
         self._sync_cuda = device is not None and device.type == "cuda"
         self.clock = clock
         self.t0: float | None = None
+        self.t_end: float | None = None
         self.wait_s = self.startup_s = self.supply_s = 0.0
         self.sup_bytes = self.samples = self.tokens = 0.0
         self._last: Totals | None = None
@@ -211,6 +212,11 @@ class TrainMeter:
     def start(self) -> None:
         """Training starts now (time before this - loading, warm-up - is not counted)."""
         self.t0 = self.clock()
+
+    def stop(self) -> None:
+        """Training ended now: later aggregates keep this wall time (export and teardown are not counted)."""
+        if self.t0 is not None and self.t_end is None:
+            self.t_end = self.clock()
 
     def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
         """Yield from `batches`, counting the time blocked in iter()/next() as data wait (start-up until the
@@ -260,7 +266,8 @@ class TrainMeter:
 
     # -- totals ---------------------------------------------------------------------------------------------
     def _vector(self) -> list[float]:
-        wall = self.clock() - self.t0 if self.t0 is not None else 0.0
+        end = self.t_end if self.t_end is not None else self.clock()
+        wall = end - self.t0 if self.t0 is not None else 0.0
         vec = [wall, self.wait_s, self.startup_s, self.supply_s, self.sup_bytes, self.samples, self.tokens]
         shared = self._server_stats() if self._server_stats is not None else {}
         hist = (self._server_latency or self._local_latency).counts()

@@ -121,6 +121,8 @@ def plot_training(
         wait = _series(records, "data_wait_frac")
         ok = _draw(ax_wait, wait[0], [100 * y for y in wait[1]], "data wait %", color="tab:red")
         sup = _series(records, "supply_frac")
+        if not any(sup[1]):  # only a colocated run has an in-process target forward
+            sup = ([], [])
         ok = _draw(ax_wait, sup[0], [100 * y for y in sup[1]], "target forward %", color="tab:purple") or ok
         if ok:
             ax_wait.axhline(30, color="tab:red", linestyle=":", linewidth=1, label="starved above")
@@ -145,6 +147,9 @@ def plot_training(
 
 
 def _finish(ax, title: str, ylabel: str, has_data: bool, legend: bool = True) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

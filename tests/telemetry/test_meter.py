@@ -80,6 +80,9 @@ def test_wait_fraction_and_rates_on_controlled_timings():
     assert win2.wall_s == pytest.approx(20.0) and win2.startup_s == pytest.approx(2.0)
     assert win2.data_wait_frac == pytest.approx(2.0 / 18.0)
     assert total2.data_wait_frac == pytest.approx(13.0 / 55.0)
+    m.stop()
+    clock.t += 100.0  # export, teardown: not training time
+    assert m.aggregate().wall_s == pytest.approx(60.0)
 
 
 def test_in_process_source_counts_as_supply_not_wait():
