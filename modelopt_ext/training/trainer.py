@@ -430,6 +430,7 @@ class Trainer:
                     break
             else:
                 self.epoch, self.position = self.epoch + 1, 0
+        self.meter.stop()  # the export is not training time
         export = None
         if not stopped and cfg.export_at_end and self.last_checkpoint is not None:
             export = self._export()
