@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 1:
         print("error: --steps and --warmup must be >= 1", file=sys.stderr)
         return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not args.workdir:
+        # Every rank must write into the same output folder (checkpoints are collective).
+        print("error: under accelerate launch, pass --workdir (a folder every rank sees)", file=sys.stderr)
+        return 2
     import torch
 
     from modelopt_ext.config.errors import ConfigError, exit_with
@@ -93,9 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
     except ConfigError as e:
         exit_with(e)
-    if Path(args.recipe).resolve() == DEFAULT_RECIPE:
+    if world == 1 and Path(args.recipe).resolve() == DEFAULT_RECIPE:
         ensure_tiny_inputs(recipe)
+    elif not (Path(recipe.model.path) / "config.json").is_file():
+        # Ranks must not race to build it: build once, then launch.
+        print(
+            f"error: {recipe.model.path}: no target (python -m modelopt_ext.tiny builds the tiny one)",
+            file=sys.stderr,
+        )
+        return 2
     train(recipe)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     figures = steady_rates(Path(recipe.training.output_dir) / "metrics.jsonl", args.warmup)
     figures.update(
         device=str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -103,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=recipe.training.batch_size,
         grad_accum=recipe.training.grad_accum,
         ttt_steps=recipe.eagle.ttt_steps,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world,
     )
     print(
         f"train_throughput: {figures['samples_per_s']:.2f} samples/s, {figures['tokens_per_s']:.0f} tokens/s "
         f"over {figures['steps']} steps ({figures['seconds']:.1f} s) after {args.warmup} warmup steps; "
         f"batch {figures['batch_size']} x accum {figures['grad_accum']}, ttt {figures['ttt_steps']}, "
-        f"{figures['device']}, {figures['torch_threads']} torch thread(s)"
+        f"{figures['device']}, {world} rank(s) x {figures['torch_threads']} torch thread(s)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
