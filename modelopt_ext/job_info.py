@@ -13,6 +13,7 @@ YAML in bash and the server and the trainers agree on the target, its dtype and 
     JOB_OUTPUT_DIR      training.output_dir
     JOB_MAX_LENGTH      data.max_length
     JOB_SHARED_ROOT     data.shared_storage_root (may be empty)
+    JOB_NUM_WORKERS     data.num_workers (where a rank's round-robin over the servers starts depends on it)
 
 A bad recipe or override: one line per problem, exit 2 (same lines as the trainer would print).
 """
@@ -40,6 +41,7 @@ def job_info(config: str, overrides: list[str]) -> dict[str, str]:
         "JOB_OUTPUT_DIR": recipe.training.output_dir,
         "JOB_MAX_LENGTH": str(recipe.data.max_length),
         "JOB_SHARED_ROOT": recipe.data.shared_storage_root or "",
+        "JOB_NUM_WORKERS": str(recipe.data.num_workers),
     }
 
 

@@ -307,7 +307,13 @@ train() {
   total=$((machines * procs))
   trainer_rendezvous "$machines" "$rank"
 
-  local -a overrides=("data.server_urls=[${SERVER_URLS}]" "data.shared_storage_root=${HS_DIR}" "${AUX_OVERRIDE[@]}")
+  # Each rank's sources start at server index (global rank * stride) % n (stride: DataLoader workers for
+  # vLLM streaming, 1 for the target server): rotate so this node's first rank starts at its preferred one.
+  local stride=1 workers="${STREAMING_NUM_WORKERS:-$JOB_NUM_WORKERS}" n_servers urls_for_train
+  [[ "$SERVE_ENGINE" == vllm && "$workers" -gt 1 ]] && stride="$workers"
+  n_servers="$(plan_count "$SERVER_URLS")"
+  urls_for_train="$(rdv_rotate_csv "$SERVER_URLS" $(((rank * procs * stride) % n_servers)))"
+  local -a overrides=("data.server_urls=[${urls_for_train}]" "data.shared_storage_root=${HS_DIR}" "${AUX_OVERRIDE[@]}")
   [[ "$SERVE_ENGINE" == target ]] && overrides+=("data.mode=remote")
   [[ -n "${STREAMING_NUM_WORKERS:-}" ]] && overrides+=("data.num_workers=${STREAMING_NUM_WORKERS}")
   local -a cmd
@@ -347,8 +353,9 @@ finish_head() {
   local out="$JOB_OUTPUT_DIR" last
   PHASE="export on node ${NODE_ID}"
   if [[ ! -f "$out/export/config.json" ]]; then
-    last="$(find "$out" -maxdepth 1 -type d -name 'epoch_*_step_*' | sort -t_ -k4,4n | tail -n 1)"
+    last="$(find "$out" -maxdepth 1 -type d -name 'epoch_*_step_*' -printf '%f\n' | sort -t_ -k4,4n | tail -n 1)"
     [[ -n "$last" ]] || fail "training finished but ${out} has no checkpoint to export"
+    last="${out}/${last}"
     "$PY" -m modelopt_ext.export --checkpoint "$last" --out "$out/export" || fail "export of ${last} failed"
   fi
   rdv_mark_done "$RDV_DIR"

@@ -113,6 +113,22 @@ rdv_ordered_urls() {
   printf '%s\n' "${urls[*]}"
 }
 
+# rdv_rotate_csv CSV K: CSV rotated right by K (its first item moves to index K mod length). A rank's
+# sources start at server index (global rank * per-rank stride) % n; rotating a trainer node's
+# preferred-first list by that index makes its first rank start at its preferred server.
+rdv_rotate_csv() {
+  local csv="$1" k="$2" n i
+  local -a items rotated
+  IFS=, read -r -a items <<<"$csv"
+  n=${#items[@]}
+  ((n > 0)) || return 0
+  for ((i = 0; i < n; i++)); do
+    rotated[(i + k) % n]="${items[i]}"
+  done
+  local IFS=,
+  printf '%s\n' "${rotated[*]}"
+}
+
 # rdv_mark_done DIR: tell every node the job finished successfully.
 rdv_mark_done() {
   rdv_publish "$1/done" "$(date -u +%FT%TZ)"

@@ -73,6 +73,21 @@ def test_ordered_urls_put_the_preferred_server_first(tmp_path):
     assert r.returncode != 0 and f"{tmp_path}/server.6" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "csv,k,expected",
+    [
+        ("a,b,c", 0, "a,b,c"),
+        ("a,b,c", 1, "c,a,b"),
+        ("a,b,c", 5, "b,c,a"),
+        ("s2,s0", 1, "s0,s2"),
+        ("x", 3, "x"),
+    ],
+)
+def test_rotate_puts_the_first_item_at_index_k(csv, k, expected):
+    r = bash(f"rdv_rotate_csv {csv} {k}")
+    assert r.stdout.strip() == expected, r.stderr
+
+
 @pytest.fixture()
 def http_url():
     class Quiet(http.server.SimpleHTTPRequestHandler):
