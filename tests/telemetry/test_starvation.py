@@ -21,6 +21,9 @@ from modelopt_ext.training.trainer import Trainer, TrainingParts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streaming"))
 from fake_vllm import spawn
 
+# Real training runs against a real server process: seconds on a quiet machine, minutes on a loaded one.
+pytestmark = pytest.mark.e2e
+
 HIDDEN, LAYERS, VOCAB = 8, 3, 64  # aux ids of a 3-layer target: [1, 2]; the server captures [1, 2, 3]
 COMPUTE_S = 0.2  # the stand-in drafter's step time
 
