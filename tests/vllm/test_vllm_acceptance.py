@@ -38,12 +38,14 @@ def write_untrained_export(target_dir, out_dir, seed: int = 0):
     from transformers import AutoConfig
 
     from modelopt_ext.checkpoints.export import export_checkpoint
+    from modelopt_ext.data.draft_vocab import build_draft_vocab
     from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
 
     torch.manual_seed(seed)
-    draft = Eagle3DraftModel(
-        Eagle3Config.from_target_config(AutoConfig.from_pretrained(target_dir), [1, 2, 3])
-    )
+    target_cfg = AutoConfig.from_pretrained(target_dir)
+    draft = Eagle3DraftModel(Eagle3Config.from_target_config(target_cfg, [1, 2, 3], draft_vocab_size=512))
+    counts = torch.randint(0, 1000, (target_cfg.vocab_size,), generator=torch.Generator().manual_seed(seed))
+    draft.set_vocab(build_draft_vocab(counts, target_cfg.vocab_size, 512))
     draft.load_embeddings(load_file(str(target_dir / "model.safetensors"))["model.embed_tokens.weight"])
     ckpt = out_dir.parent / (out_dir.name + "_ckpt")
     ckpt.mkdir(parents=True)
