@@ -6,7 +6,7 @@ Two servers capture the drafter's aux layers plus layer L (pre-final-norm). The 
 - finish an epoch when one server is killed (SIGKILL) mid-epoch: every sample delivered exactly once, the
   dead server taken out of rotation.
 
-Slow (two server starts, ~1-2 min each on 2 cores, ~3 GB RAM each): marked e2e + vllm.
+The two servers are the session's pair (tests/streaming/conftest.py). Slow (two server starts, ~1-2 min each on 2 cores, ~3 GB RAM each): marked e2e + vllm.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,20 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
 N_SAMPLES = 40
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "eagle3" / "tiny.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_target() -> Path:
-    from modelopt_ext.tiny import build_tiny_target
-
-    cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
-    return build_tiny_target(cache / "tiny-target")
 
 
 @pytest.fixture(scope="module")
@@ -65,53 +49,6 @@ def samples(tiny_target) -> list[dict[str, torch.Tensor]]:
         mask[len(ids) // 2 :] = True
         out.append({"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": mask})
     return out
-
-
-@pytest.fixture(scope="module")
-def aux_ids() -> list[int]:
-    """The tiny recipe's aux layers (vLLM numbering); the servers capture them plus L."""
-    from modelopt_ext.config.overrides import load_yaml_file
-
-    return list(load_yaml_file(str(TINY_RECIPE))["model"]["aux_layer_ids"])
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_target, aux_ids, tmp_path_factory):
-    """Two real vLLM hidden-state servers sharing one storage root (started concurrently)."""
-    from modelopt_ext.capture import capture_layer_ids, target_num_layers
-    from modelopt_ext.serving.hidden_states_server import start_hidden_states_server
-    from modelopt_ext.serving.vllm_env import ensure_vllm_env
-
-    python = ensure_vllm_env()
-    root = tmp_path_factory.mktemp("shared")
-    logs = tmp_path_factory.mktemp("logs")
-    capture = capture_layer_ids(target_num_layers(tiny_target), aux_ids)
-    handles, errors = [None, None], []
-
-    def start(i: int) -> None:
-        port = _free_port()
-        try:
-            handles[i] = start_hidden_states_server(
-                str(tiny_target), shared_storage=root, capture_ids=capture, port=port, dtype="float32",
-                max_model_len=512, python=python, log_path=logs / f"vllm_{i}.log", startup_timeout=600,
-            )  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - a starter thread must hand back any failure
-            errors.append(f"server {i}: {e}")
-
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=660)
-    try:
-        assert not errors and all(handles), f"vLLM servers failed to start: {errors}"
-        print(f"\n2 vLLM servers up in {time.monotonic() - t0:.0f} s: {[h.url for h in handles]}")
-        yield root, handles
-    finally:
-        for h in handles:
-            if h is not None:
-                h.stop()
 
 
 def _dataset(samples, root, urls, handles, aux_ids, **kw):
