@@ -23,6 +23,7 @@ Everything binds to 127.0.0.1 and every process started here is stopped before r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import http.client
 import http.server
@@ -31,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue
 import signal
 import socket
 import subprocess
@@ -194,11 +196,13 @@ def bench_files(tensors: dict[str, torch.Tensor], iters: int, root: Path) -> flo
 # --------------------------------------------------------------------------------------------------- gloo
 
 
-def _gloo_rank(rank: int, port: int, sizes_mb: list[float], iters: int, q) -> None:
+def _gloo_rank(rank: int, port: int, sizes_mb: list[float], iters: int, q, go) -> None:
     """Child process: one rank of a 2-rank gloo group; rank 1 reports seconds per payload per size."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if not go.wait(600):  # started early so its imports overlap the other transports; measure alone
+        return
     dist.init_process_group(
         "gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=2,
     )  # fmt: skip
@@ -226,17 +230,34 @@ def _gloo_rank(rank: int, port: int, sizes_mb: list[float], iters: int, q) -> No
         dist.destroy_process_group()
 
 
-def bench_gloo(sizes_mb: list[float], iters: int, ctx) -> list[float]:
-    """Seconds per payload received by rank 1 of a 2-process gloo group on loopback, per size."""
-    q = ctx.Queue()
+def start_gloo(sizes_mb: list[float], iters: int, ctx) -> tuple[list, object, object]:
+    """Start the two gloo ranks (they import torch, then wait for `go.set()`); (processes, queue, go)."""
+    q, go = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [
-        ctx.Process(target=_gloo_rank, args=(r, port, list(sizes_mb), iters, q), daemon=True) for r in (0, 1)
-    ]
+    args = (port, list(sizes_mb), iters, q, go)
+    procs = [ctx.Process(target=_gloo_rank, args=(r, *args), daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
+    return procs, q, go
+
+
+def finish_gloo(procs: list, q, go) -> list[float]:
+    """Let the ranks run; seconds per payload received by rank 1, per size. Stops both ranks."""
+    go.set()
+    deadline = time.monotonic() + 300
     try:
-        return q.get(timeout=300)
+        while True:
+            try:
+                return q.get(timeout=1)
+            except queue.Empty:
+                # A rank that died (e.g. the group did not form) never reports: fail fast, not at the deadline.
+                if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+                    with contextlib.suppress(queue.Empty):
+                        return q.get(timeout=5)  # it may have reported just before exiting
+                    codes = [p.exitcode for p in procs]
+                    raise RuntimeError(
+                        f"gloo: the 2-rank group did not report (exit codes {codes})"
+                    ) from None
     finally:
         for p in procs:
             p.join(30)
@@ -246,15 +267,23 @@ def bench_gloo(sizes_mb: list[float], iters: int, ctx) -> list[float]:
 
 
 def data_plane_rows(sizes_mb: list[float], iters: int, storage: Path | None = None) -> list[dict]:
-    """One row per (transport, payload size): MB per payload, ms per payload, MB/s."""
+    """One row per (transport, payload size): MB per payload, ms per payload, MB/s.
+
+    Transports are measured one after the other (never two at once); only the child processes' start-up
+    overlaps.
+    """
     ctx = mp.get_context("spawn")  # children import torch fresh; no forked OpenMP/gloo state
-    payloads = [make_payload(s) for s in sizes_mb]
-    nbytes = [payload_bytes(p) for p in payloads]
-    secs: dict[str, list[float]] = {"memcpy": [bench_memcpy(p, iters) for p in payloads]}
-    secs["wire/http"] = bench_wire_http(sizes_mb, iters, ctx)
-    with tempfile.TemporaryDirectory(prefix="supply_bench_", dir=storage) as d:
-        secs["files"] = [bench_files(p, iters, Path(d)) for p in payloads]
-    secs["gloo"] = bench_gloo(sizes_mb, iters, ctx)
+    gloo = start_gloo(sizes_mb, iters, ctx)
+    try:
+        payloads = [make_payload(s) for s in sizes_mb]
+        nbytes = [payload_bytes(p) for p in payloads]
+        secs: dict[str, list[float]] = {"memcpy": [bench_memcpy(p, iters) for p in payloads]}
+        secs["wire/http"] = bench_wire_http(sizes_mb, iters, ctx)
+        with tempfile.TemporaryDirectory(prefix="supply_bench_", dir=storage) as d:
+            secs["files"] = [bench_files(p, iters, Path(d)) for p in payloads]
+    finally:
+        gloo_secs = finish_gloo(*gloo)
+    secs["gloo"] = gloo_secs
     rows = []
     for name in TRANSPORTS:
         for nb, s in zip(nbytes, secs[name]):
@@ -273,7 +302,9 @@ def _train(out: Path, steps: int, overrides: list[str], log: Path, timeout_s: fl
         f"training.log_interval={max(1, steps // 4)}", "training.export_at_end=false", *overrides,
     ]  # fmt: skip
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=_one_thread_env()
+        )
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -293,6 +324,12 @@ def _train(out: Path, steps: int, overrides: list[str], log: Path, timeout_s: fl
     }
 
 
+def _one_thread_env() -> dict:
+    # One torch thread per process: on a small shared machine spinning OpenMP threads cost several x, and
+    # every mode then gets the same compute per process (the server's and the trainer's).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MODELOPT_EXT_NCCL_PORT": "0"}
+
+
 def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     url_file = tmp / "serve_target.url"
     log = (tmp / "serve_target.log").open("w")
@@ -300,7 +337,7 @@ def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]
         [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--host", LOOPBACK,
          "--port", "0", "--device", "cpu", "--url-file", str(url_file), "--threads", "1"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MODELOPT_EXT_NCCL_PORT": "0"},
+        env=_one_thread_env(),
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while not url_file.exists():
