@@ -199,7 +199,18 @@ def test_port_checks():
 # ------------------------------------------------------------------------------------------ entry script
 
 
+def _fake_target(tmp_path) -> str:
+    """A target folder with only a config.json: enough for the entry script's job_info (layer count), so
+    these tests never depend on a built tiny target (a fresh clone has none)."""
+    target = tmp_path / "target"
+    target.mkdir(exist_ok=True)
+    (target / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 128}')
+    return f"model.path={target}"
+
+
 def _entry(args, tmp_path, **env):
+    if args and args[0] == "--config":
+        args = [*args, _fake_target(tmp_path)]
     full = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", "/root"),
