@@ -24,6 +24,10 @@ import torch
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab_mapping.safetensors"
+# vLLM loads every *.safetensors in the folder unless this index names the weight files; without it,
+# vocab_mapping.safetensors is loaded as weights and a full-vocabulary drafter fails to load
+# ("no module or parameter named 'draft_id_to_target_id'"). SGLang honours the same index.
+INDEX_FILE = "model.safetensors.index.json"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 LAYER_KEYS = [
@@ -231,6 +235,11 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        index = {
+            "metadata": {"total_size": sum(w.numel() * w.element_size() for w in weights.values())},
+            "weight_map": {k: MODEL_FILE for k in sorted(weights)},
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         vocab.save(tmp)
         _swap_into_place(tmp, out)
@@ -264,6 +273,9 @@ def check_export(out_dir: str | Path) -> dict:
             f"{out / CONFIG_FILE}: architectures is {config.get('architectures')}, expected [{ARCHITECTURE!r}]"
         )
     weights = _load_tensors(out / MODEL_FILE)
+    index = _read_json(out / INDEX_FILE)
+    if set(index.get("weight_map", {}).values()) != {MODEL_FILE} or set(index["weight_map"]) != set(weights):
+        raise ExportError(f"{out / INDEX_FILE}: weight_map must list exactly the tensors of {MODEL_FILE}")
     reduced = int(config["draft_vocab_size"]) < int(config["vocab_size"])
     _check_keys(out / MODEL_FILE, weights, EXPORT_KEYS + (["d2t"] if reduced else []), optional=("t2d",))
     if reduced and weights["d2t"].dtype != torch.int64:

@@ -84,6 +84,21 @@ def test_identity_vocab_has_no_d2t(tmp_path):
     check_export(out)
 
 
+def test_index_keeps_the_vocab_mapping_out_of_the_weights(checkpoint, tmp_path):
+    # vLLM and SGLang load every *.safetensors in the folder unless an index names the weight files;
+    # vocab_mapping.safetensors then reaches the model as weights (vLLM refuses a full-vocab drafter).
+    ckpt, _ = checkpoint
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert set(index["weight_map"]) == set(load_file(str(out / "model.safetensors")))
+    assert (out / "vocab_mapping.safetensors").is_file()
+    index["weight_map"]["extra"] = "vocab_mapping.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="model.safetensors.index.json: weight_map"):
+        check_export(out)
+
+
 def test_dtype_cast_and_optional_t2d(checkpoint, tmp_path):
     out = export_checkpoint(checkpoint[0], tmp_path / "export", dtype="bfloat16", include_t2d=True)
     w = load_file(str(out / "model.safetensors"))
