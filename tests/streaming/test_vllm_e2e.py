@@ -6,7 +6,8 @@ Two servers capture the drafter's aux layers plus layer L (pre-final-norm). The 
 - finish an epoch when one server is killed (SIGKILL) mid-epoch: every sample delivered exactly once, the
   dead server taken out of rotation.
 
-The two servers are the session's pair (tests/streaming/conftest.py). Slow (two server starts, ~1-2 min each on 2 cores, ~3 GB RAM each): marked e2e + vllm.
+The two servers are the session's pair (tests/streaming/conftest.py). Slow (two server starts, ~1-2 min
+each on 2 cores, ~3 GB RAM each): marked e2e + vllm.
 """
 
 from __future__ import annotations

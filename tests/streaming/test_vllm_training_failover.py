@@ -102,7 +102,7 @@ def test_training_survives_killing_one_vllm_server(servers, tiny_target, tmp_pat
                 f"training exited early ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
             )
             assert time.monotonic() < deadline, f"no {KILL_AFTER_STEP} steps in {PROGRESS_TIMEOUT_S} s"
-            time.sleep(0.5)
+            time.sleep(0.2)
         killed_at = time.monotonic() - t0
         killed_step = max(_logged_steps(out / "metrics.jsonl"))
         os.killpg(b.process.pid, signal.SIGKILL)  # server B dies mid-run, no goodbye
@@ -146,6 +146,5 @@ def test_training_survives_killing_one_vllm_server(servers, tiny_target, tmp_pat
     ok_a, ok_b = sa["requests"] - sa["errors"], sb["requests"] - sb["errors"]
     # Both carried load before the kill; A alone afterwards, so A delivered most samples.
     assert ok_b >= 1 and ok_a > ok_b
-    # Each delivered sample was fetched once (the worker may prefetch up to 2 batches beyond the last step).
-    assert MAX_STEPS * BATCH <= ok_a + ok_b <= MAX_STEPS * BATCH + 2 * BATCH
-    assert not list(root.glob("*.safetensors")), "hidden-state files left in the shared storage"
+    # The run is exactly one epoch, so the loader asks for each sample once: one successful fetch per sample.
+    assert ok_a + ok_b == MAX_STEPS * BATCH
