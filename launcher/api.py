@@ -32,6 +32,7 @@ from launcher.follow import JobState, follow, local_runner, tunnel_runner
 from launcher.layout import RunLayout, make_layout
 from launcher.nemo import import_nemo_run
 from launcher.spec import Job, ResolvedTask, load_job
+from modelopt_ext.fileio import write_text_atomic
 
 Mode = Literal["validate", "dryrun", "submit"]
 Printer = Callable[[str], None]
@@ -153,13 +154,6 @@ def _stdin_devnull():
             sys.stdin = saved
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _experiment(run, title: str, exp_id: str, base_dir: Path):
     return run.Experiment(
         title,
@@ -207,12 +201,12 @@ def _slurm(
             r.env = b.env
             r.script_text = jobobj._dryrun_info.request.materialize()
             r.dryrun_script = layout.dryrun_dir / f"{b.task.name}.sbatch.sh"
-            _write_atomic(r.dryrun_script, r.script_text)
+            write_text_atomic(r.dryrun_script, r.script_text)
             if b.task.inline is not None:
                 # nemo_run runs inline text from a file in the task folder; show and keep it too.
                 inline_file = Path(jobobj.executor.job_dir) / "scripts" / f"{b.task.name}.sh"
                 r.inline_script = (str(inline_file), inline_file.read_text())
-                _write_atomic(layout.dryrun_dir / f"{b.task.name}.inline.sh", r.inline_script[1])
+                write_text_atomic(layout.dryrun_dir / f"{b.task.name}.inline.sh", r.inline_script[1])
             r.submitted_script = (
                 Path(jobobj.executor.tunnel.job_dir) / f"{jobobj.executor.job_name}_sbatch.sh"
             )
@@ -318,7 +312,7 @@ def _local(job: Job, layout: RunLayout, result: RunResult, mode: Mode, say: Prin
     for t, r in zip(job.tasks, result.tasks):
         r.script_text = local_command_text(job, t, layout)
         r.dryrun_script = layout.dryrun_dir / f"{t.name}.local.sh"
-        _write_atomic(r.dryrun_script, r.script_text)
+        write_text_atomic(r.dryrun_script, r.script_text)
     if mode == "dryrun":
         return
     run = import_nemo_run(layout.nemorun_home)

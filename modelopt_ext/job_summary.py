@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
+
+from modelopt_ext.fileio import write_text_atomic
 
 
 def _last_metrics(output: Path) -> dict:
@@ -73,14 +73,6 @@ def render_summary(output: Path, target: str, bench: dict | None, notes: list[st
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally write) the summary."""
     p = argparse.ArgumentParser(
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_summary(output, args.target, bench, notes)
     sys.stdout.write(text)
     if args.write:
-        _write_atomic(Path(args.write), text)
+        write_text_atomic(Path(args.write), text)
     return 0
 
 

@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
+
+from modelopt_ext.fileio import write_text_atomic
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -56,14 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=1 << 20, help="largest B*T accepted per generate")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if args.url_file:
-        _write_atomic(Path(args.url_file), server.url + "\n")
+        write_text_atomic(Path(args.url_file), server.url + "\n")
     print(f"serve_target: serving on {server.url}", flush=True)
     try:
         server.serve_forever()

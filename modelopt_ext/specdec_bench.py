@@ -12,11 +12,10 @@ Exits 1 if the speculative output ever differs from the target's own greedy outp
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from modelopt_ext.fileio import write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -41,15 +40,6 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _eos_ids(target, tokenizer) -> set[int]:
@@ -136,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"output identical to target greedy: {result.outputs_match_greedy}")
     if args.out:
-        _write_json_atomic(Path(args.out), r)
+        write_json_atomic(Path(args.out), r)
         print(f"wrote {args.out}")
     return 0 if result.outputs_match_greedy else 1
 

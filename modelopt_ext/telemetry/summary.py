@@ -8,12 +8,12 @@ their non-waiting time) and suggests more serve nodes or more fetch concurrency.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from modelopt_ext.fileio import write_json_atomic, write_text_atomic
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
 
 STARVED_FRAC = 0.30  # data wait above this share of step time: the trainers are starved
@@ -156,18 +156,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON with NaN/inf written as null (strict JSON readers choke on NaN), temp + rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Text, temp + rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
+def write_metrics_json(path: Path, obj: Any) -> None:
+    """JSON with NaN/inf written as null (strict JSON readers choke on NaN), atomically."""
+    write_json_atomic(path, _finite(obj), sort_keys=True)
 
 
 def write_report(out_dir: str | os.PathLike, metrics: dict[str, Any], summary_text: str) -> dict[str, Path]:
@@ -180,8 +171,8 @@ def write_report(out_dir: str | os.PathLike, metrics: dict[str, Any], summary_te
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics": out / "metrics.json", "summary": out / "summary.txt"}
-    write_json_atomic(written["metrics"], metrics)
-    write_text_atomic(written["summary"], summary_text)
+    write_metrics_json(written["metrics"], metrics)
+    write_text_atomic(written["summary"], summary_text if summary_text.endswith("\n") else summary_text + "\n")
     try:
         plot_training(out / "metrics.jsonl", out / "training.png")
         written["plot"] = out / "training.png"
