@@ -316,9 +316,11 @@ def _train(out: Path, steps: int, overrides: list[str], log: Path, timeout_s: fl
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            _stop(proc)
             raise RuntimeError(f"training run timed out after {timeout_s:.0f} s (log {log})") from None
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): never leave a trainer behind
+            _stop(proc)
+            raise
     if rc != 0:
         raise RuntimeError(f"training run failed (exit {rc}, log {log}): {log.read_text()[-600:]}")
     m = json.loads((out / "metrics.json").read_text())
@@ -340,13 +342,13 @@ def _one_thread_env() -> dict:
 
 def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     url_file = tmp / "serve_target.url"
-    log = (tmp / "serve_target.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--host", LOOPBACK,
-         "--port", "0", "--device", "cpu", "--url-file", str(url_file), "--threads", "1"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=_one_thread_env(),
-    )  # fmt: skip
+    with (tmp / "serve_target.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--host", LOOPBACK,
+             "--port", "0", "--device", "cpu", "--url-file", str(url_file), "--threads", "1"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_one_thread_env(),
+        )  # fmt: skip
     deadline = time.monotonic() + 300
     while not url_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -357,12 +359,15 @@ def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    # The process leads its own session (start_new_session): signal its group, so its children go too.
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
 
 
@@ -401,7 +406,7 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
                 str(target), shared_storage=root, capture_ids=capture_layer_ids(
                     target_num_layers(target), recipe.model.aux_layer_ids),
                 host=LOOPBACK, port=_free_port(), dtype="float32", max_model_len=512,
-                log_path=work / "vllm.log", startup_timeout=600,
+                log_path=work / "vllm.log", startup_timeout=600, die_with_parent=True,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report the row as failed, keep the other rows
             rows.append({"mode": "vllm streaming", "note": "server start failed", "error": str(e)})
@@ -414,7 +419,11 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
                 )
             finally:
                 handle.stop()
-    proc, url = _start_serve_target(target, work)
+    try:
+        proc, url = _start_serve_target(target, work)
+    except RuntimeError as e:
+        rows.append({"mode": "serve_target", "note": "server start failed", "error": str(e).splitlines()[0]})
+        return rows
     try:
         run("serve_target", ["data.mode=remote", f"data.server_urls=[{url}]"], "remote, 1 server, 1 thread")
     finally:
@@ -512,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         "train_steps": steps,
     }
     if not args.skip_train:
-        with tempfile.TemporaryDirectory(prefix="supply_train_") as d:
-            result["training"] = training_rows(steps, args.skip_vllm, Path(d))
+        # SIGTERM unwinds like Ctrl-C, so the finally blocks stop every server and trainer started here.
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            with tempfile.TemporaryDirectory(prefix="supply_train_") as d:
+                result["training"] = training_rows(steps, args.skip_vllm, Path(d))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print(format_tables(result), flush=True)
     if args.out:
         out = Path(args.out)
