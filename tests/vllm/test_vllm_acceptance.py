@@ -25,14 +25,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(2400)]
 NUM_STEPS = 3
 
 
-def write_untrained_export(target_dir, out_dir, seed: int = 0):
+def write_untrained_export(target_dir, out_dir, draft_vocab_size: int, seed: int = 0):
     """An untrained EAGLE-3 drafter for `target_dir`, exported by the project's exporter (what vLLM loads).
 
     Written as a training checkpoint first (draft state dict + Eagle3Config), then `export_checkpoint`, so
     the folder vLLM sees is exactly the real export layout. A reduced draft vocabulary (512 of 1024, from
-    random token counts) as real runs have, the target's embeddings, the tiny recipe's aux layers [1, 2, 3].
-    (A FULL draft vocabulary currently fails in vLLM 0.32: it also loads the export's
-    vocab_mapping.safetensors, whose d2t then has no parameter to go to; see docs/vllm.md.)
+    random token counts) as real runs have, or the full vocabulary (no d2t: vLLM 0.32 has no parameter for it
+    then, and the export's index keeps vocab_mapping.safetensors out of the weights), the target's
+    embeddings, the tiny recipe's aux layers [1, 2, 3].
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -43,9 +43,11 @@ def write_untrained_export(target_dir, out_dir, seed: int = 0):
 
     torch.manual_seed(seed)
     target_cfg = AutoConfig.from_pretrained(target_dir)
-    draft = Eagle3DraftModel(Eagle3Config.from_target_config(target_cfg, [1, 2, 3], draft_vocab_size=512))
+    draft = Eagle3DraftModel(
+        Eagle3Config.from_target_config(target_cfg, [1, 2, 3], draft_vocab_size=draft_vocab_size)
+    )
     counts = torch.randint(0, 1000, (target_cfg.vocab_size,), generator=torch.Generator().manual_seed(seed))
-    draft.set_vocab(build_draft_vocab(counts, target_cfg.vocab_size, 512))
+    draft.set_vocab(build_draft_vocab(counts, target_cfg.vocab_size, draft_vocab_size))
     draft.load_embeddings(load_file(str(target_dir / "model.safetensors"))["model.embed_tokens.weight"])
     ckpt = out_dir.parent / (out_dir.name + "_ckpt")
     ckpt.mkdir(parents=True)
@@ -54,13 +56,14 @@ def write_untrained_export(target_dir, out_dir, seed: int = 0):
     return export_checkpoint(ckpt, out_dir)
 
 
-def test_untrained_drafter_in_vllm(vllm_python, tiny_target, tmp_path):
+@pytest.mark.parametrize("draft_vocab_size", [512, 1024], ids=["reduced_vocab", "full_vocab"])
+def test_untrained_drafter_in_vllm(vllm_python, tiny_target, tmp_path, draft_vocab_size):
     from transformers import AutoModelForCausalLM
 
     from modelopt_ext.bench.vllm_acceptance import run_vllm_acceptance
     from modelopt_ext.tiny import make_conversation
 
-    export = write_untrained_export(tiny_target, tmp_path / "export")
+    export = write_untrained_export(tiny_target, tmp_path / "export", draft_vocab_size)
     rng = random.Random(5)
     prompts = tmp_path / "prompts.jsonl"
     with open(prompts, "w") as f:
