@@ -12,15 +12,14 @@ CLI: `python -m modelopt_ext.tiny --out DIR [--data FILE --num-conversations N]`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from modelopt_ext.fileio import exclusive_lock, replace_dir_atomically
 
 # The chat template (ChatML form): the same text the fitting loop trains on, so the target "speaks" it.
 CHAT_TEMPLATE = (
@@ -278,7 +277,7 @@ def build_tiny_target(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (test workers, helpers) may ask for the same build at once: one builds, the others
     # wait for it and reuse it.
-    with _build_lock(out_dir):
+    with exclusive_lock(out_dir.with_name(out_dir.name + ".lock"), 1800.0, f"another build of {out_dir}"):
         if not force and _matching_build(out_dir, params):
             log(f"tiny: reusing the tiny target another process just built in {out_dir}")
             return out_dir
@@ -293,27 +292,6 @@ def _matching_build(out_dir: Path, params: dict) -> bool:
         return json.loads(marker.read_text()).get("params") == params
     except (OSError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def _build_lock(out_dir: Path, timeout_s: float = 1800.0):
-    """An exclusive lock on `<out_dir>.lock`, waited for at most `timeout_s`."""
-    import fcntl
-
-    with open(out_dir.with_name(out_dir.name + ".lock"), "a+") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited {timeout_s:.0f} s for another build of {out_dir}") from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(out_dir: Path, params: dict, log) -> Path:
@@ -367,18 +345,11 @@ def _build(out_dir: Path, params: dict, log) -> Path:
         log=log,
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
+    with replace_dir_atomically(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False).save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"params": params, "fit_loss": loss}, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(
         f"tiny: wrote {out_dir} (Llama {num_layers}x{hidden_size}, head_dim {head_dim}, vocab {vocab_size}, "
         f"tokenizer {len(tokenizer)} tokens; fitted {fit_steps} steps to loss {loss:.3f} in {time.monotonic() - t0:.1f} s)"

@@ -13,13 +13,12 @@ The folder appears atomically (temp dir + rename) or not at all.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from modelopt_ext.fileio import replace_dir_atomically
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -231,9 +230,7 @@ def export_checkpoint(
 
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with replace_dir_atomically(out) as tmp:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         index = {
             "metadata": {"total_size": sum(w.numel() * w.element_size() for w in weights.values())},
@@ -242,26 +239,7 @@ def export_checkpoint(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         vocab.save(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed only after the swap."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_export(out_dir: str | Path) -> dict:

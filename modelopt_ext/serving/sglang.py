@@ -23,11 +23,11 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelopt_ext.fileio import replace_dir_atomically
 from modelopt_ext.serving.drafter import (
     DraftPlan,
     ServeError,
@@ -245,9 +245,7 @@ def prepare(plan: SglangPlan) -> None:
     if plan.token_map_pending and plan.token_ids is None:
         _, plan.token_ids, _, _ = _inspect(src, "always", plan.layer_name)
     out = Path(plan.draft_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with replace_dir_atomically(out) as tmp:
         for f in src.iterdir():
             if not f.is_file() or f.name == "config.json":
                 continue
@@ -259,9 +257,3 @@ def prepare(plan: SglangPlan) -> None:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if plan.token_ids is not None:
             torch.save(plan.token_ids.to(torch.int64).contiguous(), tmp / TOKEN_MAP)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

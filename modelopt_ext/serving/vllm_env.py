@@ -24,7 +24,6 @@ CLI: `python -m modelopt_ext.serving.vllm_env [--root DIR] [--flavor cpu|gpu]` p
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from modelopt_ext.fileio import exclusive_lock
 
 ENV_VAR = "MODELOPT_EXT_VLLM_ENV"
 PYTHON_VAR = "MODELOPT_EXT_VLLM_PYTHON"
@@ -214,25 +215,14 @@ def ensure_vllm_env(root: str | os.PathLike | None = None, *, flavor: str | None
         return env_python(env_dir)
     env_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = env_dir.with_name(env_dir.name + ".lock")
-    with open(lock_path, "a+") as lock:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise VllmEnvError(
-                        f"timed out after {LOCK_WAIT_S:.0f} s waiting for {lock_path}"
-                    ) from None
-                time.sleep(1.0)
-        try:
+    try:
+        with exclusive_lock(lock_path, LOCK_WAIT_S, "another build of vLLM's environment", poll_s=1.0):
             if not _marker_matches(env_dir, spec):  # another process may have built it while we waited
                 t0 = time.monotonic()
                 _build(env_dir, spec, log)
                 print(f"[vllm-env] built {env_dir} in {time.monotonic() - t0:.1f} s", file=log, flush=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except TimeoutError as e:
+        raise VllmEnvError(str(e)) from None
     return env_python(env_dir)
 
 
