@@ -19,28 +19,46 @@ rdv_read() {
   head -n 1 "$file"
 }
 
-# rdv_wait_files TIMEOUT_S WHAT FILE...: wait until every FILE exists. On timeout, print which are
-# missing and return 1. Returns 2 early if the failed marker of RDV_DIR appears meanwhile.
-rdv_wait_files() {
+# rdv_wait_until TIMEOUT_S WHAT CMD...: run CMD every RDV_POLL_S seconds until it succeeds (return 0).
+# Returns 1 after TIMEOUT_S (the caller says what is missing), or 2 early, with a message, when the failed
+# marker of RDV_DIR appears meanwhile: no node waits for peers of a job that already failed.
+rdv_wait_until() {
   local timeout="$1" what="$2"
   shift 2
-  local deadline=$((SECONDS + timeout)) missing f
-  while :; do
-    missing=()
-    for f in "$@"; do
-      [[ -e "$f" ]] || missing+=("$f")
-    done
-    ((${#missing[@]} == 0)) && return 0
+  local deadline=$((SECONDS + timeout))
+  until "$@"; do
     if [[ -n "${RDV_DIR:-}" ]] && rdv_failed "$RDV_DIR"; then
       echo "gave up waiting for ${what}: the job failed ($(rdv_failure_reason "$RDV_DIR"))" >&2
       return 2
     fi
-    if ((SECONDS >= deadline)); then
-      echo "timed out after ${timeout}s waiting for ${what}; missing: ${missing[*]}" >&2
-      return 1
-    fi
+    ((SECONDS >= deadline)) && return 1
     sleep "${RDV_POLL_S:-1}"
   done
+}
+
+# _rdv_missing FILE...: print the FILEs that do not exist (one per line).
+_rdv_missing() {
+  local f
+  for f in "$@"; do
+    [[ -e "$f" ]] || printf '%s\n' "$f"
+  done
+}
+
+# _rdv_all_exist FILE...: true when every FILE exists.
+_rdv_all_exist() {
+  [[ -z "$(_rdv_missing "$@")" ]]
+}
+
+# rdv_wait_files TIMEOUT_S WHAT FILE...: wait until every FILE exists. On timeout, print which are
+# missing and return 1. Returns 2 early if the failed marker of RDV_DIR appears meanwhile.
+rdv_wait_files() {
+  local timeout="$1" what="$2" rc=0
+  shift 2
+  rdv_wait_until "$timeout" "$what" _rdv_all_exist "$@" || rc=$?
+  if ((rc == 1)); then
+    echo "timed out after ${timeout}s waiting for ${what}; missing: $(_rdv_missing "$@" | tr '\n' ' ')" >&2
+  fi
+  return "$rc"
 }
 
 # rdv_http_ok URL: true when URL answers HTTP 2xx within 5 s. curl when present, else python3 (minimal
@@ -56,19 +74,12 @@ rdv_http_ok() {
 
 # rdv_wait_http TIMEOUT_S URL: wait until URL answers HTTP 2xx (bounded); return 1 on timeout.
 rdv_wait_http() {
-  local timeout="$1" url="$2" deadline
-  deadline=$((SECONDS + timeout))
-  until rdv_http_ok "$url"; do
-    if [[ -n "${RDV_DIR:-}" ]] && rdv_failed "$RDV_DIR"; then
-      echo "gave up waiting for ${url}: the job failed ($(rdv_failure_reason "$RDV_DIR"))" >&2
-      return 2
-    fi
-    if ((SECONDS >= deadline)); then
-      echo "timed out after ${timeout}s waiting for ${url} to answer" >&2
-      return 1
-    fi
-    sleep "${RDV_POLL_S:-1}"
-  done
+  local timeout="$1" url="$2" rc=0
+  rdv_wait_until "$timeout" "$url" rdv_http_ok "$url" || rc=$?
+  if ((rc == 1)); then
+    echo "timed out after ${timeout}s waiting for ${url} to answer" >&2
+  fi
+  return "$rc"
 }
 
 # rdv_job_key: the name of this job's rendezvous folder: the Slurm job id (plus the restart count after a
