@@ -88,7 +88,7 @@ _proc_any_alive() {
 }
 
 # proc_stop_group PGID [GRACE_S]: SIGTERM to the group and to the groups of all its descendants, SIGKILL
-# to what is left after GRACE_S (default 20). Returns once they are gone or after the KILL (bounded).
+# to what is left after GRACE_S (default 20). Returns once they are gone (after the KILL: at most 5 s more).
 proc_stop_group() {
   local pgid="$1" grace="${2:-20}" deadline g
   [[ -n "$pgid" ]] || return 0
@@ -107,6 +107,11 @@ proc_stop_group() {
     log "process group ${pgid} (with groups ${stop[*]}) still running ${grace}s after SIGTERM: SIGKILL"
     for g in "${stop[@]}"; do
       kill -KILL -- "-$g" 2>/dev/null || true
+    done
+    # SIGKILL is delivered asynchronously: wait (bounded) so callers see the groups gone on return.
+    deadline=$((SECONDS + 5))
+    while _proc_any_alive "${stop[@]}" && ((SECONDS < deadline)); do
+      sleep 0.1
     done
   fi
 }
