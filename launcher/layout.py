@@ -136,6 +136,11 @@ def task_env(job: Job, task: ResolvedTask, layout: RunLayout, *, container: bool
     )
     if job.spec.hf_local:
         env.setdefault("HF_LOCAL", CONTAINER_HF_LOCAL if container else job.spec.hf_local)
+    if container:
+        # Inside an image the project runs on the image's own Python (topped up once per job by
+        # common/lib/python.sh) and vLLM is the image's: never the repo's .venv built on the login node.
+        env.setdefault("MODELOPT_PYTHON", "python3")
+        env.setdefault("MODELOPT_EXT_VLLM_PYTHON", "python3")
     return env
 
 

@@ -10,12 +10,14 @@ set -euo pipefail
 BENCH_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${BENCH_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${BENCH_REPO}/common/lib/python.sh"
 
 main() {
   [[ $# -eq 3 ]] || { echo "usage: benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl" >&2; exit 2; }
   local out="$1" target="$2" prompts="$3" py bench
-  py="${MODELOPT_PYTHON:-${BENCH_REPO}/.venv/bin/python}"
-  [[ -x "$py" ]] || py="$(command -v python3)"
+  py_project "$BENCH_REPO" || die "no Python to run the benchmark with"
+  py="$MODELOPT_PYTHON"
   [[ -f "$out/export/config.json" ]] || die "no exported drafter in ${out}/export (did training finish?)"
   bench="${MODELOPT_SCRATCH:-$out}/specdec_bench.json"
   log "benchmarking the drafter ${out}/export against ${target}"

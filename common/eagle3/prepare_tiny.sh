@@ -10,6 +10,8 @@ set -euo pipefail
 PREP_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${PREP_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${PREP_REPO}/common/lib/python.sh"
 
 # note LINE: log LINE and keep it for the summary.
 note() {
@@ -48,8 +50,8 @@ prepare_vllm() {
 
 main() {
   local dir="${1:-outputs/tiny}"
-  PY="${MODELOPT_PYTHON:-${PREP_REPO}/.venv/bin/python}"
-  [[ -x "$PY" ]] || PY="$(command -v python3)"
+  py_project "$PREP_REPO" || die "no Python to prepare the tiny target with"
+  PY="$MODELOPT_PYTHON"
   NOTES="${MODELOPT_SCRATCH:?the launcher sets MODELOPT_SCRATCH}/prepare_notes.txt"
   : >"$NOTES"
   prepare_target "$dir"

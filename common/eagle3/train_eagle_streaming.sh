@@ -28,6 +28,8 @@ source "${ENTRY_REPO}/common/lib/rendezvous.sh"
 source "${ENTRY_REPO}/common/lib/plan.sh"
 # shellcheck source=common/lib/proc.sh
 source "${ENTRY_REPO}/common/lib/proc.sh"
+# shellcheck source=common/lib/python.sh
+source "${ENTRY_REPO}/common/lib/python.sh"
 
 SERVE_ENGINE="${SERVE_ENGINE:-vllm}"
 SERVE_START_TIMEOUT_S="${SERVE_START_TIMEOUT_S:-900}"
@@ -76,17 +78,6 @@ fail() {
 }
 
 # ------------------------------------------------------------------------------------------ helpers
-
-# pick_python: the interpreter of the project (MODELOPT_PYTHON, else the repo's .venv, else python3).
-pick_python() {
-  if [[ -n "${MODELOPT_PYTHON:-}" ]]; then
-    printf '%s\n' "$MODELOPT_PYTHON"
-  elif [[ -x "${ENTRY_REPO}/.venv/bin/python" ]]; then
-    printf '%s\n' "${ENTRY_REPO}/.venv/bin/python"
-  else
-    command -v python3
-  fi
-}
 
 # gpu_count: visible NVIDIA GPUs (0 without any).
 gpu_count() {
@@ -393,7 +384,8 @@ main() {
   SINGLE_NODE=0
   [[ "$role" == serve && "$is_trainer" == 1 ]] && SINGLE_NODE=1
   log "role ${role}$([[ "$SINGLE_NODE" == 1 ]] && echo '+train') (serve ${SERVE_NODE_IDS}; train ${TRAIN_NODE_IDS}; map ${TRAINER_SERVER_MAP:-}; segment ${SEGMENT_SIZE:-none}) rendezvous ${RDV_DIR}"
-  PY="$(pick_python)"
+  py_project "$ENTRY_REPO" || fail "no Python to run the project with on $(hostname)"
+  PY="$MODELOPT_PYTHON"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   resolve_job "$@"
 

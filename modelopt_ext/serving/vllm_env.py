@@ -24,6 +24,7 @@ CLI: `python -m modelopt_ext.serving.vllm_env [--root DIR] [--flavor cpu|gpu]` p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -199,7 +200,8 @@ def ensure_vllm_env(root: str | os.PathLike | None = None, *, flavor: str | None
     """Return the python of vLLM's own venv, building it first if it is missing or built from another spec.
 
     `root`: the env folder (default: $MODELOPT_EXT_VLLM_ENV, else `<repo>/.venv-vllm`). `flavor`: 'cpu' or
-    'gpu' (default: detected). With $MODELOPT_EXT_VLLM_PYTHON set, that interpreter is returned as is.
+    'gpu' (default: detected). With $MODELOPT_EXT_VLLM_PYTHON set, that interpreter is returned as is; on a
+    GPU node whose own Python imports vllm (vLLM's container image), that Python is returned.
     Safe to call from several processes at once. Raises `VllmEnvError` with a one-line message on failure.
     """
     log = log or sys.stderr
@@ -209,8 +211,13 @@ def ensure_vllm_env(root: str | os.PathLike | None = None, *, flavor: str | None
         if not resolved or not Path(resolved).exists():
             raise VllmEnvError(f"{PYTHON_VAR}={py}: no such interpreter")
         return Path(resolved)
+    flavor = flavor or detect_flavor()
+    if root is None and flavor == "gpu" and importlib.util.find_spec("vllm") is not None:
+        # A GPU node running in vLLM's image (or a venv that sees it): use the image's vLLM, never build
+        # one at job start (nodes often have no network).
+        return Path(sys.executable)
     env_dir = default_env_dir(root)
-    spec = env_spec(flavor or detect_flavor())
+    spec = env_spec(flavor)
     if _marker_matches(env_dir, spec):
         return env_python(env_dir)
     env_dir.parent.mkdir(parents=True, exist_ok=True)
