@@ -119,6 +119,9 @@ def _print_plan(result) -> None:
 
 def _print_dryrun(result) -> None:
     _print_plan(result)
+    if result.job.spec.pipeline.skip:
+        print("\ndry run: nothing rendered or submitted (pipeline.skip is true)")
+        return
     for t in result.tasks:
         kind = "sbatch script" if t.kind == "slurm" else "local script"
         print(f"\n===== {t.name}: {kind} ({t.dryrun_script}) =====")
