@@ -307,10 +307,14 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
     where_cfg = f".args[{cfg_index}]" if cfg_index is not None else ".args"
     recipe_file: Path | None = None
     if mo.is_modelopt_recipe(config):
+        model = next(
+            (o.partition("=")[2] for _, o in overrides if o.startswith(("model.path=", "model.model_name_or_path="))),
+            None,
+        )
         view.problem(
             where_cfg,
-            f"--config {config}: Model-Optimizer's recipe; use one of ours, e.g. --config "
-            f"{mo.recipe_for(None)} or recipes/eagle3/<model>.yaml; see {mo.DOC}",
+            f"--config {config}: Model-Optimizer's recipe; use ours: --config {mo.recipe_for(model)} "
+            f"(recipes/eagle3/ has one per target); see {mo.DOC}",
         )
     else:
         loc = view.locate(config)
@@ -330,6 +334,13 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
         key, sep, value = text.partition("=")
         if not sep:
             view.problem(f".args[{i}]", f"{text!r}: expected a dotted override KEY.PATH=VALUE")
+            continue
+        if key == "data.mode":
+            view.problem(
+                f".args[{i}]",
+                "data.mode: set by the streaming entry script (its data.server_urls make the mode streaming; "
+                "SERVE_ENGINE=target makes it remote): remove it",
+            )
             continue
         hint = mo.recipe_key_hint(key) if key_problem(Recipe, key) else None
         if hint:

@@ -9,11 +9,14 @@ HF TrainingArguments names), a few environment knobs of its entry scripts, its s
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from launcher.schema import TASK_KEY
 
@@ -358,4 +361,40 @@ def migrate(data: dict) -> Migration:
                 task["environment"] = new_env
             else:
                 task.pop("environment", None)
+        order = ("script", "inline", "args", "environment", "slurm_config")
+        pipeline[name] = {k: task[k] for k in order if k in task} | {k: v for k, v in task.items() if k not in order}
+    if "hf_local" not in spec and "/hf-local" in yaml.safe_dump(spec):
+        # Model-Optimizer's slurm_factory mounts $SLURM_HF_LOCAL (default /hf-local) at /hf-local; ours mounts
+        # the top-level hf_local there.
+        spec["hf_local"] = os.environ.get("SLURM_HF_LOCAL") or "/hf-local"
+        notes.append(
+            f"hf_local: {spec['hf_local']} (Model-Optimizer's slurm_factory mounted $SLURM_HF_LOCAL at /hf-local; "
+            "set it to the host folder of your models and data)"
+        )
     return Migration(spec, notes)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line text (inline scripts), as people write it."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def render(migration: Migration, source: str) -> str:
+    """The migrated spec as YAML, headed by one comment line per change."""
+    head = [f"# Migrated from Model-Optimizer's {source} by `launch.py --migrate` ({DOC}).", "#"]
+    head += [f"#   {n}" for n in migration.notes] or ["#   (nothing to change)"]
+    body = yaml.dump(migration.spec, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=110)
+    return "\n".join(head) + "\n" + body
+
+
+def migrated_path(source: str | Path) -> Path:
+    """Where `--migrate --write` puts the result: next to the original, `<stem>.migrated.yaml`."""
+    p = Path(source)
+    return p.with_name(f"{p.stem}.migrated.yaml")
