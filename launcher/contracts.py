@@ -353,7 +353,7 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
         expanded = view.expand(value)
         if expanded is None:
             continue  # its value is only known on the node; the key is fine
-        usable.append(f"{key}={expanded.replace(chr(0) + 'scratch', CONTAINER_SCRATCH)}")
+        usable.append(f"{key}={expanded.replace(chr(0) + 'scratch', '${MODELOPT_SCRATCH}')}")
     if recipe_file is None:
         return
     # The recipe as job_info sees it (the task's args), then as the trainer sees it (plus the script's own).
