@@ -407,3 +407,13 @@ def test_migrated_spec_dry_run_imports_no_torch(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     assert "TORCH_IMPORTED=False" in p.stdout
+
+
+def test_migrating_doc_lists_every_model_optimizer_name():
+    from launcher import modelopt_compat as mo
+
+    doc = (REPO_ROOT / "docs/migrating.md").read_text()
+    names = [*mo.RECIPE_KEYS, *mo.SAME_RECIPE_KEYS, *mo.ENV_KNOBS, *mo.SCRIPTS, *mo.SLURM_KEYS]
+    assert [n for n in names if n not in doc] == []
+    for ours, _ in mo.RECIPE_KEYS.values():
+        assert ours is None or f"`{ours}`" in doc
