@@ -203,8 +203,8 @@ class TaskView:
         assert isinstance(loc, Path)
         if any(loc == p or p in loc.parents for p in self.produced):
             return None
-        if not self.files_visible and not str(loc).startswith(str(REPO_ROOT)):
-            return None
+        if not self.files_visible:
+            return None  # a remote cluster's files (its copy of the repo included) are not visible from here
         ok = loc.is_file() if kind == "file" else loc.is_dir() if kind == "dir" else loc.exists()
         if not ok:
             self.problem(where, f"{what} not found: {text}" + (f" ({loc})" if str(loc) != text else ""))
@@ -279,7 +279,9 @@ def _trainer_args(view: TaskView) -> tuple[str | None, int | None, list[tuple[in
             ns = parser.parse_intermixed_args([w for _, w in words])
     except SystemExit:
         msg = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "invalid arguments"
-        view.problem(".args", f"{msg.split('error: ', 1)[-1]}; usage: --config RECIPE [overrides] [--resume auto]")
+        view.problem(
+            ".args", f"{msg.split('error: ', 1)[-1]}; usage: --config RECIPE [overrides] [--resume auto]"
+        )
         return None
     index = {w: i for i, w in reversed(words)}
     cfg_index = next((i for i, w in words if w == "--config" or w.startswith("--config=")), None)
@@ -308,7 +310,11 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
     recipe_file: Path | None = None
     if mo.is_modelopt_recipe(config):
         model = next(
-            (o.partition("=")[2] for _, o in overrides if o.startswith(("model.path=", "model.model_name_or_path="))),
+            (
+                o.partition("=")[2]
+                for _, o in overrides
+                if o.startswith(("model.path=", "model.model_name_or_path="))
+            ),
             None,
         )
         view.problem(

@@ -100,8 +100,10 @@ ENV_RENAMES = {"SERVE_READY_TIMEOUT": "SERVE_START_TIMEOUT_S"}
 SCRIPTS: dict[str, tuple[str | None, str]] = {
     "common/eagle3/make_dataset.sh": (
         None,
-        "stage a conversations JSONL into $MODELOPT_SCRATCH (an inline copy task, as in our examples; "
-        "docs/data.md)",
+        (
+            "stage a conversations JSONL into $MODELOPT_SCRATCH (an inline copy task, as in our examples; "
+            "docs/data.md)"
+        ),
     ),
     "common/specdec_bench/quick_check.sh": ("common/eagle3/benchmark.sh", "OUTPUT TARGET PROMPTS.jsonl"),
     "common/specdec_bench/run.sh": ("common/eagle3/benchmark.sh", "OUTPUT TARGET PROMPTS.jsonl"),
@@ -254,8 +256,14 @@ def _model_of(words: list[str], gvars: dict) -> str | None:
     return None
 
 
-def _benchmark_args(task: dict, train_output: str | None, target: str | None, prompts: str | None,
-                    where: str, notes: list[str]) -> tuple[list[str], list[dict]]:
+def _benchmark_args(
+    task: dict,
+    train_output: str | None,
+    target: str | None,
+    prompts: str | None,
+    where: str,
+    notes: list[str],
+) -> tuple[list[str], list[dict]]:
     words = _words(task.get("args"))
     opts: dict[str, str] = {}
     i = 0
@@ -273,13 +281,20 @@ def _benchmark_args(task: dict, train_output: str | None, target: str | None, pr
     opts.pop("draft_model_dir", None)
     mtbench = opts.pop("mtbench", None)
     if opts:
-        notes.append(f"{where}: dropped {', '.join('--' + k for k in opts)} (benchmark.sh measures acceptance "
-                     "with our own proposer on this task's node)")
+        notes.append(
+            f"{where}: dropped {', '.join('--' + k for k in opts)} (benchmark.sh measures acceptance "
+            "with our own proposer on this task's node)"
+        )
     if mtbench:
-        notes.append(f"{where}: --mtbench {mtbench} -> the training conversations as prompts "
-                     "(benchmark.sh reads conversations JSONL)")
-    args = [train_output or "${MODELOPT_SCRATCH}/eagle3", target or "<<global_vars.hf_model>>",
-            prompts or "${MODELOPT_SCRATCH}/data/train.jsonl"]
+        notes.append(
+            f"{where}: --mtbench {mtbench} -> the training conversations as prompts "
+            "(benchmark.sh reads conversations JSONL)"
+        )
+    args = [
+        train_output or "${MODELOPT_SCRATCH}/eagle3",
+        target or "<<global_vars.hf_model>>",
+        prompts or "${MODELOPT_SCRATCH}/data/train.jsonl",
+    ]
     return args, env
 
 
@@ -341,7 +356,9 @@ def migrate(data: dict) -> Migration:
             prompts = "${MODELOPT_SCRATCH}/data/train.jsonl"
         elif script == "common/eagle3/train_eagle_streaming.sh":
             words = _words(task.get("args"))
-            task["args"] = _migrate_trainer_args(task.get("args") or [], _model_of(words, gvars), where, notes)
+            task["args"] = _migrate_trainer_args(
+                task.get("args") or [], _model_of(words, gvars), where, notes
+            )
             for w in task["args"]:
                 key, _, value = w.partition("=")
                 if key == "training.output_dir":
@@ -362,7 +379,9 @@ def migrate(data: dict) -> Migration:
             else:
                 task.pop("environment", None)
         order = ("script", "inline", "args", "environment", "slurm_config")
-        pipeline[name] = {k: task[k] for k in order if k in task} | {k: v for k, v in task.items() if k not in order}
+        pipeline[name] = {k: task[k] for k in order if k in task} | {
+            k: v for k, v in task.items() if k not in order
+        }
     if "hf_local" not in spec and "/hf-local" in yaml.safe_dump(spec):
         # Model-Optimizer's slurm_factory mounts $SLURM_HF_LOCAL (default /hf-local) at /hf-local; ours mounts
         # the top-level hf_local there.

@@ -200,9 +200,9 @@ def _without_unknown_keys(data: Any, err: ValidationError) -> Any:
         node: Any = out
         loc = [p for p in e["loc"] if p not in _INTERNAL_KEYS]
         for part in loc[:-1]:
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            in_dict = isinstance(node, dict) and part in node
+            in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+            if in_dict or in_list:
                 node = node[part]
             else:
                 node = None

@@ -64,27 +64,43 @@ def test_model_optimizer_example_is_refused_with_one_hint_per_problem(tmp_path):
     lines = [ln.removeprefix(prefix) for ln in p.stderr.splitlines()]
     assert all(ln.startswith(prefix) for ln in p.stderr.splitlines())
     assert lines == [
-        "pipeline.task_0.script: common/eagle3/make_dataset.sh: not part of this project; stage a conversations "
-        "JSONL into $MODELOPT_SCRATCH (an inline copy task, as in our examples; docs/data.md); see docs/migrating.md",
-        "pipeline.task_1.environment.HF_MODEL_CKPT: Model-Optimizer's knob; not read here: the target is the "
-        "recipe's model.path (args: model.path=...); see docs/migrating.md",
-        "pipeline.task_1.args[0]: --config modules/Model-Optimizer/modelopt_recipes/general/speculative_decoding/"
-        "eagle3.yaml: Model-Optimizer's recipe; use ours: --config recipes/eagle3/Qwen3-8B.yaml "
-        "(recipes/eagle3/ has one per target); see docs/migrating.md",
+        (
+            "pipeline.task_0.script: common/eagle3/make_dataset.sh: not part of this project; stage a conversations "
+            "JSONL into $MODELOPT_SCRATCH (an inline copy task, as in our examples; docs/data.md); see docs/migrating.md"
+        ),
+        (
+            "pipeline.task_1.environment.HF_MODEL_CKPT: Model-Optimizer's knob; not read here: the target is the "
+            "recipe's model.path (args: model.path=...); see docs/migrating.md"
+        ),
+        (
+            "pipeline.task_1.args[0]: --config modules/Model-Optimizer/modelopt_recipes/general/speculative_decoding/"
+            "eagle3.yaml: Model-Optimizer's recipe; use ours: --config recipes/eagle3/Qwen3-8B.yaml "
+            "(recipes/eagle3/ has one per target); see docs/migrating.md"
+        ),
         "pipeline.task_1.args[1]: model.model_name_or_path: Model-Optimizer's name; use model.path",
-        "pipeline.task_1.args[2]: data.mode: set by the streaming entry script (its data.server_urls make the mode "
-        "streaming; SERVE_ENGINE=target makes it remote): remove it",
+        (
+            "pipeline.task_1.args[2]: data.mode: set by the streaming entry script (its data.server_urls make the mode "
+            "streaming; SERVE_ENGINE=target makes it remote): remove it"
+        ),
         "pipeline.task_1.args[3]: data.data_path: Model-Optimizer's name; use data.path",
         "pipeline.task_1.args[5]: training.training_seq_len: Model-Optimizer's name; use data.max_length",
-        "pipeline.task_1.args[6]: training.disable_tqdm: Model-Optimizer's key; no equivalent here (progress is "
-        "printed as plain lines with rate and ETA): remove it; see docs/migrating.md",
-        "pipeline.task_1.args[7]: training.ar_validate_steps: Model-Optimizer's key; no equivalent here "
-        "(acceptance is measured by the benchmark task): remove it; see docs/migrating.md",
+        (
+            "pipeline.task_1.args[6]: training.disable_tqdm: Model-Optimizer's key; no equivalent here (progress is "
+            "printed as plain lines with rate and ETA): remove it; see docs/migrating.md"
+        ),
+        (
+            "pipeline.task_1.args[7]: training.ar_validate_steps: Model-Optimizer's key; no equivalent here "
+            "(acceptance is measured by the benchmark task): remove it; see docs/migrating.md"
+        ),
         "pipeline.task_1.args[8]: training.num_train_epochs: Model-Optimizer's name; use training.epochs",
-        "pipeline.task_1.args[9]: eagle.eagle_use_torch_compile: Model-Optimizer's key; no equivalent here "
-        "(not configurable): remove it; see docs/migrating.md",
-        "pipeline.task_2.script: common/specdec_bench/quick_check.sh: Model-Optimizer's script; use "
-        "common/eagle3/benchmark.sh OUTPUT TARGET PROMPTS.jsonl; see docs/migrating.md",
+        (
+            "pipeline.task_1.args[9]: eagle.eagle_use_torch_compile: Model-Optimizer's key; no equivalent here "
+            "(not configurable): remove it; see docs/migrating.md"
+        ),
+        (
+            "pipeline.task_2.script: common/specdec_bench/quick_check.sh: Model-Optimizer's script; use "
+            "common/eagle3/benchmark.sh OUTPUT TARGET PROMPTS.jsonl; see docs/migrating.md"
+        ),
     ]
     assert not jobs.exists()  # nothing rendered, nothing written
 
@@ -139,8 +155,10 @@ def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == [
-        f"error: {out}: pipeline.task_1.environment.EAGLE_CAPTURE_IDS: [2, 18, 33, 35] must end with the "
-        "target's layer count 36 (/hf-local/Qwen/Qwen3-8B has 36 decoder layers); e.g. [2, 18, 33, 36]"
+        (
+            f"error: {out}: pipeline.task_1.environment.EAGLE_CAPTURE_IDS: [2, 18, 33, 35] must end with the "
+            "target's layer count 36 (/hf-local/Qwen/Qwen3-8B has 36 decoder layers); e.g. [2, 18, 33, 36]"
+        )
     ]
 
 
@@ -148,15 +166,22 @@ def test_model_optimizer_slurm_fields_get_hints(write_spec):
     spec = {
         "job_name": "mo",
         "pipeline": {
-            "task_0": {"inline": "hostname", "slurm_config": {"nodes": 1, "modelopt_install_path": "/x", "local": True}}
+            "task_0": {
+                "inline": "hostname",
+                "slurm_config": {"nodes": 1, "modelopt_install_path": "/x", "local": True},
+            }
         },
     }
     lines = problems(write_spec(spec))
     assert lines == [
-        "pipeline.task_0.slurm_config.modelopt_install_path: unknown key: Model-Optimizer's field; not needed "
-        "(our package runs from the repo, MODELOPT_REPO)",
-        "pipeline.task_0.slurm_config.local: unknown key: Model-Optimizer's field; use the task's "
-        "`executor: local` instead",
+        (
+            "pipeline.task_0.slurm_config.modelopt_install_path: unknown key: Model-Optimizer's field; not needed "
+            "(our package runs from the repo, MODELOPT_REPO)"
+        ),
+        (
+            "pipeline.task_0.slurm_config.local: unknown key: Model-Optimizer's field; use the task's "
+            "`executor: local` instead"
+        ),
     ]
 
 
@@ -174,16 +199,22 @@ def test_training_override_typo_and_missing_recipe_exit_2_with_nothing_written(t
     p = launch("--yaml", str(spec), "--dryrun", "--job-dir", str(jobs))
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [
-        f"error: {spec}: pipeline.task_1.args[1]: training.lrr: unknown key (did you mean 'training.lr'?); "
-        "allowed under training: batch_size, dtype, epochs, export_at_end, grad_accum, log_interval, lr, "
-        "max_grad_norm, max_steps, output_dir, save_interval, schedule, seed, warmup_steps, weight_decay"
+        (
+            f"error: {spec}: pipeline.task_1.args[1]: training.lrr: unknown key (did you mean 'training.lr'?); "
+            "allowed under training: batch_size, dtype, epochs, export_at_end, grad_accum, log_interval, lr, "
+            "max_grad_norm, max_steps, output_dir, save_interval, schedule, seed, warmup_steps, weight_decay"
+        )
     ]
-    missing = edited(tmp_path, QWEN, "recipes/eagle3/qwen3_8b_streaming.yaml", "recipes/eagle3/qwen3_8b_streamin.yaml")
+    missing = edited(
+        tmp_path, QWEN, "recipes/eagle3/qwen3_8b_streaming.yaml", "recipes/eagle3/qwen3_8b_streamin.yaml"
+    )
     p = launch("--yaml", str(missing), "--yes", "--job-dir", str(jobs))  # submit: refused before anything
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [
-        f"error: {missing}: pipeline.task_1.args[0]: --config recipes/eagle3/qwen3_8b_streamin.yaml: recipe not "
-        "found (relative to the repo root) (did you mean 'recipes/eagle3/qwen3_8b_streaming.yaml'?)"
+        (
+            f"error: {missing}: pipeline.task_1.args[0]: --config recipes/eagle3/qwen3_8b_streamin.yaml: recipe not "
+            "found (relative to the repo root) (did you mean 'recipes/eagle3/qwen3_8b_streaming.yaml'?)"
+        )
     ]
     assert not jobs.exists()
 
@@ -198,10 +229,14 @@ def test_recipe_value_problems_all_at_once_with_the_scripts_own_overrides(tmp_pa
     )
     lines = problems(spec)
     assert lines == [
-        "pipeline.task_1.args: recipe recipes/eagle3/qwen3_8b_streaming.yaml: training.lr: Input should be greater than 0 "
-        "(got -1)",
-        "pipeline.task_1.args: recipe recipes/eagle3/qwen3_8b_streaming.yaml (with the streaming script's own overrides): "
-        "data: set either data.offline_dir or data.server_urls, not both",
+        (
+            "pipeline.task_1.args: recipe recipes/eagle3/qwen3_8b_streaming.yaml: training.lr: Input should be greater than 0 "
+            "(got -1)"
+        ),
+        (
+            "pipeline.task_1.args: recipe recipes/eagle3/qwen3_8b_streaming.yaml (with the streaming script's own overrides): "
+            "data: set either data.offline_dir or data.server_urls, not both"
+        ),
     ]
 
 
@@ -220,12 +255,16 @@ def test_typed_knobs_parse_and_the_natural_environment_override_form(tmp_path):
         "pipeline.task_1.environment.SERVE_ENGINE: allowed: vllm, target (got 'sglang')",
         "pipeline.task_1.environment.SERVE_TP: must be a whole number >= 1 (got 'two')",
         "pipeline.task_1.environment.SERVE_GPU_MEM_UTIL: must be a number in (0, 1] (got '1.5')",
-        "pipeline.task_1.environment.EAGLE_CAPTURE_IDS: capture ids '2,x': expected comma-separated integers "
-        "(got '2,x')",
+        (
+            "pipeline.task_1.environment.EAGLE_CAPTURE_IDS: capture ids '2,x': expected comma-separated integers "
+            "(got '2,x')"
+        ),
         "pipeline.task_1.environment.STREAMING_NUM_WORKERS: must be a whole number >= 0 (got '-1')",
         "pipeline.task_1.environment.SERVE_START_TIMEOUT_S: must be a whole number >= 1 (got '10m')",
-        "pipeline.task_1.environment.SERVE_NODE: not a knob of common/eagle3/train_eagle_streaming.sh "
-        "(did you mean 'SERVE_NODES'?)",
+        (
+            "pipeline.task_1.environment.SERVE_NODE: not a knob of common/eagle3/train_eagle_streaming.sh "
+            "(did you mean 'SERVE_NODES'?)"
+        ),
     ]
     # environment.NAME=V sets the list item of that name (the spec writes environment as a list).
     job = load_job(REPO_ROOT / QWEN, ["pipeline.task_1.environment.SERVE_TP=1"], environ={})
@@ -235,8 +274,10 @@ def test_typed_knobs_parse_and_the_natural_environment_override_form(tmp_path):
 def test_serve_tp_must_leave_gpus_for_the_trainer_on_one_node():
     lines = problems(REPO_ROOT / QWEN, ["pipeline.task_1.environment.SERVE_TP=8"])
     assert lines == [
-        "pipeline.task_1.environment.SERVE_TP: 8 leaves no GPU for the trainer on the single node "
-        "(gpus_per_node=8); allowed: 1..7"
+        (
+            "pipeline.task_1.environment.SERVE_TP: 8 leaves no GPU for the trainer on the single node "
+            "(gpus_per_node=8); allowed: 1..7"
+        )
     ]
 
 
@@ -257,8 +298,10 @@ def test_local_inputs_exist_unless_an_earlier_task_writes_them(tmp_path):
 def test_scratch_inputs_need_an_earlier_task(tmp_path):
     lines = problems(REPO_ROOT / QWEN, ["pipeline.task_0.skip=true"])
     assert lines == [
-        "pipeline.task_1.args: data.path: conversations file ${MODELOPT_SCRATCH}/data/train.jsonl is in the "
-        "run's scratch folder, which starts empty: no earlier task of this pipeline writes it"
+        (
+            "pipeline.task_1.args: data.path: conversations file ${MODELOPT_SCRATCH}/data/train.jsonl is in the "
+            "run's scratch folder, which starts empty: no earlier task of this pipeline writes it"
+        )
     ]
 
 
@@ -279,8 +322,10 @@ def test_capture_ids_against_a_local_target(tmp_path, write_spec):
         },
     }
     assert problems(write_spec(spec)) == [
-        "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: [1, 2, 9] must end with the target's layer count 6 "
-        f"({target} has 6 decoder layers); e.g. [1, 3, 5, 6]"
+        (
+            "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: [1, 2, 9] must end with the target's layer count 6 "
+            f"({target} has 6 decoder layers); e.g. [1, 3, 5, 6]"
+        )
     ]
     spec["pipeline"]["task_0"]["environment"]["EAGLE_CAPTURE_IDS"] = "[1,2,3,6]"
     assert load_job(write_spec(spec), environ={}).tasks[0].env["EAGLE_CAPTURE_IDS"] == "[1,2,3,6]"
@@ -332,11 +377,15 @@ def test_unknown_key_does_not_hide_the_other_problems(write_spec):
     }
     lines = problems(write_spec(spec))
     assert lines[:2] == [
-        "pipeline.task_0.slurm_config.segmnet: unknown key (did you mean 'segment'?); allowed keys: _factory_, "
-        "account, additional_parameters, array, container, container_mounts, gpus_per_node, host, mem, nodes, "
-        "ntasks_per_node, partition, port, qos, requeue, retries, segment, srun_args, time",
-        "pipeline.task_1.bogus: unknown key; allowed keys: args, environment, executor, inline, script, "
-        "serve_nodes, skip, slurm_config, streaming",
+        (
+            "pipeline.task_0.slurm_config.segmnet: unknown key (did you mean 'segment'?); allowed keys: _factory_, "
+            "account, additional_parameters, array, container, container_mounts, gpus_per_node, host, mem, nodes, "
+            "ntasks_per_node, partition, port, qos, requeue, retries, segment, srun_args, time"
+        ),
+        (
+            "pipeline.task_1.bogus: unknown key; allowed keys: args, environment, executor, inline, script, "
+            "serve_nodes, skip, slurm_config, streaming"
+        ),
     ]
     assert lines[2:] == [
         "pipeline.task_0.args[0]: unknown global var 'y' in '<<global_vars.y>>'; defined in pipeline.global_vars: x",
@@ -358,7 +407,13 @@ def test_run_job_from_stdin_runs_and_a_failed_start_frees_the_run_id(write_spec,
         """
     )
     p = subprocess.run(
-        [sys.executable, "-"], input=code, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False
+        [sys.executable, "-"],
+        input=code,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert p.returncode == 0, p.stderr
     assert "STATES ['SUCCEEDED']" in p.stdout
@@ -403,7 +458,13 @@ def test_migrated_spec_dry_run_imports_no_torch(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     p = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=240, check=False
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
     )
     assert p.returncode == 0, p.stderr
     assert "TORCH_IMPORTED=False" in p.stdout
