@@ -40,7 +40,6 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
             raise ValueError(f"must be a whole number {bound}")
         return int(t)
 
-    parse.__doc__ = f"integer >= {lo}" + (f", <= {hi}" if hi is not None else "")
     return parse
 
 
@@ -72,7 +71,6 @@ def _choice(*values: str) -> Callable[[str], str]:
             raise ValueError(f"allowed: {', '.join(values)}")
         return text
 
-    parse.__doc__ = " | ".join(values)
     return parse
 
 
@@ -95,8 +93,6 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError("ids must be distinct")
     return ids
 
-
-parse_ids.__doc__ = "layer ids, '[a,b,...,L]' or 'a,b,...,L'"
 
 SECONDS = _int(1)
 PORT = _int(1, 65535)
@@ -171,6 +167,8 @@ class TaskView:
             return "unknown"
         if expanded.startswith("\0scratch"):
             return "scratch"
+        if expanded.startswith("~"):
+            return "unknown"  # the node's home
         if self.container and (expanded == CONTAINER_SCRATCH or expanded.startswith(CONTAINER_SCRATCH + "/")):
             return "scratch"
         p = PurePosixPath(expanded)
@@ -385,7 +383,8 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
     if seen:
         return
     recipe = load_recipe(recipe_file, usable + runtime)
-    _check_trainer_inputs(view, recipe, ids if isinstance(ids, list) else None, resume)
+    given = {o.partition("=")[0]: i for i, o in overrides}
+    _check_trainer_inputs(view, recipe, ids if isinstance(ids, list) else None, resume, given)
     view.output(recipe.training.output_dir)
 
 
@@ -396,23 +395,36 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _check_trainer_inputs(view: TaskView, recipe, capture_ids: list[int] | None, resume: str | None) -> None:
+def _check_trainer_inputs(
+    view: TaskView, recipe, capture_ids: list[int] | None, resume: str | None, given: dict[str, int]
+) -> None:
+    """Inputs of the recipe (as overridden) exist; capture ids fit the target when its config is here.
+
+    `given` maps override keys to their args index, so a line points at the override that set the value.
+    """
     from modelopt_ext.capture import capture_layer_ids, target_num_layers
+
+    def at(key: str) -> str:
+        return f".args[{given[key]}]" if key in given else ".args"
 
     target = recipe.model.path
     num_layers = None
     if not looks_like_hub_id(target):
-        folder = view.need_input(".args", target, "model.path: target folder", kind="dir")
+        folder = view.need_input(at("model.path"), target, "model.path: target folder", kind="dir")
         if folder is not None:
             try:
                 num_layers = target_num_layers(folder)
             except (ValueError, OSError) as e:
-                view.problem(".args", f"model.path: {target}: {str(e).splitlines()[0]}")
-    view.need_input(".args", recipe.data.path, "data.path: conversations file", kind="file")
+                view.problem(at("model.path"), f"model.path: {target}: {str(e).splitlines()[0]}")
+    view.need_input(at("data.path"), recipe.data.path, "data.path: conversations file", kind="file")
     if recipe.data.chat_template and recipe.data.chat_template.endswith(".jinja"):
-        view.need_input(".args", recipe.data.chat_template, "data.chat_template", kind="file")
+        view.need_input(
+            at("data.chat_template"), recipe.data.chat_template, "data.chat_template", kind="file"
+        )
     if recipe.data.auth_token_file:
-        view.need_input(".args", recipe.data.auth_token_file, "data.auth_token_file", kind="file")
+        view.need_input(
+            at("data.auth_token_file"), recipe.data.auth_token_file, "data.auth_token_file", kind="file"
+        )
     if resume and resume != "auto":
         view.need_input(".args", resume, "--resume checkpoint", kind="dir")
     if num_layers is None:
@@ -434,7 +446,7 @@ def _check_trainer_inputs(view: TaskView, recipe, capture_ids: list[int] | None,
         try:
             capture_layer_ids(num_layers, recipe.model.aux_layer_ids)
         except ValueError as e:
-            view.problem(".args", f"model.aux_layer_ids: {e}")
+            view.problem(at("model.aux_layer_ids"), f"model.aux_layer_ids: {e}")
 
 
 def _check_serve_tp(view: TaskView, knobs: dict[str, object]) -> None:

@@ -288,8 +288,8 @@ def test_local_inputs_exist_unless_an_earlier_task_writes_them(tmp_path):
     assert [t.name for t in job.tasks] == ["task_0", "task_1", "task_2"]
     lines = problems(REPO_ROOT / QUICKSTART, [*over, "pipeline.task_0.skip=true"])
     assert lines == [
-        f"pipeline.task_1.args: model.path: target folder not found: {tiny}/target",
-        f"pipeline.task_1.args: data.path: conversations file not found: {tiny}/conversations.jsonl",
+        f"pipeline.task_1.args[1]: model.path: target folder not found: {tiny}/target",
+        f"pipeline.task_1.args[2]: data.path: conversations file not found: {tiny}/conversations.jsonl",
         f"pipeline.task_2.args[1]: TARGET folder not found: {tiny}/target",
         f"pipeline.task_2.args[2]: PROMPTS file not found: {tiny}/conversations.jsonl",
     ]
@@ -299,7 +299,7 @@ def test_scratch_inputs_need_an_earlier_task(tmp_path):
     lines = problems(REPO_ROOT / QWEN, ["pipeline.task_0.skip=true"])
     assert lines == [
         (
-            "pipeline.task_1.args: data.path: conversations file ${MODELOPT_SCRATCH}/data/train.jsonl is in the "
+            "pipeline.task_1.args[2]: data.path: conversations file ${MODELOPT_SCRATCH}/data/train.jsonl is in the "
             "run's scratch folder, which starts empty: no earlier task of this pipeline writes it"
         )
     ]
