@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from launcher import contracts, run_job
 from launcher.spec import REPO_ROOT, load_job
@@ -478,3 +480,55 @@ def test_migrating_doc_lists_every_model_optimizer_name():
     assert [n for n in names if n not in doc] == []
     for ours, _ in mo.RECIPE_KEYS.values():
         assert ours is None or f"`{ours}`" in doc
+
+
+# ------------------------------------------------------------------------------ fuzz (bounded)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8))
+_trees = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "b", "environment", "task_0"]), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=_trees, key=st.text(alphabet="ab.[]0_=", min_size=1, max_size=12), value=st.text(max_size=6))
+def test_overrides_on_any_tree_apply_or_report_one_line(tree, key, value):
+    from modelopt_ext.config.overrides import apply_overrides
+
+    data = {"x": tree}
+    try:
+        apply_overrides(data, [f"x.{key}={value}"])
+    except ConfigError as e:
+        assert e.problems and all("\n" not in p for p in e.problems)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pipeline=st.dictionaries(
+        st.sampled_from(["task_0", "task_1", "global_vars", "note"]),
+        st.one_of(
+            _trees,
+            st.fixed_dictionaries(
+                {
+                    "script": st.sampled_from(
+                        ["common/eagle3/train_eagle_streaming.sh", "common/eagle3/make_dataset.sh"]
+                    )
+                },
+                optional={"args": st.lists(st.text(max_size=20), max_size=4), "environment": _trees},
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_migrate_never_crashes_on_odd_specs(pipeline):
+    from launcher.modelopt_compat import migrate, render
+
+    out = migrate({"job_name": "x", "pipeline": pipeline})
+    assert isinstance(out.spec, dict)
+    render(out, "spec.yaml")
