@@ -144,11 +144,32 @@ def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path):
     assert "inline" in spec["pipeline"]["task_0"] and "script" not in spec["pipeline"]["task_0"]
     assert "#   pipeline.task_1: model.model_name_or_path -> model.path" in printed.stdout
     assert "#   pipeline.task_1: dropped training.disable_tqdm=true" in printed.stdout
-    # The migrated spec dry-runs cleanly where its hf_local folder exists (here a stand-in with the config).
+    # The migrated spec dry-runs cleanly where its hf_local folder exists (here a stand-in with the config),
+    # and the dry-run (recipe, knobs, capture ids against that config) imports no torch.
     jobs = tmp_path / "jobs"
     hf = _hf_local(tmp_path)
-    dry = launch("--yaml", str(out), "--dryrun", "--job-dir", str(jobs), "--run-id", "m1", f"hf_local={hf}")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from launcher.cli import main
+        rc = main(["--yaml", {str(out)!r}, "--dryrun", "--job-dir", {str(jobs)!r}, "--run-id", "m1",
+                   "hf_local={hf}"])
+        print("TORCH_IMPORTED=" + str("torch" in sys.modules or "transformers" in sys.modules))
+        sys.exit(rc)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    dry = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
     assert dry.returncode == 0, dry.stderr
+    assert "TORCH_IMPORTED=False" in dry.stdout
     assert "serve nodes: 0,1" in dry.stdout and "dry run: nothing submitted" in dry.stdout
     # ... and its capture ids are checked against that target's layer count.
     bad = launch(
@@ -162,6 +183,16 @@ def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path):
             "target's layer count 36 (/hf-local/Qwen/Qwen3-8B has 36 decoder layers); e.g. [2, 18, 33, 36]"
         )
     ]
+
+
+def test_migrating_doc_lists_every_model_optimizer_name():
+    from launcher import modelopt_compat as mo
+
+    doc = (REPO_ROOT / "docs/migrating.md").read_text()
+    names = [*mo.RECIPE_KEYS, *mo.SAME_RECIPE_KEYS, *mo.ENV_KNOBS, *mo.SCRIPTS, *mo.SLURM_KEYS]
+    assert [n for n in names if n not in doc] == []
+    for ours, _ in mo.RECIPE_KEYS.values():
+        assert ours is None or f"`{ours}`" in doc
 
 
 def test_model_optimizer_slurm_fields_get_hints(write_spec):
@@ -399,7 +430,7 @@ def test_unknown_key_does_not_hide_the_other_problems(write_spec):
 # ------------------------------------------------------------------------------ run_job from stdin
 
 
-def test_run_job_from_stdin_runs_and_a_failed_start_frees_the_run_id(write_spec, tmp_path):
+def test_run_job_from_stdin_runs(write_spec, tmp_path):
     spec = write_spec({"job_name": "hello", "pipeline": {"task_0": {"inline": "echo hello-from-task"}}})
     code = textwrap.dedent(
         f"""
@@ -441,45 +472,6 @@ def test_nemo_run_failing_before_the_task_leaves_no_folder_behind(write_spec, tm
     assert [t.state for t in result.tasks] == ["SUCCEEDED"]
     with pytest.raises(LaunchError, match="run id 'x1' was already used"):
         run_job(spec, mode="submit", job_dir=tmp_path, run_id="x1", environ={})
-
-
-def test_migrated_spec_dry_run_imports_no_torch(tmp_path):
-    src = tmp_path / "mo.yaml"
-    src.write_text(MO_SPEC.read_text())
-    assert launch("--migrate", str(src), "--write").returncode == 0
-    hf = _hf_local(tmp_path)
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from launcher.cli import main
-        rc = main(["--yaml", {str(tmp_path / "mo.migrated.yaml")!r}, "--dryrun", "--job-dir", {str(tmp_path)!r},
-                   "hf_local={hf}"])
-        print("TORCH_IMPORTED=" + str("torch" in sys.modules or "transformers" in sys.modules))
-        sys.exit(rc)
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    p = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr
-    assert "TORCH_IMPORTED=False" in p.stdout
-
-
-def test_migrating_doc_lists_every_model_optimizer_name():
-    from launcher import modelopt_compat as mo
-
-    doc = (REPO_ROOT / "docs/migrating.md").read_text()
-    names = [*mo.RECIPE_KEYS, *mo.SAME_RECIPE_KEYS, *mo.ENV_KNOBS, *mo.SCRIPTS, *mo.SLURM_KEYS]
-    assert [n for n in names if n not in doc] == []
-    for ours, _ in mo.RECIPE_KEYS.values():
-        assert ours is None or f"`{ours}`" in doc
 
 
 # ------------------------------------------------------------------------------ fuzz (bounded)
