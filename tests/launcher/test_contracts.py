@@ -389,6 +389,9 @@ def test_every_registered_script_exists_and_declares_its_knobs():
         assert "launcher/contracts.py" in text, path  # the script's header points at its contract
         for knob in script.knobs:
             assert knob.name in text, (path, knob.name)  # a declared knob is one the script reads
+    doc = (REPO_ROOT / "docs/entry-scripts.md").read_text()
+    knobs = {k.name for s in contracts.SCRIPTS.values() for k in s.knobs}
+    assert sorted(k for k in knobs if f"`{k}`" not in doc) == []  # ... and users can read about it
 
 
 # ------------------------------------------------------------------------------ every problem at once
