@@ -231,6 +231,9 @@ def _migrate_trainer_args(args: list[str], model_hint: str | None, where: str, n
     i = 0
     while i < len(words):
         w = words[i]
+        if w.startswith("--config="):  # the one-word form: same as `--config PATH`
+            words[i : i + 1] = ["--config", w.partition("=")[2]]
+            continue
         if w == "--config" and i + 1 < len(words):
             path = words[i + 1]
             if is_modelopt_recipe(path):
