@@ -15,6 +15,7 @@ JSON (modelopt_ext.capture).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import re
 import shlex
@@ -217,7 +218,10 @@ class TaskView:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """'org/name' that is not a folder here: a model hub id (the same rule as modelopt_ext.capture)."""
+    """'org/name' that is not a folder here: a model hub id (not checked); anything else is a path.
+
+    Stricter than modelopt_ext.capture.target_num_layers, which also sends 'a/b/c' to the hub.
+    """
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not (REPO_ROOT / text).exists()
 
 
@@ -257,8 +261,6 @@ def _check_knobs(view: TaskView, script: EntryScript) -> dict[str, object]:
 
 
 def _similar(a: str, b: str) -> bool:
-    import difflib
-
     return difflib.SequenceMatcher(None, a, b).ratio() >= 0.85
 
 
