@@ -150,11 +150,12 @@ def _main_without_source():
     `__main__` is swapped for a bare module while nemo_run runs."""
     main = sys.modules.get("__main__")
     try:
-        inspect.getsource(main) if main is not None else None
+        if main is not None:
+            inspect.getsource(main)
         missing = False
-    except TypeError:
+    except TypeError:  # no file at all: nemo_run skips it
         missing = False
-    except OSError:
+    except OSError:  # a file name without a readable source ('<stdin>', '<string>')
         missing = True
     if not missing:
         yield
