@@ -11,11 +11,13 @@ machine). Bad specs raise ConfigError; failures to submit raise LaunchError (one
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,13 +134,37 @@ def run_job(
         for r in result.tasks:
             r.state = "SKIPPED"
         return result
-    with _stdin_devnull():
+    with _stdin_devnull(), _main_without_source():
         if job.kind == "local":
             _local(job, layout, result, mode, say)
         else:
             detached = detach if detach is not None else job.spec.detach
             _slurm(job, layout, result, mode, detached, say, poll_s, follow_timeout_s)
     return result
+
+
+@contextmanager
+def _main_without_source():
+    """nemo_run saves the source of `__main__` with every experiment and fails (OSError) when there is none:
+    `python -` (stdin), `python -c`, some REPLs. It skips a `__main__` without a file (TypeError), so such a
+    `__main__` is swapped for a bare module while nemo_run runs."""
+    main = sys.modules.get("__main__")
+    try:
+        if main is not None:
+            inspect.getsource(main)
+        missing = False
+    except TypeError:  # no file at all: nemo_run skips it
+        missing = False
+    except OSError:  # a file name without a readable source ('<stdin>', '<string>')
+        missing = True
+    if not missing:
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 @contextmanager
@@ -227,6 +253,8 @@ def _slurm(
         except Exception as e:  # noqa: BLE001 - invoke/torchx errors carry sbatch's stderr; report one line
             submitted = [j for j in exp.jobs if getattr(j, "handle", None)]
             _cancel([_job_id(j.handle) for j in submitted], exp, built)
+            if not submitted:  # nothing reached Slurm: free the run id again
+                shutil.rmtree(exp._exp_dir, ignore_errors=True)
             raise LaunchError(f"submission failed: {_one_line(e)}") from None
     runner = local_runner if not is_remote(job) else tunnel_runner(next(iter(exp.tunnels.values())))
     for i, (b, r) in enumerate(zip(built, result.tasks)):
@@ -315,6 +343,10 @@ def _local(job: Job, layout: RunLayout, result: RunResult, mode: Mode, say: Prin
         write_text_atomic(r.dryrun_script, r.script_text)
     if mode == "dryrun":
         return
+    for t in job.tasks:
+        used = layout.local_experiments / job.name / f"{layout.experiment_id}.{t.name}"
+        if used.exists():
+            raise LaunchError(f"run id {layout.run_id!r} was already used: {used} exists")
     run = import_nemo_run(layout.nemorun_home)
     failed = None
     for t, r in zip(job.tasks, result.tasks):
@@ -333,13 +365,18 @@ def _run_local_task(run, job: Job, t: ResolvedTask, r: TaskResult, layout: RunLa
     say(f"running {t.name} on this machine (local executor)")
     stop = threading.Event()
     tail = threading.Thread(target=_tail_logs, args=(layout, exp, t.name, say, stop, r), daemon=True)
-    with exp:
-        exp.add(built.script, executor=built.executor, name=t.name)
-        tail.start()
-        try:
+    try:
+        with exp:
+            exp.add(built.script, executor=built.executor, name=t.name)
+            tail.start()
             exp.run(detach=False)
-        finally:
-            pass
+    except Exception as e:  # noqa: BLE001 - nemo_run failed before or while starting the task: one line
+        stop.set()
+        if tail.is_alive():
+            tail.join(timeout=10)
+        if not r.log_paths:  # nothing ran: free the run id again
+            shutil.rmtree(exp._exp_dir, ignore_errors=True)
+        raise LaunchError(f"{t.name}: could not run it locally: {_one_line(e)}") from None
     stop.set()
     tail.join(timeout=10)
     state = getattr(exp.jobs[0].state, "name", str(exp.jobs[0].state))

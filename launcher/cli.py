@@ -1,4 +1,5 @@
-"""Command line: `uv run launch.py --yaml JOB.yaml [dotted.overrides=value ...] [--dryrun] [--yes] [--detach]`.
+"""Command line: `uv run launch.py --yaml JOB.yaml [dotted.overrides=value ...] [--dryrun] [--yes] [--detach]`,
+or `uv run launch.py --migrate MODELOPT_SPEC.yaml [--write]`.
 
 Exit codes: 0 success; 1 a task failed or submission failed; 2 bad job spec or usage; 130 interrupted.
 """
@@ -20,7 +21,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="launch.py",
         description="Validate a job spec and run it: on Slurm (sbatch via nemo_run) or on this machine.",
     )
-    p.add_argument("--yaml", required=True, metavar="JOB.yaml", help="the job spec")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--yaml", metavar="JOB.yaml", help="the job spec")
+    what.add_argument(
+        "--migrate",
+        metavar="SPEC.yaml",
+        help="print the equivalent of a Model-Optimizer launcher spec for this project (docs/migrating.md)",
+    )
+    p.add_argument(
+        "--write", action="store_true", help="with --migrate: write SPEC.migrated.yaml next to SPEC instead"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="dotted overrides of the spec")
     p.add_argument("--dryrun", action="store_true", help="print the plan and exact scripts; submit nothing")
     p.add_argument("--yes", "-y", action="store_true", help="submit to Slurm without asking")
@@ -37,6 +47,8 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.migrate:
+        return _migrate(args.migrate, args.write)
     bad_overrides = [o for o in args.overrides if "=" not in o]
     if bad_overrides:
         for o in bad_overrides:
@@ -102,6 +114,27 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     return 0 if result.ok else EXIT_FAILED
 
 
+def _migrate(source: str, write: bool) -> int:
+    from launcher.modelopt_compat import migrate, migrated_path, render
+    from modelopt_ext.config.overrides import load_yaml_file
+    from modelopt_ext.fileio import write_text_atomic
+
+    try:
+        data = load_yaml_file(source)
+    except ConfigError as e:
+        for line in e.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    text = render(migrate(data), source)
+    if not write:
+        print(text, end="")
+        return 0
+    out = migrated_path(source)
+    write_text_atomic(out, text)
+    print(f"wrote {out}; check it with: uv run launch.py --yaml {out} --dryrun")
+    return 0
+
+
 def _print_plan(result) -> None:
     job = result.job
     print(f"job {job.name} ({job.kind}), run {result.run_id}; tasks: {', '.join(t.name for t in job.tasks)}")
@@ -119,6 +152,9 @@ def _print_plan(result) -> None:
 
 def _print_dryrun(result) -> None:
     _print_plan(result)
+    if result.job.spec.pipeline.skip:
+        print("\ndry run: nothing rendered or submitted (pipeline.skip is true)")
+        return
     for t in result.tasks:
         kind = "sbatch script" if t.kind == "slurm" else "local script"
         print(f"\n===== {t.name}: {kind} ({t.dryrun_script}) =====")

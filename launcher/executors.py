@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import getpass
 import shlex
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,17 +27,9 @@ from launcher.layout import (
     export_lines,
     task_env,
 )
-from launcher.spec import DEFAULT_TIME, REPO_ROOT, Job, ResolvedTask
+from launcher.spec import DEFAULT_TIME, REPO_ROOT, Job, ResolvedTask, is_local_host
 
 NODE_EXEC = REPO_ROOT / "launcher" / "node_exec.sh"
-
-
-def is_local_host(host: str | None) -> bool:
-    """True when Slurm commands run on this machine (LocalTunnel) rather than over SSH."""
-    if not host:
-        return True
-    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
-    return host in names
 
 
 def is_remote(job: Job) -> bool:

@@ -151,6 +151,9 @@ class Task(_Strict):
         for key, value in items:
             if not isinstance(key, str) or not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            if isinstance(value, list) and all(isinstance(x, (int, float, str)) for x in value):
+                # `EAGLE_CAPTURE_IDS: [2,18,33,36]` (or the same as an override) means the text "[2,18,33,36]".
+                value = "[" + ",".join(str(x) for x in value) + "]"
             if isinstance(value, (dict, list)):
                 raise ValueError(f"{key}: value must be a scalar (got {type(value).__name__})")  # noqa: TRY004
             if isinstance(value, bool):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from launcher import contracts
+from launcher import modelopt_compat as mo
 from launcher.schema import JobSpec, Pipeline, SlurmConfig, Task
 from launcher.topology import RolePlan, TopologyError, plan_roles
 from modelopt_ext.config.errors import ConfigError, did_you_mean, problems_from_validation
@@ -109,30 +112,56 @@ def load_job(
     )
 
 
+def is_local_host(host: str | None) -> bool:
+    """True when Slurm commands run on this machine (LocalTunnel) rather than over SSH."""
+    if not host:
+        return True
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    return host in names
+
+
+@dataclass
+class _Pipeline:
+    """What contract checks carry from one task to the next (the run's order)."""
+
+    spec: JobSpec | None
+    check: bool = True
+    produced: list[Path] = field(default_factory=list)
+    earlier: int = 0
+
+
 def resolve(data: dict, *, source: str, environ: Mapping[str, str], repo_root: Path = REPO_ROOT) -> Job:
     """Validate a spec mapping (after overrides) and resolve it into a Job."""
     data = _with_factory_defaults(data, environ)
+    problems: list[str] = []
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as err:
         problems = _problems(err)
-        # Report the semantic problems of the tasks that are well-formed too, so one run shows everything.
-        for fpath, raw_task, gvars in _raw_tasks(data):
-            try:
-                task = Task.model_validate(raw_task)
-            except ValidationError:
-                continue
-            if not task.skip:
-                _resolve_task(fpath.rsplit(".", 1)[-1], fpath, task, gvars, repo_root, problems)
-        raise ConfigError(problems, source=source) from None
-    problems = []
+        # Unknown keys must not hide the other problems: validate again without them.
+        stripped = _without_unknown_keys(data, err)
+        try:
+            spec = JobSpec.model_validate(stripped)
+        except ValidationError:
+            # Report the semantic problems of the tasks that are well-formed too, so one run shows everything.
+            state = _Pipeline(spec=None)
+            for fpath, raw_task, gvars in _raw_tasks(stripped):
+                try:
+                    task = Task.model_validate(raw_task)
+                except ValidationError:
+                    continue
+                if not task.skip:
+                    _resolve_task(fpath.rsplit(".", 1)[-1], fpath, task, gvars, repo_root, problems, state)
+            raise ConfigError(_unique(problems), source=source) from None
     job = Job(spec=spec, source=source)
     gvars = _global_vars(spec.pipeline.global_vars)
+    # Tasks that never run (pipeline.skip) are not checked against their scripts' contracts.
+    state = _Pipeline(spec=spec, check=not spec.pipeline.skip)
     for name, fpath, task in spec.pipeline.named_tasks():
         if task.skip:
             job.skipped.append(name)
             continue
-        resolved = _resolve_task(name, fpath, task, gvars, repo_root, problems)
+        resolved = _resolve_task(name, fpath, task, gvars, repo_root, problems, state)
         if resolved is not None:
             job.tasks.append(resolved)
     kinds = {t.kind for t in job.tasks}
@@ -152,8 +181,35 @@ def resolve(data: dict, *, source: str, environ: Mapping[str, str], repo_root: P
     if not job.tasks and not problems and not spec.pipeline.skip:
         problems.append("pipeline: every task has skip: true; nothing to run")
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(_unique(problems), source=source)
     return job
+
+
+def _unique(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+def _without_unknown_keys(data: Any, err: ValidationError) -> Any:
+    """A copy of the spec mapping without the keys pydantic reported as unknown (paths as in the YAML)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for e in err.errors(include_url=False):
+        if e["type"] != "extra_forbidden":
+            continue
+        node: Any = out
+        loc = [p for p in e["loc"] if p not in _INTERNAL_KEYS]
+        for part in loc[:-1]:
+            in_dict = isinstance(node, dict) and part in node
+            in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+            if in_dict or in_list:
+                node = node[part]
+            else:
+                node = None
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
 
 
 def _global_vars(raw: Any) -> dict[str, str]:
@@ -209,7 +265,10 @@ def _problems(err: ValidationError) -> list[str]:
         # Pipeline accepts task_0..task_N by pattern, not as declared fields.
         return ([f"task_{i}" for i in range(10)], ["task_0..task_N"]) if owner is Pipeline else ([], [])
 
-    return problems_from_validation(err, JobSpec, hidden=_INTERNAL_KEYS, extra_choices=task_keys)
+    def hint(owner, key):
+        return mo.slurm_key_hint(key) if owner is SlurmConfig else None
+
+    return problems_from_validation(err, JobSpec, hidden=_INTERNAL_KEYS, extra_choices=task_keys, key_hint=hint)
 
 
 def _interpolate(text: str, gvars: dict[str, str], where: str, problems: list[str]) -> str:
@@ -230,7 +289,13 @@ def _interpolate(text: str, gvars: dict[str, str], where: str, problems: list[st
 
 
 def _resolve_task(
-    name: str, fpath: str, task: Task, gvars: dict[str, str], repo_root: Path, problems: list[str]
+    name: str,
+    fpath: str,
+    task: Task,
+    gvars: dict[str, str],
+    repo_root: Path,
+    problems: list[str],
+    state: _Pipeline,
 ) -> ResolvedTask | None:
     start = len(problems)
     args = [_interpolate(a, gvars, f"{fpath}.args[{i}]", problems) for i, a in enumerate(task.args)]
@@ -247,8 +312,11 @@ def _resolve_task(
         p = Path(task.script)
         script = p if p.is_absolute() else repo_root / p
         if not script.is_file():
+            hint = mo.script_hint(task.script)
             problems.append(
-                f"{fpath}.script: file not found: {task.script} (relative to the repo root {repo_root})"
+                f"{fpath}.script: {hint}"
+                if hint
+                else f"{fpath}.script: file not found: {task.script} (relative to the repo root {repo_root})"
             )
 
     slurm = task.slurm_config
@@ -290,6 +358,9 @@ def _resolve_task(
             "serve_nodes": serve_field,
         }[e.field]
         problems.append(f"{where}: {e}")
+    if state.check:
+        _check_contract(fpath, task, args, env, script, state, problems)
+    state.earlier += 1
     if len(problems) > start:
         return None
     return ResolvedTask(
@@ -303,3 +374,42 @@ def _resolve_task(
         script=script,
         slurm=slurm,
     )
+
+
+def _check_contract(
+    fpath: str,
+    task: Task,
+    args: list[str],
+    env: dict[str, str],
+    script: Path | None,
+    state: _Pipeline,
+    problems: list[str],
+) -> None:
+    """Check a task against its entry script's contract (launcher/contracts.py); record what it writes."""
+    if script is None or contracts.entry_script(script) is None:
+        return
+    slurm = task.slurm_config
+    spec = state.spec
+    container = bool(slurm and slurm.container)
+    repo_dir = spec.repo_dir if spec and spec.repo_dir and task.kind == "slurm" else str(REPO_ROOT)
+    mounts: list[tuple[str, str]] = []
+    if container and slurm:
+        mounts = [(m.split(":")[1], m.split(":")[0]) for m in slurm.container_mounts]
+        if spec and spec.hf_local:
+            mounts.append((contracts.CONTAINER_HF_LOCAL, spec.hf_local))
+    view = contracts.TaskView(
+        path=fpath,
+        args=args,
+        env=env,
+        nodes=slurm.nodes if slurm else 1,
+        gpus_per_node=slurm.gpus_per_node if slurm else None,
+        container=container,
+        mounts=mounts,
+        repo_dir=repo_dir,
+        files_visible=task.kind == "local" or is_local_host(slurm.host if slurm else None),
+        has_earlier=state.earlier > 0,
+        produced=list(state.produced),
+    )
+    contracts.check_task(view, script)
+    problems.extend(view.problems)
+    state.produced.extend(view.outputs)

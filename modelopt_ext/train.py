@@ -14,8 +14,8 @@ import sys
 import yaml
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's argument contract (the launcher checks entry-script arguments against it, no torch)."""
     p = argparse.ArgumentParser(prog="python -m modelopt_ext.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="Recipe YAML (see recipes/eagle3/).")
     p.add_argument(
@@ -27,7 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'auto': continue from the last complete checkpoint in training.output_dir (fresh if none); "
         "or a checkpoint folder epoch_E_step_S/.",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

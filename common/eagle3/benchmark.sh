@@ -5,6 +5,7 @@
 #
 #   bash launcher/node_exec.sh common/eagle3/benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl
 # Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round, 3), BENCH_NEW_TOKENS (32).
+# Contract (arguments, knobs, inputs; checked by the launcher before submitting): launcher/contracts.py.
 set -euo pipefail
 
 BENCH_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"

@@ -5,6 +5,7 @@
 #
 #   bash launcher/node_exec.sh common/eagle3/prepare_tiny.sh [TINY_DIR]     (default outputs/tiny)
 # Environment: PREPARE_VLLM_ENV=1 also builds (or reuses) vLLM's own venv, so the serve task starts at once.
+# Contract (arguments, knobs, what it writes; checked by the launcher before submitting): launcher/contracts.py.
 set -euo pipefail
 
 PREP_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"

@@ -13,7 +13,9 @@
 #   done | failed       the ending: done by the head trainer after the export; failed by ANY node (trap),
 #                       with the reason. Servers exit on either; trainers stop on failed.
 #   logs/               the servers' and trainers' own logs
-# Knobs (environment; docs/entry-scripts.md): SERVE_ENGINE, SERVE_PORT, SERVE_TP, SERVE_GPU_MEM_UTIL,
+# Arguments and knobs are declared in launcher/contracts.py (the launcher checks every task against it at
+# --dryrun and submit; SERVE_NODES is read by the launcher's role plan). Knobs (environment;
+# docs/entry-scripts.md): SERVE_ENGINE, SERVE_PORT, SERVE_TP, SERVE_GPU_MEM_UTIL,
 # EAGLE_CAPTURE_IDS, STREAMING_NUM_WORKERS, SERVE_MAX_MODEL_LEN, SERVE_MAX_NUM_SEQS, SERVE_ADVERTISE_IP,
 # MAIN_PROCESS_PORT, TRAIN_PROCS_PER_NODE, and the timeouts SERVE_START_TIMEOUT_S, SERVE_WAIT_S,
 # HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S.

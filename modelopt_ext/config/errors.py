@@ -98,8 +98,8 @@ def allowed_keys(model: type[BaseModel]) -> list[str]:
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' or '' when nothing is close."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = did_you_mean_word(word, choices)
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def problems_from_validation(
@@ -109,12 +109,14 @@ def problems_from_validation(
     *,
     hidden: Collection[str] = (),
     extra_choices: Callable[[type[BaseModel] | None], tuple[list[str], list[str]]] | None = None,
+    key_hint: Callable[[type[BaseModel] | None, str], str | None] | None = None,
 ) -> list[str]:
     """One line per pydantic error: field path, what was wrong, and what is allowed.
 
     `hidden` names internal location parts left out of paths and key lists (e.g. a field that collects
     `task_N` entries). `extra_choices(owner)` returns (extra did-you-mean candidates, extra allowed-key
-    labels) for an unknown key under `owner`, for models that accept keys by pattern.
+    labels) for an unknown key under `owner`, for models that accept keys by pattern. `key_hint(owner, key)`
+    may return a specific hint for an unknown key (e.g. another tool's name for a field), used instead.
     """
     lines = []
     for e in err.errors(include_url=False):
@@ -123,6 +125,10 @@ def problems_from_validation(
         kind = e["type"]
         if kind == "extra_forbidden":
             owner = model_at(model, loc[:-1])
+            special = key_hint(owner, str(loc[-1])) if key_hint is not None else None
+            if special:
+                lines.append(f"{path}: {special}")
+                continue
             keys = [k for k in (allowed_keys(owner) if owner else []) if k not in hidden]
             choices = list(keys)
             if extra_choices is not None:
@@ -143,3 +149,31 @@ def problems_from_validation(
             got = "" if isinstance(shown, (dict, list)) or kind.startswith("value_error") else f" (got {shown!r})"
             lines.append(f"{path}: {msg}{got}")
     return lines
+
+
+def key_problem(model: type[BaseModel], dotted: str) -> str | None:
+    """Why `dotted` (e.g. 'training.lrr') names no field of `model`, or None when it does.
+
+    Walks nested models; a path that enters a non-model field (a list, a scalar) is left to validation.
+    """
+    current: Any = model
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        keys = allowed_keys(current)
+        if part not in keys:
+            where = ".".join(parts[:i])
+            close = did_you_mean_word(part, keys)
+            hint = f" (did you mean '{'.'.join([*parts[:i], close])}'?)" if close else ""
+            return f"unknown key{hint}; allowed{' under ' + where if where else ''}: {', '.join(sorted(keys))}"
+        field = current.model_fields.get(part) or next(f for f in current.model_fields.values() if f.alias == part)
+        nxt = [c for c in _unwrap(field.annotation) if isinstance(c, type) and issubclass(c, BaseModel)]
+        current = nxt[0] if nxt else None
+    return None
+
+
+def did_you_mean_word(word: str, choices: Iterable[str]) -> str | None:
+    """The closest choice to `word`, or None."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None

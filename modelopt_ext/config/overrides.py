@@ -1,6 +1,8 @@
 """Dotted command-line overrides (`training.lr=1e-4`, `pipeline.task_1.slurm_config.segment=3`) on plain dicts.
 
 Values are parsed as YAML scalars/collections so `3`, `true`, `[1,2]` and `null` get their natural types.
+A list of single-key mappings (Model-Optimizer's `environment: [- NAME: value]` form) is addressed by key:
+`environment.SERVE_NODES=4` sets that item (or appends it); `environment[2].SERVE_NODES=4` works too.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         except ConfigError as e:
             problems.extend(e.problems)
             continue
+        path = _keyed_items(out, path)
         node: Any = out
         for i, part in enumerate(path[:-1]):
             nxt = path[i + 1]
@@ -79,10 +82,50 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             elif isinstance(node, dict):
                 node[last] = value
             else:
-                problems.append(f"override {text!r}: cannot set {last!r} on a {type(node).__name__}")
+                problems.append(f"override {text!r}: cannot set {last!r} on a {type(node).__name__}{_index_hint(path)}")
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _single_key_items(node: Any) -> bool:
+    return isinstance(node, list) and all(isinstance(x, dict) and len(x) == 1 for x in node)
+
+
+def _keyed_items(data: Any, path: list[str | int]) -> list[str | int]:
+    """Rewrite `...list.KEY...` into `...list[i].KEY...` where the list holds single-key mappings.
+
+    The item is the one whose key is KEY; when none has it, a `{KEY: None}` item is appended (the value is
+    set afterwards). Several items with KEY are left alone (the caller's error then asks for an index).
+    """
+    out: list[str | int] = []
+    node: Any = data
+    for i, part in enumerate(path):
+        if isinstance(part, str) and _single_key_items(node):
+            hits = [j for j, item in enumerate(node) if part in item]
+            if len(hits) > 1:
+                return path
+            if not hits:
+                node.append({part: None})
+                hits = [len(node) - 1]
+            out.append(hits[0])
+            node = node[hits[0]]
+        out.append(part)
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return out + list(path[i + 1 :])
+    return out
+
+
+def _index_hint(path: list[str | int]) -> str:
+    """'; address an item by index, e.g. environment[0].X=...' for a str key applied to a list."""
+    shown = ""
+    for part in path[:-1]:
+        shown += f"[{part}]" if isinstance(part, int) else ("." if shown else "") + part
+    return f"; address a list item by index, e.g. {shown}[0].{path[-1]}=..."
 
 
 def load_yaml_file(path: str) -> dict:

@@ -140,3 +140,27 @@ def test_config_package_imports_no_ml_library():
     code = "import sys, modelopt_ext.config.recipe; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_list_of_single_key_mappings_is_addressed_by_key():
+    from modelopt_ext.config.overrides import apply_overrides
+
+    data = {"t": {"environment": [{"A": "1"}, {"SERVE_NODES": "2"}]}}
+    out = apply_overrides(data, ["t.environment.SERVE_NODES=4", "t.environment.NEW=x", "t.environment[0].A=9"])
+    assert out["t"]["environment"] == [{"A": 9}, {"SERVE_NODES": 4}, {"NEW": "x"}]
+    assert data["t"]["environment"] == [{"A": "1"}, {"SERVE_NODES": "2"}]  # the input is left alone
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({"t": {"environment": [{"A": "1"}, {"A": "2"}]}}, ["t.environment.A=4"])
+    assert e.value.problems == [
+        ("override 't.environment.A=4': cannot set 'A' on a list; address a list item by index, "
+        "e.g. t.environment[0].A=...")
+    ]
+
+
+def test_key_problem_names_the_unknown_part_and_the_closest_key():
+    from modelopt_ext.config.errors import key_problem
+    from modelopt_ext.config.recipe import Recipe
+
+    assert key_problem(Recipe, "training.lr") is None and key_problem(Recipe, "data.server_urls") is None
+    assert key_problem(Recipe, "training.lrr").startswith("unknown key (did you mean 'training.lr'?); allowed under training: ")
+    assert key_problem(Recipe, "modle.path") == "unknown key (did you mean 'model'?); allowed: data, eagle, model, training"

@@ -7,7 +7,8 @@ import pytest
 from launcher.spec import load_job
 from modelopt_ext.config.errors import ConfigError
 
-SCRIPT = "common/eagle3/train_eagle_streaming.sh"
+# A user's streaming script (not ours, so its arguments are not checked): these tests are about the spec.
+SCRIPT = "tests/launcher/fixtures/user_streaming.sh"
 
 
 def slurm_task(**extra):
