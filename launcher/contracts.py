@@ -502,6 +502,14 @@ def _check_benchmark(view: TaskView, script: EntryScript) -> None:
     view.need_input(f".args[{i_prompts}]", prompts, "PROMPTS file", kind="file")
 
 
+# Read by common/lib/python.sh, which every entry script sources (docs/install.md).
+NODE_PYTHON_KNOBS = (
+    Knob("MODELOPT_PYTHON", _text, "the project's interpreter on the nodes"),
+    Knob("NODE_WHEELHOUSE", _text, "offline nodes: install what the image lacks from this folder"),
+    Knob("NODE_ENV_ROOT", _text, "where the per-job top-up environments live"),
+    Knob("NODE_PROVISION_TIMEOUT_S", SECONDS, "building the top-up environment"),
+)
+
 STREAMING_KNOBS = (
     Knob("SERVE_NODES", _int(0), "nodes that serve hidden states (the launcher's role plan)"),
     Knob("SERVE_ENGINE", _choice("vllm", "target"), "hidden-state server"),
@@ -516,7 +524,7 @@ STREAMING_KNOBS = (
     Knob("STREAMING_NUM_WORKERS", _int(0), "DataLoader workers per rank (fetch concurrency)"),
     Knob("MAIN_PROCESS_PORT", PORT, "accelerate's rendezvous port"),
     Knob("TRAIN_PROCS_PER_NODE", _int(1), "training processes per trainer node"),
-    Knob("MODELOPT_PYTHON", _text, "the project's interpreter on the nodes"),
+    *NODE_PYTHON_KNOBS,
     Knob("SERVE_START_TIMEOUT_S", SECONDS, "server start to healthy"),
     Knob("SERVE_WAIT_S", SECONDS, "trainers waiting for the servers' addresses"),
     Knob("HEALTH_WAIT_S", SECONDS, "each server's health check"),
@@ -538,7 +546,7 @@ SCRIPTS: dict[str, EntryScript] = {
         EntryScript(
             "common/eagle3/prepare_tiny.sh",
             "[TINY_DIR], default outputs/tiny",
-            (Knob("PREPARE_VLLM_ENV", _choice("0", "1"), "also build vLLM's environment"),),
+            (Knob("PREPARE_VLLM_ENV", _choice("0", "1"), "also build vLLM's environment"), *NODE_PYTHON_KNOBS),
             _check_prepare_tiny,
         ),
         EntryScript(
@@ -548,7 +556,7 @@ SCRIPTS: dict[str, EntryScript] = {
                 Knob("BENCH_PROMPTS", _int(1), "prompts measured"),
                 Knob("BENCH_STEPS", _int(1), "draft tokens per round"),
                 Knob("BENCH_NEW_TOKENS", _int(1), "new tokens per prompt"),
-                Knob("MODELOPT_PYTHON", _text, "the project's interpreter on the nodes"),
+                *NODE_PYTHON_KNOBS,
             ),
             _check_benchmark,
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -385,8 +386,11 @@ def test_user_scripts_and_inline_are_not_second_guessed(write_spec):
 
 def test_every_registered_script_exists_and_declares_its_knobs():
     for path, script in contracts.SCRIPTS.items():
-        text = (REPO_ROOT / path).read_text()
-        assert "launcher/contracts.py" in text, path  # the script's header points at its contract
+        own = (REPO_ROOT / path).read_text()
+        assert "launcher/contracts.py" in own, path  # the script's header points at its contract
+        # What it reads includes the shell libraries it sources (common/lib/python.sh: the node's Python).
+        libs = re.findall(r"^source \"\$\{\w+\}/(common/lib/\w+\.sh)\"", own, re.MULTILINE)
+        text = own + "".join((REPO_ROOT / lib).read_text() for lib in libs)
         for knob in script.knobs:
             assert knob.name in text, (path, knob.name)  # a declared knob is one the script reads
     doc = (REPO_ROOT / "docs/entry-scripts.md").read_text()
