@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelopt_ext.targets import looks_like_hub_id
+
 MODEL_FILE = "model.safetensors"
 
 
@@ -27,9 +29,6 @@ class DraftPlan:
     path: str  # what the engine gets (a folder or a hub id)
     export_from: Path | None = None  # a checkpoint to export to `path` before launching
     notes: list[str] = field(default_factory=list)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def export_dir_for(ckpt: Path) -> Path:
@@ -76,7 +75,7 @@ def plan_draft(draft: str) -> DraftPlan:
         )
     if p.exists():
         raise ServeError(f"--draft {draft}: not a folder")
-    if _HUB_ID.match(draft) and not draft.startswith((".", "/", "~")):
+    if looks_like_hub_id(draft):
         return DraftPlan(
             "hub", draft, draft, notes=[f"{draft}: not a local folder; passed through as a hub id"]
         )
