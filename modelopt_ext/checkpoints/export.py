@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from modelopt_ext.checkpoints import is_training_checkpoint
 from modelopt_ext.fileio import replace_dir_atomically
 
 MODEL_FILE = "model.safetensors"
@@ -170,6 +171,18 @@ def load_checkpoint_for_export(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt}: not a checkpoint folder")
     cfg = _read_json(ckpt / CONFIG_FILE)
+    if not is_training_checkpoint(ckpt):
+        arch = cfg.get("architectures")
+        if arch == [ARCHITECTURE]:
+            what = "an exported drafter (already what vLLM and SGLang load)"
+        elif arch:
+            what = f"a model folder ({', '.join(map(str, arch))})"
+        else:
+            what = "no trainer_state.json and no aux_layer_ids in config.json"
+        raise ExportError(
+            f"{ckpt}: {what}, not a training checkpoint "
+            "(export takes an epoch_E_step_S/ folder the trainer wrote under training.output_dir)"
+        )
     need = [
         "hidden_size",
         "intermediate_size",

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelopt_ext.checkpoints import is_training_checkpoint
 from modelopt_ext.targets import looks_like_hub_id
 
 MODEL_FILE = "model.safetensors"
@@ -34,17 +35,6 @@ class DraftPlan:
 def export_dir_for(ckpt: Path) -> Path:
     """The sibling folder a checkpoint is exported to: `<parent>/<name>-hf`."""
     return ckpt.parent / f"{ckpt.name}-hf"
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A trainer checkpoint folder: trainer_state.json, or a config with our `aux_layer_ids` field."""
-    if (path / "trainer_state.json").is_file():
-        return True
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "aux_layer_ids" in cfg and "architectures" not in cfg
 
 
 def _fresh_export(out: Path, ckpt: Path) -> bool:
