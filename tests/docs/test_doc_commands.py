@@ -44,6 +44,10 @@ EXPECTED_FAILURES = [
 
 # Programs we do not run or check here, with the reason. Keyed by the program's name.
 SKIPPED = {
+    "uv": "sets up environments (uv sync / uv pip ...): package downloads and minutes, not a cheap command",
+    "pip": "installs packages: package downloads and minutes, not a cheap command",
+    "git": "clones or checks out: not a command of this project",
+    "cd": "a shell built-in: nothing to check",
     "module:vllm.entrypoints.openai.api_server": "vLLM's own server, in vLLM's environment, not ours "
     "(tests/vllm starts it through serve_hidden_states)",
     "sinfo": "a Slurm client through the local test cluster's wrappers (tests/slurm starts and uses them)",
@@ -370,6 +374,15 @@ def check_command(cmd: DocCommand, box: Path, launched: dict) -> str | None:
         if not sub.startswith("-") and not _mentions(text, sub):
             problems.append(f"subcommand {p.args[0]!r} not in {name}'s usage")
         if p.launcher_args:
+            n = (
+                p.launcher_args[p.launcher_args.index("--num_processes") + 1]
+                if "--num_processes" in p.launcher_args
+                else "1"
+            )
+            if n != "1" and "--multi_gpu" not in p.launcher_args:  # accelerate would start ONE process on CPU
+                problems.append(
+                    f"--num_processes {n} without --multi_gpu runs a single process on a CPU machine"
+                )
             _, acc = _help_text("accelerate")
             problems += [
                 f"{f} not in `accelerate launch --help`"
