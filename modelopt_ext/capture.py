@@ -68,7 +68,10 @@ def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
             f"capture ids {ids}: the last must be L = {num_layers} (the last layer, pre-final-norm), "
             "after the drafter's aux ids"
         )
-    return capture_layer_ids(num_layers, ids[:-1])
+    try:
+        return capture_layer_ids(num_layers, ids[:-1])
+    except ValueError as e:  # the aux part (all ids but the last): duplicates
+        raise ValueError(f"capture ids {ids}: {e}") from None
 
 
 def parse_capture_ids(text: str) -> list[int]:
