@@ -7,9 +7,8 @@
 Prints the server URL once `GET /v1/models` answers, then stays in the foreground; the exit code is vLLM's.
 SIGINT/SIGTERM (also during startup) stop vLLM's process group (SIGKILL after a grace period), log one line
 each, and exit 128 + the signal (143 for SIGTERM). A bad --model or capture ids outside the target's layers:
-one line, exit 2, before vLLM starts. Capture ids default to the drafter's aux
-layers (the recipe's default rule from the target config, or --aux-layer-ids) plus the last layer L
-(pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.serving.vllm_env`).
+one line, exit 2, before vLLM starts. Capture ids default to the drafter's aux layers (the recipe's default
+rule from the target config, or --aux-layer-ids) plus the last layer L (pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.serving.vllm_env`).
 """
 
 from __future__ import annotations
@@ -128,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}")
         print(handle.url, flush=True)
         rc = handle.process.wait()
+        handle.stop()  # reap engine children left in the group
+        return rc if rc >= 0 else 128 - rc
     except _Stop as stop:
         name = signal.Signals(stop.signum).name
         if handle is None:  # the startup code stopped the server it had started before re-raising
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             handle.stop()
             _log(f"vLLM stopped (exit code {handle.process.returncode})")
         return 128 + stop.signum  # 143 for SIGTERM, 130 for SIGINT: stopped on request, not finished
-    handle.stop()  # reap engine children left in the group
-    return rc if rc >= 0 else 128 - rc
 
 
 if __name__ == "__main__":
