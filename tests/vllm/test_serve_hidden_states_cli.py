@@ -107,44 +107,51 @@ def test_capture_ids_outside_the_target_are_refused_before_vllm_starts(tmp_path,
     assert not pidfile.exists() and out == ""  # vLLM never started
 
 
-def test_valid_capture_ids_start_and_sigterm_stops_cleanly_with_143(tmp_path):
-    exe, pidfile = _standin(tmp_path)
-    cli = _cli(tmp_path, exe, "--capture-ids", "1,3,6")
+def _signal_once_ready(cli: subprocess.Popen, ready, pidfile: Path, sig: int) -> tuple[str, str, int, float]:
+    """Wait for `ready()`, send `sig` to the CLI; (stdout, stderr, the stand-in's pid, seconds the CLI took to
+    exit). The CLI never outlives the test."""
     try:
-        url = cli.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), cli.stderr.read() if cli.poll() is not None else url
+        ready()
         server_pid = int(pidfile.read_text())
         assert _alive(server_pid)
         t0 = time.monotonic()
-        cli.send_signal(signal.SIGTERM)
-        _, err = cli.communicate(timeout=60)
+        cli.send_signal(sig)
+        out, err = cli.communicate(timeout=60)
+        return out, err, server_pid, time.monotonic() - t0
     finally:
         if cli.poll() is None:
             cli.kill()
             cli.wait(10)
-    assert cli.returncode == 143, err
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_running_server_cleanly(tmp_path, sig, code):
+    exe, pidfile = _standin(tmp_path)
+    cli = _cli(tmp_path, exe, "--capture-ids", "1,3,6")
+
+    def ready():
+        url = cli.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), cli.stderr.read() if cli.poll() is not None else url
+
+    _, err, server_pid, took = _signal_once_ready(cli, ready, pidfile, sig)
+    assert cli.returncode == code, err
     assert "Traceback" not in err and "TimeoutExpired" not in err, err
     lines = err.strip().splitlines()
     assert lines[0].startswith("serve_hidden_states: vLLM pid ") and "capture ids [1, 3, 6]" in lines[0]
-    assert lines[1].startswith("serve_hidden_states: SIGTERM: stopping vLLM"), err
-    assert lines[2] == "serve_hidden_states: vLLM stopped (exit code -15)", err
-    assert len(lines) == 3, err
+    assert lines[1].startswith(f"serve_hidden_states: {sig.name}: stopping vLLM"), err
+    assert lines[2:] == ["serve_hidden_states: vLLM stopped (exit code -15)"], err  # it got SIGTERM
     _wait_for(lambda: not _alive(server_pid), 10, "the stand-in server to be gone")
-    assert time.monotonic() - t0 < 30  # it stopped on SIGTERM, not after the SIGKILL grace period
+    assert took < 30  # it stopped on SIGTERM, not after the SIGKILL grace period
 
 
 def test_sigterm_during_startup_stops_the_starting_server(tmp_path):
     exe, pidfile = _standin(tmp_path, never_ready=True)
     cli = _cli(tmp_path, exe)
-    try:
+
+    def ready():
         _wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the stand-in server to start")
-        server_pid = int(pidfile.read_text())
-        cli.send_signal(signal.SIGTERM)
-        out, err = cli.communicate(timeout=60)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait(10)
+
+    out, err, server_pid, _ = _signal_once_ready(cli, ready, pidfile, signal.SIGTERM)
     assert cli.returncode == 143, err
     assert err.strip().splitlines() == ["serve_hidden_states: SIGTERM: stopped during startup"], err
     assert out == ""
