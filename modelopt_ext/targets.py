@@ -8,10 +8,11 @@ counts only when its `config.json` is in the local Hugging Face cache. No torch 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
+
+from modelopt_ext.fileio import read_json_object
 
 # `org/name`: what a hub id looks like (a relative path with more than one part, or odd characters, is not).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -64,9 +65,6 @@ def target_config(target: str | os.PathLike, field: str = "target") -> dict:
     """The target's `config.json` as a dict (TargetPathError naming `field` when missing or unreadable)."""
     cfg_file = resolve_target(target, field) / "config.json"
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise TargetPathError(f"{field} {os.fspath(target)!r}: {cfg_file} is unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise TargetPathError(f"{field} {os.fspath(target)!r}: {cfg_file} is not a JSON object")
-    return cfg
+        return read_json_object(cfg_file)
+    except ValueError as e:
+        raise TargetPathError(f"{field} {os.fspath(target)!r}: {e}") from None

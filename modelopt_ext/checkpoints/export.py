@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from modelopt_ext.checkpoints import is_training_checkpoint
-from modelopt_ext.fileio import replace_dir_atomically
+from modelopt_ext.fileio import read_json_object, replace_dir_atomically
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -55,14 +55,9 @@ class ExportError(Exception):
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -6,12 +6,12 @@ is newer than the checkpoint's weights). Nothing here imports an inference engin
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelopt_ext.checkpoints import is_training_checkpoint
+from modelopt_ext.fileio import read_json_object
 from modelopt_ext.targets import looks_like_hub_id
 
 MODEL_FILE = "model.safetensors"
@@ -92,14 +92,10 @@ _PARALLEL_COUNT_KEYS = ("num_parallel_heads", "parallel_draft_heads", "num_paral
 
 def read_config(folder: Path) -> dict:
     """The drafter's config.json as a dict (ServeError naming the file when unreadable)."""
-    path = folder / "config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ServeError(f"{path}: unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ServeError(f"{path}: expected a JSON object")
-    return cfg
+        return read_json_object(folder / "config.json")
+    except ValueError as e:
+        raise ServeError(str(e)) from None
 
 
 def weight_keys(folder: Path) -> list[str]:
