@@ -64,9 +64,6 @@ SKIPPED = {
     "sbatch": "a Slurm client through the local test cluster's wrappers (tests/slurm starts and uses them)",
 }
 
-# modelopt_ext.tiny's --num-conversations default: the tiny data set the docs' tiny runs train on.
-TINY_CONVERSATIONS = 2000
-
 _SHELL_LANGS = {"bash", "sh", "shell", "console"}
 _STARTS = re.compile(
     r"^(?:[A-Za-z_][A-Za-z0-9_]*=(?:\"[^\"]*\"|'[^']*'|\S*)\s+)*"
@@ -259,12 +256,13 @@ def _sandbox(tmp: Path) -> Path:
 def tiny_run_last_checkpoint(world_size: int = 1) -> str:
     """The checkpoint a full run of recipes/eagle3/tiny.yaml ends with, named by the trainer's own code."""
     from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.tiny import DEFAULT_NUM_CONVERSATIONS
     from modelopt_ext.training.checkpoint import checkpoint_name
     from modelopt_ext.training.sampler import ResumableShardedSampler
 
     t = load_recipe(REPO / "recipes/eagle3/tiny.yaml", []).training
     sampler = ResumableShardedSampler(
-        TINY_CONVERSATIONS, batch_size=t.batch_size, world_size=world_size, grad_accum=t.grad_accum
+        DEFAULT_NUM_CONVERSATIONS, batch_size=t.batch_size, world_size=world_size, grad_accum=t.grad_accum
     )
     # The trainer bumps the epoch after an epoch's last step, so step S is in epoch (S - 1) // steps_per_epoch.
     return checkpoint_name((t.max_steps - 1) // sampler.steps_per_epoch, t.max_steps)
