@@ -9,30 +9,21 @@ final norm + lm_head (`TargetHead`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from modelopt_ext.config.recipe import default_aux_layer_ids
+from modelopt_ext.targets import target_config
 
 
 def target_num_layers(target: str | os.PathLike | dict | Any) -> int:
-    """Decoder layer count of a target: a model folder, a config dict, or an HF config object.
+    """Decoder layer count of a target: a model folder or cached hub id, a config dict, or an HF config object.
 
     Multimodal configs keep the language model under `text_config`; that one is used.
     """
     if isinstance(target, (str, os.PathLike)):
-        cfg_path = Path(target) / "config.json"
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
-        elif Path(target).is_absolute() or str(target).startswith(".") or Path(target).exists():
-            raise ValueError(f"{target}: no config.json (not a model folder)")
-        else:  # a hub id: let transformers resolve it (local cache or registry)
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(str(target)).to_dict()
+        cfg = target_config(target)
     elif isinstance(target, dict):
         cfg = target
     else:
@@ -58,6 +49,29 @@ def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = Non
     if len(set(aux)) != len(aux):
         raise ValueError(f"aux_layer_ids {aux} has duplicates")
     return [*aux, num_layers]
+
+
+def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
+    """Explicit capture ids (`--capture-ids`) valid for an L-layer target: the aux ids, then L itself.
+
+    The same rule as `capture_layer_ids` (aux ids in [0, L), no duplicates), plus: the last id must be L,
+    since the trainer turns the last captured layer into the target's logits. ValueError names the bad ids.
+    """
+    ids = list(ids)
+    bad = [i for i in ids if not 0 <= i <= num_layers]
+    if bad:
+        raise ValueError(
+            f"capture ids {bad} outside [0, {num_layers}] for a {num_layers}-layer target (vLLM numbering)"
+        )
+    if not ids or ids[-1] != num_layers:
+        raise ValueError(
+            f"capture ids {ids}: the last must be L = {num_layers} (the last layer, pre-final-norm), "
+            "after the drafter's aux ids"
+        )
+    try:
+        return capture_layer_ids(num_layers, ids[:-1])
+    except ValueError as e:  # the aux part (all ids but the last): duplicates
+        raise ValueError(f"capture ids {ids}: {e}") from None
 
 
 def parse_capture_ids(text: str) -> list[int]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modelopt_ext.checkpoints.export import ExportError, check_export, export_checkpoint
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, export, check the result, print where it is."""
@@ -25,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         "--t2d", action="store_true", help="Also write t2d into model.safetensors (engines skip it)."
     )
     args = p.parse_args(argv)
+    # torch is imported only now, so that --help answers at once.
+    from modelopt_ext.checkpoints.export import ExportError, check_export, export_checkpoint
+
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, include_t2d=args.t2d)
         config = check_export(out)

@@ -1,4 +1,5 @@
-"""Atomic writes (temp file or folder beside the target, then rename) and a bounded file lock.
+"""Atomic writes (temp file or folder beside the target, then rename), a bounded file lock, and reading a JSON
+object with a one-line error.
 
 A reader never sees half a file or half a folder.
 
@@ -15,6 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; ValueError naming the file when it is missing, unreadable or not an object."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{p}: missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a JSON object")  # noqa: TRY004 - one error type for a bad file
+    return data
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

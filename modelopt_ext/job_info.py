@@ -28,9 +28,10 @@ def job_info(config: str, overrides: list[str]) -> dict[str, str]:
     """The resolved values above for a recipe plus overrides (raises ConfigError / ValueError)."""
     from modelopt_ext.capture import capture_layer_ids, target_num_layers
     from modelopt_ext.config.recipe import default_aux_layer_ids, load_recipe
+    from modelopt_ext.targets import target_config
 
     recipe = load_recipe(config, overrides)
-    num_layers = target_num_layers(recipe.model.path)
+    num_layers = target_num_layers(target_config(recipe.model.path, "model.path"))
     aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(num_layers))
     capture = capture_layer_ids(num_layers, aux)
     return {
@@ -48,6 +49,7 @@ def job_info(config: str, overrides: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """Print the assignments; bad input is one line per problem and exit 2."""
     from modelopt_ext.config.errors import ConfigError, exit_with
+    from modelopt_ext.targets import TargetPathError
     from modelopt_ext.train import parse_args
 
     args = parse_args(argv)
@@ -55,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         info = job_info(args.config, list(args.overrides))
     except ConfigError as e:
         exit_with(e)
+    except TargetPathError as e:  # names model.path and the value
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
     except (
         ValueError,
         OSError,
-    ) as e:  # the target: no config.json, not resolvable, aux ids outside its layers
-        print(f"error: {args.config}: model.path: {str(e).splitlines()[0]}", file=sys.stderr)
+    ) as e:  # the target's config: no valid layer count, aux ids outside its layers
+        print(f"error: {args.config}: model: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     for name, value in info.items():
         print(f"{name}={shlex.quote(value)}")

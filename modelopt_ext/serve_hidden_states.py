@@ -4,10 +4,11 @@
         [--capture-ids 2,16,29,32] [--aux-layer-ids 2,16,29] [--host H --port P] [--tp N] \
         [--max-model-len N] [--dtype D] [-- extra vLLM args]
 
-Prints the server URL once `GET /v1/models` answers, then stays in the foreground: SIGINT/SIGTERM are
-forwarded to vLLM's process group, and the exit code is vLLM's. Capture ids default to the drafter's aux
-layers (the recipe's default rule from the target config, or --aux-layer-ids) plus the last layer L
-(pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.serving.vllm_env`).
+Prints the server URL once `GET /v1/models` answers, then stays in the foreground; the exit code is vLLM's.
+SIGINT/SIGTERM (also during startup) stop vLLM's process group (SIGKILL after a grace period), log one line
+each, and exit 128 + the signal (143 for SIGTERM). A bad --model or capture ids outside the target's layers:
+one line, exit 2, before vLLM starts. Capture ids default to the drafter's aux layers (the recipe's default
+rule from the target config, or --aux-layer-ids) plus the last layer L (pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.serving.vllm_env`).
 """
 
 from __future__ import annotations
@@ -50,15 +51,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _capture_ids(args) -> list[int]:
-    from modelopt_ext.capture import capture_layer_ids, parse_capture_ids, target_num_layers
+    """The ids to capture, checked against the target's layer count (ValueError / TargetPathError)."""
+    from modelopt_ext.capture import (
+        capture_layer_ids,
+        check_capture_ids,
+        parse_capture_ids,
+        target_num_layers,
+    )
+    from modelopt_ext.targets import target_config
 
+    num_layers = target_num_layers(target_config(args.model, "--model"))
+    if args.capture_ids and args.aux_layer_ids:
+        raise ValueError("--capture-ids and --aux-layer-ids are exclusive")
     if args.capture_ids:
-        ids = parse_capture_ids(args.capture_ids)
-        if args.aux_layer_ids:
-            raise ValueError("--capture-ids and --aux-layer-ids are exclusive")
-        return ids
+        return check_capture_ids(num_layers, parse_capture_ids(args.capture_ids))
     aux = parse_capture_ids(args.aux_layer_ids) if args.aux_layer_ids else None
-    return capture_layer_ids(target_num_layers(args.model), aux)
+    return capture_layer_ids(num_layers, aux)
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler: unwinds whatever main is waiting in (startup or serving)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _log(msg: str) -> None:
+    print(f"serve_hidden_states: {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,41 +88,58 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1", file=sys.stderr)
             return EXIT_BAD_INPUT
+    from modelopt_ext.targets import TargetPathError
+
     try:
         capture_ids = _capture_ids(args)
+    except TargetPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, OSError) as e:
-        print(f"error: capture ids: {e}", file=sys.stderr)
+        print(f"error: --capture-ids/--aux-layer-ids: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     from modelopt_ext.serving.hidden_states_server import ServerStartError, start_hidden_states_server
     from modelopt_ext.serving.vllm_env import VllmEnvError
 
+    def on_signal(signum, _frame):
+        # Only the first signal unwinds main; later ones must not interrupt the bounded stop below.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Stop(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    handle = None
     try:
-        handle = start_hidden_states_server(
-            args.model, shared_storage=args.shared_storage, capture_ids=capture_ids, host=args.host,
-            port=args.port, tp=args.tp, max_model_len=args.max_model_len, dtype=args.dtype, flavor=args.flavor,
-            cpu_kvcache_gib=args.cpu_kvcache_gib, gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs, extra_args=args.extra, log_path=args.log,
-            startup_timeout=args.startup_timeout, advertise_host=args.advertise_host, die_with_parent=True,
-        )  # fmt: skip
-    except (VllmEnvError, ServerStartError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-    def forward(signum, _frame):
-        handle.stop()  # SIGTERM to vLLM's group, SIGKILL after a grace period
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    print(
-        f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}",
-        file=sys.stderr,
-        flush=True,
-    )
-    print(handle.url, flush=True)
-    rc = handle.process.wait()
-    handle.stop()  # reap engine children left in the group
-    return rc if rc >= 0 else 128 - rc
+        try:
+            handle = start_hidden_states_server(
+                args.model, shared_storage=args.shared_storage, capture_ids=capture_ids, host=args.host,
+                port=args.port, tp=args.tp, max_model_len=args.max_model_len, dtype=args.dtype,
+                flavor=args.flavor, cpu_kvcache_gib=args.cpu_kvcache_gib,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                extra_args=args.extra, log_path=args.log, startup_timeout=args.startup_timeout,
+                advertise_host=args.advertise_host, die_with_parent=True,
+            )  # fmt: skip
+        except (VllmEnvError, ServerStartError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        _log(f"vLLM pid {handle.process.pid}; capture ids {capture_ids}; log {handle.log_path}")
+        print(handle.url, flush=True)
+        rc = handle.process.wait()
+        handle.stop()  # reap engine children left in the group
+        return rc if rc >= 0 else 128 - rc
+    except _Stop as stop:
+        name = signal.Signals(stop.signum).name
+        if handle is None:  # the startup code stopped the server it had started before re-raising
+            _log(f"{name}: stopped during startup")
+        else:
+            _log(
+                f"{name}: stopping vLLM (pid {handle.process.pid}; SIGTERM to its group, SIGKILL after 30 s)"
+            )
+            handle.stop()
+            _log(f"vLLM stopped (exit code {handle.process.returncode})")
+        return 128 + stop.signum  # 143 for SIGTERM, 130 for SIGINT: stopped on request, not finished
 
 
 if __name__ == "__main__":

@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             token = read_token_file(args.token_file)
         except TokenFileError as e:
             _fail(str(e))
-    target = Path(args.target)
-    if (target.exists() or target.is_absolute() or args.target.startswith(".")) and not (
-        target / "config.json"
-    ).is_file():
-        _fail(f"--target {args.target!r}: not a model folder (no config.json)")
+    from modelopt_ext.targets import TargetPathError, resolve_target
+
+    try:
+        resolve_target(args.target, "--target")
+    except TargetPathError as e:
+        _fail(str(e))
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -34,6 +34,7 @@ EOS_TOKEN = "<|im_end|>"
 
 # Bumped whenever the language, the tokenizer or the fitting changes, so stale builds are not reused.
 _BUILD_VERSION = 1
+DEFAULT_NUM_CONVERSATIONS = 2000  # the tiny data set (2000 at batch 8: 250 steps per epoch on one process)
 _MARKER = "tiny_build.json"
 
 _NUMBERS = [str(i) for i in range(40)]
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m modelopt_ext.tiny", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="Folder for the tiny target (reused when already built).")
     p.add_argument("--data", help="Also write conversations of the tiny language to this JSONL file.")
-    p.add_argument("--num-conversations", type=int, default=2000)
+    p.add_argument("--num-conversations", type=int, default=DEFAULT_NUM_CONVERSATIONS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="Rebuild even when a matching build exists.")
     args = p.parse_args(argv)

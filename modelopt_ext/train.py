@@ -41,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.recipe import load_recipe, redacted
 
     args = parse_args(argv)
+    from modelopt_ext.targets import TargetPathError, resolve_target
     from modelopt_ext.training.sources import check_source
 
     try:
         recipe = load_recipe(args.config, args.overrides)
         check_source(recipe)
+        resolve_target(recipe.model.path, "model.path")  # a typo: one line here, not a loader traceback
+    except TargetPathError as e:
+        exit_with(ConfigError([str(e)], source=args.config))
     except ConfigError as e:
         exit_with(e)
     if os.environ.get("RANK", "0") == "0":

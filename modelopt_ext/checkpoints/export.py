@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from modelopt_ext.fileio import replace_dir_atomically
+from modelopt_ext.checkpoints import is_training_checkpoint
+from modelopt_ext.fileio import read_json_object, replace_dir_atomically
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -54,14 +55,9 @@ class ExportError(Exception):
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -170,6 +166,18 @@ def load_checkpoint_for_export(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
     if not ckpt.is_dir():
         raise ExportError(f"{ckpt}: not a checkpoint folder")
     cfg = _read_json(ckpt / CONFIG_FILE)
+    if not is_training_checkpoint(ckpt):
+        arch = cfg.get("architectures")
+        if arch == [ARCHITECTURE]:
+            what = "an exported drafter (already what vLLM and SGLang load)"
+        elif arch:
+            what = f"a model folder ({', '.join(map(str, arch))})"
+        else:
+            what = "no trainer_state.json and no aux_layer_ids in config.json"
+        raise ExportError(
+            f"{ckpt}: {what}, not a training checkpoint "
+            "(export takes an epoch_E_step_S/ folder the trainer wrote under training.output_dir)"
+        )
     need = [
         "hidden_size",
         "intermediate_size",

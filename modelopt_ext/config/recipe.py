@@ -28,7 +28,10 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """The frozen target model."""
 
-    path: str = Field(description="Target model: a local folder or a hub id.")
+    path: str = Field(
+        description="Target model: a local folder with config.json, or a hub id in the local HF cache "
+        "(checked by modelopt_ext.targets.resolve_target; nothing is downloaded)."
+    )
     dtype: Dtype = "bfloat16"
     aux_layer_ids: list[int] | None = Field(
         default=None,

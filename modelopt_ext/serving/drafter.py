@@ -6,10 +6,13 @@ is newer than the checkpoint's weights). Nothing here imports an inference engin
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from modelopt_ext.checkpoints import is_training_checkpoint
+from modelopt_ext.fileio import read_json_object
+from modelopt_ext.targets import looks_like_hub_id
 
 MODEL_FILE = "model.safetensors"
 
@@ -29,23 +32,9 @@ class DraftPlan:
     notes: list[str] = field(default_factory=list)
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
 def export_dir_for(ckpt: Path) -> Path:
     """The sibling folder a checkpoint is exported to: `<parent>/<name>-hf`."""
     return ckpt.parent / f"{ckpt.name}-hf"
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A trainer checkpoint folder: trainer_state.json, or a config with our `aux_layer_ids` field."""
-    if (path / "trainer_state.json").is_file():
-        return True
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "aux_layer_ids" in cfg and "architectures" not in cfg
 
 
 def _fresh_export(out: Path, ckpt: Path) -> bool:
@@ -76,7 +65,7 @@ def plan_draft(draft: str) -> DraftPlan:
         )
     if p.exists():
         raise ServeError(f"--draft {draft}: not a folder")
-    if _HUB_ID.match(draft) and not draft.startswith((".", "/", "~")):
+    if looks_like_hub_id(draft):
         return DraftPlan(
             "hub", draft, draft, notes=[f"{draft}: not a local folder; passed through as a hub id"]
         )
@@ -103,14 +92,10 @@ _PARALLEL_COUNT_KEYS = ("num_parallel_heads", "parallel_draft_heads", "num_paral
 
 def read_config(folder: Path) -> dict:
     """The drafter's config.json as a dict (ServeError naming the file when unreadable)."""
-    path = folder / "config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ServeError(f"{path}: unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ServeError(f"{path}: expected a JSON object")
-    return cfg
+        return read_json_object(folder / "config.json")
+    except ValueError as e:
+        raise ServeError(str(e)) from None
 
 
 def weight_keys(folder: Path) -> list[str]:

@@ -233,6 +233,15 @@ def start_hidden_states_server(
     )  # fmt: skip
     probe_url = f"http://{probe_host}:{port}"
     deadline = time.monotonic() + startup_timeout
+    try:
+        return _wait_until_ready(handle, probe_url, deadline, startup_timeout)
+    except BaseException:  # a signal (KeyboardInterrupt, the CLI's stop) while waiting: no server left behind
+        handle.stop()
+        raise
+
+
+def _wait_until_ready(handle: VllmServerHandle, probe_url: str, deadline: float, startup_timeout: float):
+    proc, log_path = handle.process, handle.log_path
     while True:
         if proc.poll() is not None:
             handle.stop()

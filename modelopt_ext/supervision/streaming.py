@@ -457,6 +457,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     """
     from functools import partial
 
+    from modelopt_ext.capture import target_num_layers
     from modelopt_ext.config.recipe import default_aux_layer_ids
     from modelopt_ext.supervision.target_head import TargetHead
     from modelopt_ext.training.sources import SourceSetup
@@ -469,7 +470,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     head = TargetHead.from_pretrained(
         recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device
     )
-    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(_target_num_layers(recipe.model.path)))
+    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(target_num_layers(recipe.model.path)))
     ds = VllmStreamingDataset.from_config(
         dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), rank=env.rank
     )
@@ -481,14 +482,6 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
         aux_layer_ids=aux,
         target_embeddings=head.embed_tokens,
     )
-
-
-def _target_num_layers(path: str) -> int:
-    import json
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    cfg = cfg.get("text_config") or cfg
-    return int(cfg["num_hidden_layers"])
 
 
 def _read_token(path: str | os.PathLike) -> str:

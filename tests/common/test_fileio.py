@@ -63,3 +63,20 @@ def test_exclusive_lock_wait_is_bounded_and_names_what(tmp_path):
         holder.join(30)
     with exclusive_lock(lock, 1, "free now"):
         pass
+
+
+def test_read_json_object_one_line_errors(tmp_path):
+    from modelopt_ext.fileio import read_json_object
+
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_object(tmp_path / "ok.json") == {"a": 1}
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "torn.json").write_text('{"a": ')
+    for name, words in [
+        ("nope.json", "missing"),
+        ("list.json", "expected a JSON object"),
+        ("torn.json", "unreadable"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            read_json_object(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {words}") and "\n" not in str(e.value)

@@ -178,3 +178,22 @@ def test_cli_prints_a_summary(checkpoint, tmp_path, capsys):
     assert export_cli.main(["--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "e")]) == 0
     assert "LlamaForCausalLMEagle3" in capsys.readouterr().out
     assert export_mod.check_export(tmp_path / "e")["num_hidden_layers"] == 1
+
+
+def test_exporting_an_export_or_a_model_folder_says_it_is_not_a_checkpoint(checkpoint, tmp_path, capsys):
+    export = export_checkpoint(checkpoint[0], tmp_path / "export")
+    rc = export_cli.main(["--checkpoint", str(export), "--out", str(tmp_path / "again")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err == (
+        f"error: {export}: an exported drafter (already what vLLM and SGLang load), not a training checkpoint "
+        "(export takes an epoch_E_step_S/ folder the trainer wrote under training.output_dir)\n"
+    )
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    with pytest.raises(
+        ExportError, match=r"target: a model folder \(LlamaForCausalLM\), not a training checkpoint"
+    ):
+        export_checkpoint(target, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

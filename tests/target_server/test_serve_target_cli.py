@@ -188,7 +188,9 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     open_token.write_text("abc")
     open_token.chmod(0o644)
     cases = [
-        (("--target", str(tmp_path / "missing")), "not a model folder"),
+        (("--target", str(tmp_path / "missing")), f"--target {str(tmp_path / 'missing')!r}: no such folder"),
+        (("--target", "outputs/tiny/targte"), "--target 'outputs/tiny/targte': no such folder"),
+        (("--target", str(tmp_path)), "a folder without config.json"),
         (("--target", str(tmp_path), "--token-file", str(open_token)), "readable by other users"),
         (("--target", str(tmp_path), "--token-file", str(tmp_path / "nope")), "cannot be read"),
         (("--target", str(tmp_path), "--port", "70000"), "not a port number"),

@@ -51,6 +51,8 @@ def test_resume_from_an_incomplete_checkpoint_is_one_line_no_traceback(tmp_path)
     bad = tmp_path / "out" / "epoch_0_step_5"
     bad.mkdir(parents=True)
     (bad / "model.safetensors").write_bytes(b"")
+    (tmp_path / "target").mkdir()  # a model folder (resolved before training); the checkpoint is refused first
+    (tmp_path / "target" / "config.json").write_text("{}")
     path = _write(tmp_path, _recipe(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "modelopt_ext.train", "--config", str(path), "--resume", str(bad)],

@@ -51,7 +51,7 @@ def test_target_num_layers_from_folder_dict_and_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 12}))
     assert target_num_layers(tmp_path) == 12
     assert target_num_layers({"text_config": {"num_hidden_layers": 61}, "num_hidden_layers": None}) == 61
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="no such folder"):
         target_num_layers(tmp_path / "missing")
 
 
@@ -169,7 +169,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"error: capture ids: {tmp_path / 'nope'}: no config.json (not a model folder)"
+        f"error: --model {str(tmp_path / 'nope')!r}: no such folder (and not a hub id like org/name)"
     ]
 
 
