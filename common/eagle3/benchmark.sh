@@ -12,7 +12,8 @@
 # Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round k, 3), BENCH_NEW_TOKENS (32),
 #   BENCH_ENGINES ("vllm sglang"; "none" measures no engine), BENCH_GATE_THRESHOLD (0.10),
 #   BENCH_TEMPERATURE (0: greedy only; > 0 also measures sampled acceptance), BENCH_TOP_P (1.0),
-#   BENCH_SWEEP (0; K > 0 adds a chain-length table for k = 1..K), BENCH_ENGINE_TIMEOUT (s per engine, 1200).
+#   BENCH_SWEEP (0; K > 0 adds a chain-length table for k = 1..K), BENCH_ENGINE_TIMEOUT (s per engine, 1200),
+#   BENCH_DEVICE (specdec_bench's torch device, cpu), BENCH_DTYPE (float32; bfloat16 for large targets).
 set -euo pipefail
 
 BENCH_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -24,7 +25,7 @@ common_args() {
   local target="$1" prompts="$2"
   COMMON=(--target "$target" --prompts "$prompts" --max-prompts "${BENCH_PROMPTS:-8}"
     --num-steps "${BENCH_STEPS:-3}" --max-new-tokens "${BENCH_NEW_TOKENS:-32}"
-    --temperature "${BENCH_TEMPERATURE:-0}" --top-p "${BENCH_TOP_P:-1.0}")
+    --temperature "${BENCH_TEMPERATURE:-0}" --top-p "${BENCH_TOP_P:-1.0}" --dtype "${BENCH_DTYPE:-float32}")
 }
 
 # measure_engines PY EXPORT SCRATCH: one record per engine in ENGINE_ARGS (an engine that cannot run the
@@ -53,7 +54,8 @@ main() {
   scratch="${MODELOPT_SCRATCH:-$out}"
   common_args "$target" "$prompts"
   log "benchmarking the newest checkpoint in ${out} against ${target} (specdec_bench)"
-  "$py" -m modelopt_ext.specdec_bench --draft "$out" "${COMMON[@]}" --sweep "${BENCH_SWEEP:-0}" \
+  "$py" -m modelopt_ext.specdec_bench --draft "$out" "${COMMON[@]}" --device "${BENCH_DEVICE:-cpu}" \
+    --sweep "${BENCH_SWEEP:-0}" \
     --out "${scratch}/specdec_bench.json"
   measure_engines "$py" "$out/export" "$scratch"
   "$py" -m modelopt_ext.job_summary --output "$out" --target "$target" --bench "${scratch}/specdec_bench.json" \

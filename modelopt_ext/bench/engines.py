@@ -2,7 +2,7 @@
 
     python -m modelopt_ext.bench.engines --engine vllm|sglang --target T --draft EXPORT --prompts FILE
         [--num-steps 3] [--max-new-tokens 32] [--max-prompts N] [--temperature T --top-p P --seed S]
-        --json RECORD.json
+        [--dtype float32] --json RECORD.json
 
 Always writes RECORD.json (atomically): the engine's measurement (vLLM: `bench/vllm_acceptance.py`, its
 greedy figures and, with a temperature, the sampled ones), or `{"engine", "skipped": why}` when the engine
@@ -46,7 +46,7 @@ def measure_vllm(args: argparse.Namespace) -> dict:
         return run_vllm_acceptance(
             args.target, args.draft, args.prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
             max_prompts=args.max_prompts, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-            compare_plain=False, work_dir=args.work_dir, timeout=args.timeout,
+            dtype=args.dtype, compare_plain=False, work_dir=args.work_dir, timeout=args.timeout,
         )  # fmt: skip
     except (BenchInputError, RuntimeError) as e:
         return {"engine": "vllm", "num_steps": args.num_steps, "error": str(e)}
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="also measure at this temperature")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="The engine's model dtype (as specdec_bench's --dtype).")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one engine run may take")
     p.add_argument("--work-dir", help="Engine logs and inputs (default: a new temp folder).")
     p.add_argument("--sglang-python", help="Interpreter with sglang installed (default: this one).")

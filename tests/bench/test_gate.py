@@ -136,3 +136,15 @@ def test_limit_is_a_deprecated_alias_of_max_prompts(capsys):
     assert "deprecated" not in capsys.readouterr().err
     assert p.parse_args(["--limit", "5"]).max_prompts == 5
     assert "warning: --limit is deprecated; use --max-prompts" in capsys.readouterr().err
+
+
+def test_sampled_disagreement_with_greedy_agreeing_is_a_note():
+    s = {"temperature": 0.7, "top_p": 0.95}
+    bench = {**BENCH, "sampled": {**s, "mean_acceptance_length": 1.9}}
+    rec = {**vllm(2.0), "sampled": {**s, "mean_acceptance_length": 1.03}}
+    verdicts = gate(None, bench, [rec])
+    assert all(v.ok for v in verdicts) and len(verdicts) == 2
+    assert verdicts[1].line.startswith("note: at T=0.7, top-p=0.95 vLLM 0.32.0 cpu 1.03 vs specdec_bench 1.90")
+    assert "the export is fine" in verdicts[1].line
+    close = {**vllm(2.0), "sampled": {**s, "mean_acceptance_length": 1.85}}
+    assert len(gate(None, bench, [close])) == 1
