@@ -2,13 +2,13 @@
 
 A drafter's acceptance length is measured at three layers, each closer to how it will be served:
   1. the trainer's simulation (`sim` from the per-step accuracies in `metrics.jsonl`, training data);
-  2. `specdec_bench`: the training checkpoint in our reference decoder, on held-out prompts;
+  2. `specdec_bench`: the training checkpoint in our reference decoder, on the benchmark prompts;
   3. the serving engine (vLLM, SGLang) running the EXPORTED folder on the same prompts and chain length.
 Layer 3 is what users get. Export details (aux layer numbering, the draft-to-target vocabulary map, RoPE
 settings, weight names an engine silently skips) break a drafter without any error, and then only the
 engine's figure drops. The gate fails when an engine's figure is more than `threshold` (relative) below
 specdec_bench's, with one line naming the layer that disagrees and what usually causes it. A large drop
-from layer 1 to layer 2 is reported as a note (held-out prompts differ from training data, so it is not
+from layer 1 to layer 2 is reported as a note (benchmark prompts may differ from training data, so it is not
 a failure by itself).
 
 Inputs are the JSON records the measurements write: specdec_bench's `--out`, and one engine record each
@@ -157,7 +157,7 @@ def gate(
             Verdict(
                 True,
                 f"note: specdec_bench {ref:.2f} is {100 * (sim[0] - ref) / sim[0]:.0f}% below the trainer's "
-                f"simulation {sim[0]:.2f}: the reference decoder on held-out prompts disagrees with training; "
+                f"simulation {sim[0]:.2f}: the reference decoder on the benchmark prompts disagrees with training; "
                 + TRAINING_CAUSES,
             )
         )
