@@ -159,7 +159,7 @@ def verify_sampled(
     for i, d in enumerate(drafts):
         pd = float(p[i, d])
         qd = 1.0 if q is None else float(q[i, d])
-        u = float(torch.rand((), generator=generator))
+        u = float(torch.rand((), generator=generator, device=generator.device))
         if qd > 0.0 and u < min(1.0, pd / qd):
             continue
         if q is None:
