@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from modelopt_ext.bench.prompts import add_max_prompts_option
+from modelopt_ext.bench.prompts import add_max_prompts_option, decode_options_error
 from modelopt_ext.fileio import write_json_atomic
 
 EXIT_BAD_INPUT = 2
@@ -93,14 +93,11 @@ def _eos_ids(target, tokenizer) -> set[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.num_steps < 1 or args.max_new_tokens < 1:
-        return _fail("--num-steps and --max-new-tokens must be >= 1")
-    if args.max_prompts is not None and args.max_prompts < 1:
-        return _fail("--max-prompts must be >= 1")
+    problem = decode_options_error(args)
+    if problem:
+        return _fail(problem)
     if args.sweep < 0:
         return _fail("--sweep must be >= 0")
-    if not args.temperature >= 0.0 or not 0.0 < args.top_p <= 1.0:
-        return _fail("--temperature must be >= 0 and --top-p in (0, 1]")
     target_dir = Path(args.target)
     if not (target_dir / "config.json").is_file():
         return _fail(f"--target {target_dir}: no config.json (a local transformers model folder is needed)")

@@ -67,18 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="also measure at this temperature")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="The engine's model dtype (as specdec_bench's --dtype).")
+    p.add_argument(
+        "--dtype", default="float32", help="The engine's model dtype (as specdec_bench's --dtype)."
+    )
     p.add_argument("--timeout", type=float, default=1200, help="seconds one engine run may take")
     p.add_argument("--work-dir", help="Engine logs and inputs (default: a new temp folder).")
     p.add_argument("--sglang-python", help="Interpreter with sglang installed (default: this one).")
     p.add_argument("--json", required=True, help="Write the record here.")
     args = p.parse_args(argv)
-    for name in ("num_steps", "max_new_tokens", "max_prompts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    if not args.temperature >= 0.0 or not 0.0 < args.top_p <= 1.0:
-        print("error: --temperature must be >= 0 and --top-p in (0, 1]", file=sys.stderr)
+    from modelopt_ext.bench.prompts import decode_options_error
+
+    problem = decode_options_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from modelopt_ext.bench.prompts import PromptFileError
 

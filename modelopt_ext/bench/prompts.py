@@ -150,3 +150,15 @@ def add_max_prompts_option(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, dest="max_prompts", action=_DeprecatedAlias, new_name="--max-prompts",
         help=argparse.SUPPRESS,
     )  # fmt: skip
+
+
+def decode_options_error(args: argparse.Namespace) -> str | None:
+    """The one-line problem with an acceptance CLI's decoding options (None when they are fine): counts
+    >= 1, temperature >= 0, top-p in (0, 1]. Options a CLI does not have are not checked."""
+    for name in ("num_steps", "max_new_tokens", "max_prompts"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
+    if not getattr(args, "temperature", 0.0) >= 0.0 or not 0.0 < getattr(args, "top_p", 1.0) <= 1.0:
+        return "--temperature must be >= 0 and --top-p in (0, 1]"
+    return None

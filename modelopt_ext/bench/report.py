@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from modelopt_ext.fileio import write_figure_atomic
+
 
 def sweep_table(sweep: list[dict]) -> str:
     """Acceptance and speed for each chain length k (one row per k), fixed-width text."""
@@ -66,11 +68,7 @@ def plot_acceptance(result: dict, out_png: str | os.PathLike, title: str | None 
             ax.set_title("chain-length sweep")
         fig.suptitle(title or f"{result.get('prompt_set', 'prompts')}", fontsize=10)
         fig.tight_layout()
-        out = Path(out_png)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
+        out = write_figure_atomic(fig, out_png)
     finally:
         plt.close(fig)
     return out

@@ -329,12 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.draft or not args.prompts:
         print("error: --draft and --prompts are required", file=sys.stderr)
         return 2
-    for name in ("num_steps", "max_new_tokens", "max_prompts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    if not args.temperature >= 0.0 or not 0.0 < args.top_p <= 1.0:
-        print("error: --temperature must be >= 0 and --top-p in (0, 1]", file=sys.stderr)
+    from modelopt_ext.bench.prompts import decode_options_error
+
+    problem = decode_options_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from modelopt_ext.bench.prompts import PromptFileError
 
