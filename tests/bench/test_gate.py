@@ -144,7 +144,9 @@ def test_sampled_disagreement_with_greedy_agreeing_is_a_note():
     rec = {**vllm(2.0), "sampled": {**s, "mean_acceptance_length": 1.03}}
     verdicts = gate(None, bench, [rec])
     assert all(v.ok for v in verdicts) and len(verdicts) == 2
-    assert verdicts[1].line.startswith("note: at T=0.7, top-p=0.95 vLLM 0.32.0 cpu 1.03 vs specdec_bench 1.90")
+    assert verdicts[1].line.startswith(
+        "note: at T=0.7, top-p=0.95 vLLM 0.32.0 cpu 1.03 vs specdec_bench 1.90"
+    )
     assert "the export is fine" in verdicts[1].line
     close = {**vllm(2.0), "sampled": {**s, "mean_acceptance_length": 1.85}}
     assert len(gate(None, bench, [close])) == 1
