@@ -150,3 +150,26 @@ def test_sampled_disagreement_with_greedy_agreeing_is_a_note():
     assert "the export is fine" in verdicts[1].line
     close = {**vllm(2.0), "sampled": {**s, "mean_acceptance_length": 1.85}}
     assert len(gate(None, bench, [close])) == 1
+
+
+def test_engine_that_cannot_take_the_export_writes_an_error_record(tmp_path, capsys):
+    """A folder vLLM would misread (no top-level aux ids) is refused before any engine start, and the
+    refusal is a record the gate fails on, not a crash of the benchmark task."""
+    draft = tmp_path / "export"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    rec = tmp_path / "vllm.json"
+    rc = engines.main(["--engine", "vllm", "--target", str(tmp_path), "--draft", str(draft), "--prompts",
+                       str(prompts), "--limit", "1", "--json", str(rec)])  # fmt: skip
+    cap = capsys.readouterr()
+    assert rc == 1 and "warning: --limit is deprecated; use --max-prompts" in cap.err
+    r = json.loads(rec.read_text())
+    assert r["engine"] == "vllm" and "eagle_aux_hidden_state_layer_ids" in r["error"]
+    assert "acceptance length (vLLM): FAILED to run the export" in cap.out
+    [verdict] = gate(None, BENCH, [r])
+    assert not verdict.ok and verdict.line.startswith("gate FAILED: vLLM could not run the exported drafter")
+    assert engines.main(["--engine", "vllm", "--target", "t", "--draft", "d", "--prompts", "p",
+                         "--max-new-tokens", "0", "--json", str(rec)]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip() == "error: --max-new-tokens must be >= 1"
