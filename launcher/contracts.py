@@ -55,6 +55,17 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _positive_or_zero(text: str) -> float:
+    """number >= 0"""
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise ValueError("must be a number >= 0")
+    return v
+
+
 def _positive(text: str) -> float:
     """number > 0"""
     try:
@@ -556,6 +567,14 @@ SCRIPTS: dict[str, EntryScript] = {
                 Knob("BENCH_PROMPTS", _int(1), "prompts measured"),
                 Knob("BENCH_STEPS", _int(1), "draft tokens per round"),
                 Knob("BENCH_NEW_TOKENS", _int(1), "new tokens per prompt"),
+                Knob("BENCH_ENGINES", _text, "serving engines measured (vllm, sglang; none)"),
+                Knob("BENCH_GATE_THRESHOLD", _fraction, "largest engine shortfall below specdec_bench"),
+                Knob("BENCH_TEMPERATURE", _positive_or_zero, "sampling temperature (0: greedy only)"),
+                Knob("BENCH_TOP_P", _fraction, "top-p of the sampled measurement"),
+                Knob("BENCH_SWEEP", _int(0), "chain lengths k = 1..K in one table (0: none)"),
+                Knob("BENCH_ENGINE_TIMEOUT", SECONDS, "seconds per engine measurement"),
+                Knob("BENCH_DEVICE", _text, "specdec_bench's torch device"),
+                Knob("BENCH_DTYPE", _choice("float32", "bfloat16", "float16"), "specdec_bench's dtype"),
                 *NODE_PYTHON_KNOBS,
             ),
             _check_benchmark,

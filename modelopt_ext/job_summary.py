@@ -1,12 +1,15 @@
 """One-screen summary of a finished drafter job: where the drafter is, how well it drafts, how to serve it.
 
     python -m modelopt_ext.job_summary --output TRAIN_OUTPUT_DIR --target TARGET [--bench BENCH.json]
-                                       [--notes NOTES.txt] [--write SUMMARY.txt]
+        [--engine ENGINE.json ...] [--gate-threshold 0.10] [--notes NOTES.txt] [--write SUMMARY.txt]
 
 Reads `OUTPUT/metrics.jsonl` (the trainer's progress records), the export folder `OUTPUT/export/`, the
-benchmark result written by `modelopt_ext.specdec_bench --out`, and optional notes (one line each, e.g. what
-a preparation step reused). Prints the summary and, with `--write`, also writes it atomically.
-Missing output folder or export: one line, exit 2.
+benchmark result written by `modelopt_ext.specdec_bench --out`, the serving engines' records
+(`python -m modelopt_ext.bench.engines --json`), and optional notes (one line each, e.g. what a
+preparation step reused). Prints the acceptance lengths side by side (trainer simulation, specdec_bench,
+each engine: modelopt_ext/bench/gate.py) and the gate's verdict, and, with `--write`, also writes the
+summary atomically. Exit 1 when the gate fails (after printing and writing the summary); missing output
+folder or export, or an unreadable record: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from modelopt_ext.bench.gate import DEFAULT_THRESHOLD, Verdict, acceptance_lines, gate
+from modelopt_ext.bench.report import sweep_table
 from modelopt_ext.fileio import write_text_atomic
 
 
@@ -36,11 +41,18 @@ def _last_metrics(output: Path) -> dict:
     return last
 
 
-def render_summary(output: Path, target: str, bench: dict | None, notes: list[str]) -> str:
+def render_summary(
+    output: Path,
+    target: str,
+    bench: dict | None,
+    notes: list[str],
+    engines: list[dict] | None = None,
+    verdicts: list[Verdict] | None = None,
+) -> str:
     """The summary text."""
     export = output / "export"
     m = _last_metrics(output)
-    lines = ["=" * 72, "EAGLE-3 drafter: summary", "=" * 72]
+    lines = ["=" * 72, "drafter job: summary", "=" * 72]
     lines.append(f"drafter (export, loads in vLLM/SGLang): {export}")
     ckpts = sorted(output.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
     if ckpts:
@@ -54,16 +66,17 @@ def render_summary(output: Path, target: str, bench: dict | None, notes: list[st
         lines.append(
             f"training throughput: {m.get('samples_per_s', 0.0):.2f} samples/s, {m.get('tokens_per_s', 0.0):.0f} tokens/s"
         )
-    if bench:
+    if bench or engines:
+        lines.extend(acceptance_lines(m, bench, engines or []))
+    lines.extend(v.line for v in verdicts or [])
+    if bench and "tokens_per_s_speculative" in bench:
         lines.append(
-            f"acceptance length (specdec_bench, {bench.get('num_prompts')} prompts, k={bench.get('num_steps')}): "
-            f"{bench['mean_acceptance_length']:.3f}"
+            f"decode throughput: {bench['tokens_per_s_speculative']:.1f} tokens/s with the drafter, "
+            f"{bench.get('tokens_per_s_baseline', 0.0):.1f} without ({bench.get('speedup', 0.0):.2f}x)"
         )
-        if "tokens_per_s_speculative" in bench:
-            lines.append(
-                f"decode throughput: {bench['tokens_per_s_speculative']:.1f} tokens/s with the drafter, "
-                f"{bench.get('tokens_per_s_baseline', 0.0):.1f} without ({bench.get('speedup', 0.0):.2f}x)"
-            )
+    if bench and bench.get("sweep"):
+        lines.append(f"chain-length sweep (specdec_bench, greedy, {bench.get('prompt_set')}):")
+        lines.extend("  " + row for row in sweep_table(bench["sweep"]).splitlines())
     lines.append("serve it:")
     t, d = shlex.quote(target), shlex.quote(str(export))
     lines.append(f"  vLLM:   python -m modelopt_ext.serve_vllm --target {t} --draft {d} --print-only")
@@ -81,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="The training output folder (training.output_dir).")
     p.add_argument("--target", required=True, help="The target model (for the serve commands).")
     p.add_argument("--bench", help="specdec_bench's JSON result.")
+    p.add_argument(
+        "--engine", action="append", default=[], help="A serving engine's acceptance record (repeatable)."
+    )
+    p.add_argument(
+        "--gate-threshold", type=float, default=DEFAULT_THRESHOLD,
+        help="Fail when an engine's acceptance length is more than this fraction below specdec_bench's.",
+    )  # fmt: skip
     p.add_argument("--notes", help="A text file of extra lines (e.g. what was reused).")
     p.add_argument("--write", help="Also write the summary to this file.")
     args = p.parse_args(argv)
@@ -88,21 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     if not (output / "export" / "config.json").is_file():
         print(f"error: --output {output}: no export/config.json (did training finish?)", file=sys.stderr)
         return 2
-    bench = None
-    if args.bench:
+    if not 0.0 <= args.gate_threshold < 1.0:
+        print(f"error: --gate-threshold {args.gate_threshold}: must be in [0, 1)", file=sys.stderr)
+        return 2
+    records = []
+    for opt, path in [("--bench", args.bench)] * bool(args.bench) + [("--engine", e) for e in args.engine]:
         try:
-            bench = json.loads(Path(args.bench).read_text())
+            records.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
-            print(f"error: --bench {args.bench}: {e}", file=sys.stderr)
+            print(f"error: {opt} {path}: {e}", file=sys.stderr)
             return 2
+    bench = records.pop(0) if args.bench else None
     notes = []
     if args.notes and Path(args.notes).is_file():
         notes = [ln for ln in Path(args.notes).read_text().splitlines() if ln.strip()]
-    text = render_summary(output, args.target, bench, notes)
+    verdicts = gate(_last_metrics(output), bench, records, args.gate_threshold) if records else []
+    text = render_summary(output, args.target, bench, notes, records, verdicts)
     sys.stdout.write(text)
     if args.write:
         write_text_atomic(Path(args.write), text)
-    return 0
+    failed = [v.line for v in verdicts if not v.ok]
+    for line in failed:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

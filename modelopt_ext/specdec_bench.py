@@ -1,12 +1,17 @@
-"""Acceptance-length benchmark: greedy chain speculative decoding of an EAGLE-3 drafter against its target.
+"""Acceptance-length benchmark: chain speculative decoding of a drafter against its target (our reference decoder).
 
     python -m modelopt_ext.specdec_bench --target T --draft D --prompts FILE [--num-steps 3]
-        [--max-new-tokens 64] [--max-prompts N] [--out result.json]
+        [--max-new-tokens 64] [--max-prompts N] [--temperature 0.7 --top-p 0.9 --seed 0]
+        [--sweep K] [--out result.json] [--plot result.png]
 
-T: a local transformers causal LM folder. D: a training checkpoint (`epoch_E_step_S/`) or an exported
-drafter folder. FILE: JSONL prompts (see modelopt_ext/bench/prompts.py). Prints the mean acceptance
-length, acceptance per draft position and tokens/s with and without the drafter, and writes them as JSON.
-Exits 1 if the speculative output ever differs from the target's own greedy output, 2 on bad input.
+T: a local transformers causal LM folder. D: a training checkpoint (`epoch_E_step_S/`), an exported
+drafter folder, or a training output folder (its newest complete checkpoint: the weights the trainer
+wrote, before any export step touched them). FILE: JSONL prompts (see modelopt_ext/bench/prompts.py).
+Prints the mean acceptance length, acceptance per draft position, a repetition figure of the generated
+text and tokens/s with and without the drafter, greedy and (with --temperature > 0) sampled by rejection
+sampling as the serving engines verify; --sweep K adds a table for k = 1..K. Writes them as JSON (--out)
+and a PNG plot (--plot, default next to --out).
+Exits 1 if the greedy speculative output ever differs from the target's own greedy output, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from modelopt_ext.bench.prompts import add_max_prompts_option, decode_options_error
 from modelopt_ext.fileio import write_json_atomic
 
 EXIT_BAD_INPUT = 2
@@ -25,16 +31,48 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m modelopt_ext.specdec_bench", description=__doc__.split("\n")[0]
     )
     p.add_argument("--target", required=True, help="target model folder (transformers layout)")
-    p.add_argument("--draft", required=True, help="drafter folder: epoch_E_step_S/ checkpoint or export")
+    p.add_argument(
+        "--draft", required=True,
+        help="drafter folder: epoch_E_step_S/ checkpoint, export, or training output folder (newest checkpoint)",
+    )  # fmt: skip
     p.add_argument("--prompts", required=True, help="JSONL prompts or conversations")
     p.add_argument("--num-steps", type=int, default=3, help="draft tokens per round (chain length k)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompts", type=int, default=None)
+    add_max_prompts_option(p)
+    p.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="also measure at this temperature (rejection sampling); 0 = greedy only",
+    )  # fmt: skip
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p of the sampled measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled measurement")
+    p.add_argument("--sweep", type=int, default=0, metavar="K", help="also measure k = 1..K (greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="write the result JSON here (atomically)")
+    p.add_argument("--plot", default=None, help="write the PNG plot here (default: --out with .png)")
     return p
+
+
+def resolve_draft(path: Path) -> Path | None:
+    """The drafter folder `--draft` names: itself when it holds a drafter, else (a training output folder)
+    its newest complete checkpoint; None when neither."""
+    from modelopt_ext.training.checkpoint import find_latest_checkpoint
+
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    return find_latest_checkpoint(path) if path.is_dir() else None
+
+
+def _print_result(label: str, r) -> None:
+    per_pos = ", ".join(f"{a:.3f}" for a in r.acceptance_per_position)
+    print(f"[{label}] mean acceptance length: {r.mean_acceptance_length:.3f}")
+    print(f"[{label}] acceptance per draft position: [{per_pos}]")
+    print(f"[{label}] repeated 4-grams in the output: {100 * r.repeated_4gram_fraction:.1f}%")
+    print(
+        f"[{label}] tokens/s: {r.tokens_per_s_speculative:.1f} with the drafter, {r.tokens_per_s_baseline:.1f} "
+        f"without ({r.speedup:.2f}x)"
+    )
 
 
 def _fail(msg: str) -> int:
@@ -55,17 +93,20 @@ def _eos_ids(target, tokenizer) -> set[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.num_steps < 1 or args.max_new_tokens < 1:
-        return _fail("--num-steps and --max-new-tokens must be >= 1")
+    problem = decode_options_error(args)
+    if problem:
+        return _fail(problem)
+    if args.sweep < 0:
+        return _fail("--sweep must be >= 0")
     target_dir = Path(args.target)
     if not (target_dir / "config.json").is_file():
         return _fail(f"--target {target_dir}: no config.json (a local transformers model folder is needed)")
-    for name in ("config.json", "model.safetensors"):
-        if not (Path(args.draft) / name).is_file():
-            return _fail(
-                f"--draft {Path(args.draft) / name}: not found (a drafter folder needs config.json and "
-                "model.safetensors)"
-            )
+    draft_dir = resolve_draft(Path(args.draft))
+    if draft_dir is None:
+        return _fail(
+            f"--draft {args.draft}: no config.json + model.safetensors and no complete epoch_E_step_S/ "
+            "checkpoint in it (a drafter folder or a training output folder is needed)"
+        )
     if not Path(args.prompts).is_file():
         return _fail(f"--prompts {args.prompts}: not found")
 
@@ -73,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from modelopt_ext.bench.prompts import PromptFileError, read_prompts
-    from modelopt_ext.bench.specdec import Eagle3Proposer, run_benchmark
+    from modelopt_ext.bench.prompts import PromptFileError, prompt_set_name, read_prompts
+    from modelopt_ext.bench.report import plot_acceptance, sweep_table
+    from modelopt_ext.bench.specdec import Eagle3Proposer, Sampling, run_benchmark, sweep_chain_length
     from modelopt_ext.models.loading import DrafterLoadError, load_drafter
     from modelopt_ext.supervision.colocated import num_target_layers
 
@@ -86,49 +128,64 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError):
         tokenizer = None  # prompts given as input_ids still work
     try:
-        draft = load_drafter(args.draft, target.get_input_embeddings().weight)
+        draft = load_drafter(draft_dir, target.get_input_embeddings().weight)
         prompts = read_prompts(args.prompts, tokenizer, args.max_prompts)
     except (DrafterLoadError, PromptFileError) as e:
         return _fail(str(e))
     cfg = draft.config
     layers = num_target_layers(target)
     if cfg.vocab_size != target.get_input_embeddings().weight.shape[0]:
-        return _fail(f"--draft {args.draft}: vocab_size {cfg.vocab_size} != the target's")
+        return _fail(f"--draft {draft_dir}: vocab_size {cfg.vocab_size} != the target's")
     if cfg.target_hidden_size != target.get_input_embeddings().weight.shape[1]:
         return _fail(
-            f"--draft {args.draft}: target_hidden_size {cfg.target_hidden_size} != the target's hidden size"
+            f"--draft {draft_dir}: target_hidden_size {cfg.target_hidden_size} != the target's hidden size"
         )
     if any(not 0 <= i <= layers for i in cfg.aux_layer_ids):
-        return _fail(f"--draft {args.draft}: aux layer ids {cfg.aux_layer_ids} outside 0..{layers}")
+        return _fail(f"--draft {draft_dir}: aux layer ids {cfg.aux_layer_ids} outside 0..{layers}")
     draft = draft.to(device=args.device, dtype=dtype)
     eos = set() if args.ignore_eos else _eos_ids(target, tokenizer)
 
-    result, _ = run_benchmark(
-        target, Eagle3Proposer(draft), prompts, args.num_steps, args.max_new_tokens, eos
-    )
+    proposer = Eagle3Proposer(draft)
+    result, _ = run_benchmark(target, proposer, prompts, args.num_steps, args.max_new_tokens, eos)
     r = result.to_dict()
     r.update(
         target=str(target_dir),
-        draft=str(args.draft),
+        draft=str(draft_dir),
         prompts=str(args.prompts),
+        prompt_set=prompt_set_name(args.prompts, len(prompts)),
         device=args.device,
         dtype=args.dtype,
     )
-    per_pos = ", ".join(f"{a:.3f}" for a in result.acceptance_per_position)
     print(
-        f"prompts: {result.num_prompts}  draft steps: {result.num_steps}  generated tokens: {result.generated_tokens}"
+        f"prompts: {r['prompt_set']}  draft steps: {result.num_steps}  generated tokens: {result.generated_tokens}"
     )
-    print(f"mean acceptance length: {result.mean_acceptance_length:.3f}")
-    print(f"acceptance per draft position: [{per_pos}]")
-    print(
-        f"tokens/s: {result.tokens_per_s_speculative:.1f} with the drafter, {result.tokens_per_s_baseline:.1f} "
-        f"without ({result.speedup:.2f}x)"
-    )
+    _print_result("greedy", result)
     print(f"output identical to target greedy: {result.outputs_match_greedy}")
+    if args.temperature > 0:
+        sampling = Sampling(args.temperature, args.top_p, args.seed)
+        sampled, _ = run_benchmark(
+            target, proposer, prompts, args.num_steps, args.max_new_tokens, eos, sampling
+        )
+        r["sampled"] = sampled.to_dict()
+        _print_result(f"T={args.temperature:g} top-p={args.top_p:g}", sampled)
+    if args.sweep:
+        sweep = sweep_chain_length(
+            target, proposer, prompts, args.sweep, args.max_new_tokens, eos,
+            progress=lambda s: print(f"sweep: k={s.num_steps} done", file=sys.stderr, flush=True),
+        )  # fmt: skip
+        r["sweep"] = [s.to_dict() for s in sweep]
+        print(f"chain-length sweep (greedy, {r['prompt_set']}):")
+        print(sweep_table(r["sweep"]))
+        if not all(s.outputs_match_greedy for s in sweep):
+            r["outputs_match_greedy"] = False
     if args.out:
         write_json_atomic(Path(args.out), r)
         print(f"wrote {args.out}")
-    return 0 if result.outputs_match_greedy else 1
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    if plot:
+        plot_acceptance(r, plot, title=f"{draft_dir.name} on {target_dir.name}: {r['prompt_set']}")
+        print(f"wrote {plot}")
+    return 0 if r["outputs_match_greedy"] else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ tokenizer has no template), which is how a served chat model sees it.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,44 @@ def read_prompts(path: str | Path, tokenizer: Any = None, limit: int | None = No
     if not prompts:
         raise PromptFileError(f"{path}: no prompts")
     return prompts
+
+
+def prompt_set_name(path: str | Path, used: int) -> str:
+    """How a report names the prompts it measured: the file and how many of its prompts were used."""
+    return f"{Path(path).name} ({used} prompt{'s' if used != 1 else ''})"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option name: stores into the new option's dest and says once, on stderr, what to use."""
+
+    def __init__(self, option_strings, dest, new_name: str = "", **kw):
+        self.new_name = new_name
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new_name} (same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_max_prompts_option(parser: argparse.ArgumentParser) -> None:
+    """`--max-prompts N` (the first N prompts of the file), shared by every acceptance CLI so they name it
+    the same way; `--limit` stays as a deprecated alias."""
+    parser.add_argument(
+        "--max-prompts", type=int, default=None, help="use only the first N prompts of the file"
+    )
+    parser.add_argument(
+        "--limit", type=int, dest="max_prompts", action=_DeprecatedAlias, new_name="--max-prompts",
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
+
+
+def decode_options_error(args: argparse.Namespace) -> str | None:
+    """The one-line problem with an acceptance CLI's decoding options (None when they are fine): counts
+    >= 1, temperature >= 0, top-p in (0, 1]. Options a CLI does not have are not checked."""
+    for name in ("num_steps", "max_new_tokens", "max_prompts"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
+    if not getattr(args, "temperature", 0.0) >= 0.0 or not 0.0 < getattr(args, "top_p", 1.0) <= 1.0:
+        return "--temperature must be >= 0 and --top-p in (0, 1]"
+    return None

@@ -76,19 +76,28 @@ class DataConfig(_Strict):
 
     path: str = Field(description="Conversations JSONL (ShareGPT `conversations` or OpenAI `messages`).")
     chat_template: str | None = Field(
-        default=None, description="A Jinja chat template (inline or a path to a .jinja file); default: the tokenizer's."
+        default=None,
+        description="A Jinja chat template (inline or a path to a .jinja file); default: the tokenizer's.",
     )
     max_length: int = Field(default=2048, gt=1)
     strict: bool = Field(default=False, description="Fail on malformed lines instead of skipping them.")
-    cache_dir: str | None = Field(default=None, description="Tokenisation cache; default: <output_dir>/cache.")
-    mode: DataMode | None = Field(default=None, description="Derived from the configured source when omitted.")
+    cache_dir: str | None = Field(
+        default=None, description="Tokenisation cache; default: <output_dir>/cache."
+    )
+    mode: DataMode | None = Field(
+        default=None, description="Derived from the configured source when omitted."
+    )
     offline_dir: str | None = None
     server_urls: list[str] = Field(default_factory=list)
     shared_storage_root: str | None = Field(
         default=None, description="Streaming: hidden-state files must resolve inside this folder."
     )
-    auth_token_file: str | None = Field(default=None, description="Bearer token for the servers, read from a file.")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming).")
+    auth_token_file: str | None = Field(
+        default=None, description="Bearer token for the servers, read from a file."
+    )
+    num_workers: int = Field(
+        default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -128,7 +137,9 @@ class DataConfig(_Strict):
                 "remote": "data.server_urls",
                 "colocated": "no offline_dir and no server_urls",
             }[self.mode]
-            raise ValueError(f"mode is {self.mode!r} but the configured source is {derived!r}; {self.mode} needs {need}")
+            raise ValueError(
+                f"mode is {self.mode!r} but the configured source is {derived!r}; {self.mode} needs {need}"
+            )
         object.__setattr__(self, "mode", derived)
         return self
 

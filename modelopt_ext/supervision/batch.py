@@ -32,13 +32,17 @@ class Supervision:
     target_last_hidden: torch.Tensor | None = None  # [B, T, H], pre-final-norm
 
     def __post_init__(self) -> None:
-        forms = [f for f in ("target_logits", "target_probs", "target_last_hidden") if getattr(self, f) is not None]
+        forms = [
+            f for f in ("target_logits", "target_probs", "target_last_hidden") if getattr(self, f) is not None
+        ]
         if len(forms) != 1:
             raise ValueError(f"Supervision needs exactly one target form, got {forms or 'none'}")
         b, t = self.input_ids.shape
         for name in ("attention_mask", "loss_mask"):
             if tuple(getattr(self, name).shape) != (b, t):
-                raise ValueError(f"Supervision.{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, t)}")
+                raise ValueError(
+                    f"Supervision.{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, t)}"
+                )
         for name in ("aux_hidden_states", forms[0]):
             shape = tuple(getattr(self, name).shape)
             if shape[:2] != (b, t) or len(shape) != 3:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelopt_ext.fileio import write_figure_atomic
+
 PANELS = ("loss", "accuracy per TTT step", "throughput", "data wait / hidden states")
 
 
@@ -136,11 +138,7 @@ def plot_training(
         _finish(ax_wait, PANELS[3], "% of step time", ok or bool(mbs[0]))
 
         fig.suptitle(title or f"{Path(metrics_jsonl).parent.name}: {len(records)} log record(s)")
-        out = Path(out_png)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
+        write_figure_atomic(fig, out_png)
     finally:
         plt.close(fig)
     return list(PANELS)

@@ -172,7 +172,9 @@ def write_report(out_dir: str | os.PathLike, metrics: dict[str, Any], summary_te
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics": out / "metrics.json", "summary": out / "summary.txt"}
     write_metrics_json(written["metrics"], metrics)
-    write_text_atomic(written["summary"], summary_text if summary_text.endswith("\n") else summary_text + "\n")
+    write_text_atomic(
+        written["summary"], summary_text if summary_text.endswith("\n") else summary_text + "\n"
+    )
     try:
         plot_training(out / "metrics.jsonl", out / "training.png")
         written["plot"] = out / "training.png"

@@ -1,7 +1,8 @@
 """The README's first command on this machine: `uv run launch.py --yaml examples/local/quickstart.yaml`.
 
 One run of the real thing (local executor, tiny target built or reused, a real vLLM hidden-state server
-(CPU build) next to the trainer on one node, streaming training, export, specdec_bench, summary), then a
+(CPU build) next to the trainer on one node, streaming training, export, acceptance measured three ways
+(trainer simulation, specdec_bench, vLLM's own engine on the export) and gated, summary), then a
 second run of the preparation task alone to check that it reuses the target, the tokenisation cache and
 vLLM's environment and says so.
 """
@@ -63,6 +64,14 @@ def test_quickstart_end_to_end_and_reuse(tmp_path):
     assert f"drafter (export, loads in vLLM/SGLang): {export}" in summary
     m = re.search(r"acceptance length \(specdec_bench.*\): ([0-9.]+)", summary)
     assert m and float(m.group(1)) > 1.0, summary
+    # The three layers of the chain, one line each naming its source, and the gate between the last two.
+    assert re.search(
+        r"acceptance length \(trainer simulation, step 80, training data, k=3\): [0-9.]+", summary
+    )
+    m = re.search(r"acceptance length \(vLLM [0-9.]+ cpu, 8 prompts, k=3\): ([0-9.]+)", summary)
+    assert m and float(m.group(1)) > 1.0, summary
+    assert "acceptance length (SGLang): skipped: sglang is not installed" in summary
+    assert re.search(r"gate passed: vLLM [0-9.]+ cpu [0-9.]+ vs specdec_bench", summary), summary
     assert re.search(r"training throughput: [0-9.]+ samples/s", summary)
     assert "python -m modelopt_ext.serve_vllm --target" in summary and "serve_sglang" in summary
     printed = out.replace("\r", "")

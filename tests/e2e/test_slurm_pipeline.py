@@ -209,6 +209,14 @@ def test_streaming_pipeline_with_vllm_on_three_nodes(slurm_cluster, tmp_path, mo
     assert "export check:" in logs["task_2"] and "loads as Eagle3DraftModel" in logs["task_2"]
     m = re.search(r"mean acceptance length: ([0-9.]+)", logs["task_3"])
     assert m and float(m.group(1)) >= 1.0, logs["task_3"][-3000:]
+    # Measured three ways side by side (the engine: vLLM's CPU build on the benchmark node) and gated.
+    for src in (
+        r"trainer simulation, step 24",
+        r"specdec_bench, conversations.jsonl \(4 prompts\)",
+        r"vLLM [0-9.]+ cpu, 4 prompts",
+    ):  # BENCH_PROMPTS=4 above
+        assert re.search(rf"acceptance length \({src}.*\): [0-9.]+", logs["task_3"]), logs["task_3"][-3000:]
+    assert "gate passed: vLLM" in logs["task_3"], logs["task_3"][-3000:]
     assert "python -m modelopt_ext.serve_vllm" in logs["task_3"]
 
 

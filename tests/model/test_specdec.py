@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from modelopt_ext.bench.specdec import (
@@ -110,3 +111,47 @@ def test_eagle_proposer_with_reduced_vocab_and_prenorm_layer():
         target, Eagle3Proposer(draft), _prompts(2, seed=3), num_steps=2, max_new_tokens=10
     )
     assert result.outputs_match_greedy
+
+
+def test_warp_top_p_keeps_the_smallest_set_reaching_p():
+    from modelopt_ext.bench.specdec import Sampling, warp
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(warp(logits, Sampling(1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=1e-6)
+    p = warp(logits, Sampling(1.0, top_p=0.8))  # 0.5 + 0.3 reaches 0.8: two tokens kept
+    assert torch.allclose(p, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(warp(logits, Sampling(1.0, top_p=0.1)), torch.tensor([1.0, 0, 0, 0]))
+    hot = warp(logits, Sampling(2.0))
+    assert hot[0] < 0.5 and hot[3] > 0.05  # higher temperature flattens
+
+
+def test_verify_sampled_edge_cases():
+    from modelopt_ext.bench.specdec import verify_sampled
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert verify_sampled(p, [1, 2], None, g) == (2, 0)  # certain drafts: all accepted, bonus from p_3
+    assert verify_sampled(p, [0, 2], None, g) == (0, 1)  # p(d)=0: rejected, residual = p without d
+    q = p[:2].clone()
+    assert verify_sampled(p, [1, 2], q, g) == (2, 0)  # q == p: always accepted
+    # q puts its mass on a token p never emits: rejected, and the residual never emits it either.
+    p2 = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    q2 = torch.tensor([[0.0, 0.0, 1.0]])
+    outs = {verify_sampled(p2, [2], q2, g) for _ in range(50)}
+    assert outs == {(0, 0), (0, 1)}
+
+
+def test_sweep_and_repetition():
+    from modelopt_ext.bench.specdec import repeated_ngram_fraction, sweep_chain_length
+
+    assert repeated_ngram_fraction([[1, 2, 3, 4, 5, 6]]) == 0.0
+    assert repeated_ngram_fraction([[1, 2, 3, 4] * 3]) == pytest.approx(5 / 9)  # 9 4-grams, 4 distinct
+    assert repeated_ngram_fraction([[1, 2]]) == 0.0
+    target = tiny_target(seed=1)
+    p = _prompts(1, seed=3)[0]
+    ref = greedy_generate(target, p, 30)
+    rows = sweep_chain_length(target, OracleProposer(ref), [p], 4, max_new_tokens=21)
+    assert [r.num_steps for r in rows] == [1, 2, 3, 4]
+    for r in rows:  # the oracle is always right: k + 1 tokens per round until the last one
+        assert r.outputs_match_greedy and r.mean_acceptance_length > r.num_steps + 0.5
+        assert r.tokens_per_s_baseline == rows[0].tokens_per_s_baseline  # one target-alone run

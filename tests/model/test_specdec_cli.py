@@ -166,6 +166,45 @@ def test_cli_end_to_end(saved_target, tmp_path, capsys):
     assert 1.0 <= res["mean_acceptance_length"] <= 4.0 and len(res["acceptance_per_position"]) == 3
     assert res["tokens_per_s_baseline"] > 0 and res["tokens_per_s_speculative"] > 0
     assert "mean acceptance length" in text and "tokens/s" in text
+    assert res["prompt_set"] == "prompts.jsonl (4 prompts)" and res["repeated_4gram_fraction"] >= 0.0
+    assert (tmp_path / "res" / "bench.png").stat().st_size > 0
+
+
+def test_cli_sampled_sweep_and_training_output_folder(saved_target, tmp_path, capsys):
+    target, tdir = saved_target
+    draft = tiny_draft(seed=8)
+    draft.load_embeddings(target.model.embed_tokens.weight)
+    # A training output folder: the newest complete checkpoint is the drafter.
+    out_dir = tmp_path / "train_out"
+    _save_export_layout(draft, out_dir / "epoch_0_step_5")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"input_ids": [3 + i, 4, 5, 6]}) for i in range(3)))
+    out = tmp_path / "bench.json"
+    args = ["--target", str(tdir), "--draft", str(out_dir), "--prompts", str(prompts), "--num-steps", "2",
+            "--max-new-tokens", "10", "--ignore-eos", "--temperature", "0.8", "--top-p", "0.9", "--sweep", "3",
+            "--limit", "2", "--out", str(out), "--plot", str(tmp_path / "p.png")]  # fmt: skip
+    from modelopt_ext.training import checkpoint as ck
+
+    ckpt = out_dir / "epoch_0_step_5"
+    for name in ck.REQUIRED_FILES:  # the rest of a complete checkpoint (only the drafter files are read)
+        if not (ckpt / name).exists():
+            (ckpt / name).write_text("{}")
+    state = {"epoch": 0, "global_step": 5, "data_position": 0, "world_size": 1}
+    (ckpt / ck.STATE_FILE).write_text(json.dumps(state))
+    (ckpt / ck.rng_file(0)).write_text("")
+    _save_export_layout(draft, out_dir / "epoch_0_step_3_incomplete")  # not a checkpoint name: ignored
+    assert ck.find_latest_checkpoint(out_dir) == ckpt
+    rc = specdec_bench.main(args)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out + cap.err
+    res = json.loads(out.read_text())
+    assert res["num_prompts"] == 2 and "warning: --limit is deprecated" in cap.err
+    assert res["draft"] == str(out_dir / "epoch_0_step_5")
+    s = res["sampled"]
+    assert s["temperature"] == 0.8 and s["top_p"] == 0.9 and s["outputs_match_greedy"] is None
+    assert 1.0 <= s["mean_acceptance_length"] <= 3.0 and len(s["acceptance_per_position"]) == 2
+    assert [r["num_steps"] for r in res["sweep"]] == [1, 2, 3]
+    assert "chain-length sweep" in cap.out and (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_cli_bad_input_one_line_exit_2(tmp_path, saved_target, capsys):

@@ -125,7 +125,9 @@ def test_summary(tmp_path, capsys):
     assert text == (out / "summary.txt").read_text()
     assert f"drafter (export, loads in vLLM/SGLang): {out / 'export'}" in text
     assert f"last training checkpoint:               {out / 'epoch_0_step_80'}" in text
-    assert "acceptance length (specdec_bench, 8 prompts, k=3): 1.750" in text
+    assert "acceptance length (specdec_bench, 8 prompts, k=3): 1.75" in text
+    # 1 + 0.5 + 0.5 * 0.4: the trainer's chain expectation over the positions it recorded
+    assert "acceptance length (trainer simulation, step 80, training data, k=3): 1.70 (only 2 TTT steps" in text
     assert "training throughput: 4.20 samples/s, 300 tokens/s" in text
     assert "python -m modelopt_ext.serve_sglang --target t --draft" in text and "reused: tiny target" in text
 

@@ -74,11 +74,11 @@ def test_untrained_drafter_in_vllm(vllm_python, tiny_target, tmp_path, draft_voc
         tiny_target, export, prompts, num_steps=NUM_STEPS, max_new_tokens=32, python=vllm_python,
         work_dir=tmp_path / "work", compare_plain=False, return_outputs=True,
     )  # fmt: skip
-    summary = {k: v for k, v in r.items() if k not in ("draft", "prompts", "outputs")}
+    summary = {k: v for k, v in r.items() if k not in ("draft", "prompt_ids", "outputs")}
     print("\nvLLM eagle3 (untrained drafter):", json.dumps(summary))
     model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
-    for ids, out in zip(r["prompts"], r["outputs"], strict=True):
+    for ids, out in zip(r["prompt_ids"], r["outputs"], strict=True):
         with torch.no_grad():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos)
         assert out == ref[0, len(ids) :].tolist()  # speculation leaves greedy output unchanged
