@@ -235,7 +235,9 @@ class Trainer:
             try:
                 chosen = ckpt.resolve_resume(resume, self.out)
                 if resume == ckpt.RESUME_NEVER and self.env.is_main:
-                    moved = ckpt.set_aside_checkpoints(self.out, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+                    moved = ckpt.set_aside_checkpoints(
+                        self.out, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    )
                     if moved is not None:
                         _log(self.env, f"resume: never: the earlier checkpoints were moved to {moved}")
             except ckpt.CheckpointError as e:

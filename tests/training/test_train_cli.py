@@ -84,7 +84,8 @@ def test_a_folder_of_incomplete_checkpoints_is_refused_in_one_line(tmp_path):
         check=False,
     )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    expected = (
         f"error: {tmp_path / 'out'} holds checkpoints but none is complete; pass --resume never to start "
         "fresh there (they are moved aside) or --resume PATH"
-    ]
+    )
+    assert proc.stderr.strip().splitlines() == [expected]
