@@ -354,3 +354,65 @@ def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_pa
     # The resumed run started at the checkpoint's step: it ran exactly the remaining steps.
     assert f"{24 - last_step} steps this run (global step 24/24)" in log, log[-3000:]
     assert (out / "export" / "config.json").is_file()
+
+
+def _steps_logged(out: Path) -> list[int]:
+    """The global steps of every progress record in metrics.jsonl (all attempts, in order)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+@pytest.mark.timeout(1800)
+def test_requeued_training_job_resumes_from_its_last_checkpoint(
+    slurm_cluster, tmp_path, monkeypatch, tiny_ready
+):
+    """`scontrol requeue` of a running training job (what a preemption does): the requeued attempt resumes
+    from the last complete checkpoint by itself (no --resume in the spec), ends at max_steps, and trains
+    no step before that checkpoint twice."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 32
+    spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4)
+    spec["pipeline"]["task_0"]["slurm_config"]["requeue"] = True
+    res = run_job(
+        _write_spec(tmp_path, "requeue", spec),
+        [],
+        mode="submit",
+        job_dir=tmp_path / "jobs",
+        run_id="requeue",
+        echo=print,
+        detach=True,
+    )
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    _wait_for(lambda: (out / "epoch_0_step_4" / "trainer_state.json").is_file(), 900, "the first checkpoint")
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    requeued = time.monotonic()
+    # The first attempt ends; everything it checkpointed is there before the second attempt starts.
+    rdv2 = rdv.with_name(f"{job_id}.r1")
+    _wait_for(lambda: rdv2.is_dir(), 600, "the requeued attempt's rendezvous folder")
+    restart_s = time.monotonic() - requeued
+    result = slurm_cluster.wait_job(job_id, timeout=900, poll_s=1.0)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    assert result.state == "COMPLETED", f"{result.state} {result.exit_code}\n{log[-6000:]}"
+    assert result.record.get("Restarts") == "1", result.record
+    resumed = re.findall(r"resume: from \S*/epoch_0_step_(\d+) ", log)
+    assert resumed, log[-6000:]
+    from_step = int(resumed[-1])
+    assert from_step >= 4
+    assert f"{max_steps - from_step} steps this run (global step {max_steps}/{max_steps})" in log, log[-3000:]
+    state = json.loads(
+        (
+            max(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+            / "trainer_state.json"
+        ).read_text()
+    )
+    assert state["global_step"] == max_steps
+    steps = _steps_logged(out)
+    before = [s for s in steps if s <= from_step]
+    assert len(before) == len(set(before)), f"a step up to {from_step} was trained twice: {steps}"
+    assert steps[-1] == max_steps
+    assert (out / "export" / "config.json").is_file() and (rdv2 / "done").is_file()
+    record_timing(
+        f"requeue: second attempt's rendezvous {restart_s:.0f}s after `scontrol requeue`; resumed from step {from_step}"
+    )
