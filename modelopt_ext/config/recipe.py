@@ -86,6 +86,11 @@ class DataConfig(_Strict):
     )
     auth_token_file: str | None = Field(default=None, description="Bearer token for the servers, read from a file.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming).")
+    server_grace_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="No hidden-state server healthy for this long ends training (a restarting server fits in it).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -477,7 +477,12 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
         if vocab is not None:
             client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
 
-    source = FailoverRemoteSource(list(data.server_urls), make_client, prepare, preferred=env.rank)
+    from modelopt_ext.supervision.server_pool import BreakerPolicy
+
+    policy = BreakerPolicy(all_down_timeout_s=data.server_grace_s)
+    source = FailoverRemoteSource(
+        list(data.server_urls), make_client, prepare, preferred=env.rank, policy=policy
+    )
     # The preferred server must be there at start (the entry script waited for every server's health).
     first = source.client(source.preferred)
     return SourceSetup(
