@@ -416,3 +416,91 @@ def test_requeued_training_job_resumes_from_its_last_checkpoint(
     record_timing(
         f"requeue: second attempt's rendezvous {restart_s:.0f}s after `scontrol requeue`; resumed from step {from_step}"
     )
+
+
+def _last_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return steps[-1] if steps else 0
+
+
+def _node_script_pid(server_pid: int) -> int:
+    """The entry script that started a server (setsid does not fork: the server's parent)."""
+    return int(Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(2400)
+def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    """2 serve nodes (serve_target) + 1 trainer node. Kill server 0's process mid-run: its node restarts it
+    (logged, address re-published) while the trainer carries on with server 1, then returns to it. Then kill
+    serve node 1's whole node script and its server: training completes on server 0, and the export exists."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 300
+    spec = _train_only_spec(
+        out,
+        nodes=3,
+        serve_nodes=2,
+        max_steps=max_steps,
+        save_interval=100,
+        extra_env={"SERVE_RESTART_BACKOFF_S": "1"},
+    )
+    res = run_job(
+        _write_spec(tmp_path, "survive", spec),
+        [],
+        mode="submit",
+        job_dir=tmp_path / "jobs",
+        run_id="survive",
+        echo=print,
+        detach=True,
+    )
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    logs = lambda: "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    _wait_for(lambda: _last_step(out) >= 10, 900, "10 training steps")
+    t0, s0 = time.monotonic(), _last_step(out)
+    time.sleep(5)
+    before = (_last_step(out) - s0) / (time.monotonic() - t0)
+
+    server0 = int((rdv / "server.0.pid").read_text())
+    os.kill(server0, signal.SIGKILL)
+    killed, s_kill = time.monotonic(), _last_step(out)
+    _wait_for(lambda: _last_step(out) > s_kill + 2, 300, "training to go on after the kill")
+    routed_s = time.monotonic() - killed
+    _wait_for(lambda: "server restarted:" in logs(), 600, "the restart of server 0")
+    restarted_s = time.monotonic() - killed
+    during = (_last_step(out) - s_kill) / restarted_s
+    assert int((rdv / "server.0.pid").read_text()) != server0
+    assert (rdv / "server.0.restarts").read_text().strip() == "1"
+
+    server1 = int((rdv / "server.1.pid").read_text())
+    script1 = _node_script_pid(server1)
+    assert "train_eagle_streaming.sh" in _cmdline(script1), _cmdline(script1)
+    os.kill(script1, signal.SIGKILL)
+    os.killpg(server1, signal.SIGKILL)
+    s_kill1 = _last_step(out)
+    _wait_for(lambda: (rdv / "done").is_file() or (rdv / "failed").is_file(), 1500, "the end of the job")
+    result = slurm_cluster.wait_job(job_id, timeout=300, poll_s=1.0)
+    log = logs()
+    assert (rdv / "done").is_file(), (
+        f"{(rdv / 'failed').read_text() if (rdv / 'failed').exists() else ''}\n{log[-6000:]}"
+    )
+    assert not (rdv / "failed").exists()
+    assert (out / "export" / "config.json").is_file()
+    assert f"global step {max_steps}/{max_steps}" in log
+    assert _last_step(out) > s_kill1
+    # The log names the outage and the restart; the trainer's summary counts the outages per server.
+    assert "[node 0] outage: the target hidden-state server on node 0 exited with code" in log
+    assert "[node 0] restart 1/3 of the target server on node 0" in log
+    assert "[node 0] server restarted: http://" in log
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"server \S+: .*[1-9]\d* outage", summary), summary
+    # Nodes 0 and 2 ended cleanly; node 1 was killed (srun reports its task's signal: Slurm's job state).
+    assert "[node 0] node 0 finished" in log and "[node 2] node 2 finished" in log
+    record_timing(
+        f"survives (serve_target, 2 serve + 1 trainer): steps/s before {before:.2f}, during the outage "
+        f"{during:.2f}; training went on {routed_s:.1f}s after the kill; server restarted and healthy "
+        f"{restarted_s:.1f}s after the kill; after serve node 1 was killed the job ended {result.state}"
+    )
