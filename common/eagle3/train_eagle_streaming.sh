@@ -442,7 +442,24 @@ finish_head() {
     "$PY" -m modelopt_ext.export --checkpoint "$last" --out "$out/export" || fail "export of ${last} failed"
   fi
   rdv_mark_done "$RDV_DIR"
+  report_server_restarts
   log "done: drafter exported to ${out}/export"
+}
+
+# report_server_restarts: one line naming the serve nodes that restarted or gave up their server.
+report_server_restarts() {
+  local id parts=()
+  local -a ids
+  IFS=, read -r -a ids <<<"$SERVE_NODE_IDS"
+  for id in "${ids[@]}"; do
+    [[ -e "$RDV_DIR/server.${id}.restarts" ]] && parts+=("node ${id}: $(rdv_read "$RDV_DIR/server.${id}.restarts") restart(s)")
+    [[ -e "$RDV_DIR/server.${id}.down" ]] && parts+=("node ${id}: down ($(rdv_read "$RDV_DIR/server.${id}.down"))")
+  done
+  if ((${#parts[@]})); then
+    log "hidden-state server restarts during the job: ${parts[*]}"
+  else
+    log "hidden-state server restarts during the job: none"
+  fi
 }
 
 # await_end: a non-head trainer waits (bounded) for the head's done marker, so the job's end means the

@@ -495,6 +495,7 @@ def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_pat
     assert "[node 0] outage: the target hidden-state server on node 0 exited with code" in log
     assert "[node 0] restart 1/3 of the target server on node 0" in log
     assert "[node 0] server restarted: http://" in log
+    assert "[node 2] hidden-state server restarts during the job: node 0: 1 restart(s)" in log
     summary = (out / "summary.txt").read_text()
     assert re.search(r"server \S+: .*[1-9]\d* outage", summary), summary
     # Nodes 0 and 2 ended cleanly; node 1 was killed (srun reports its task's signal: Slurm's job state).
