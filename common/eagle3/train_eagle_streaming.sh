@@ -258,9 +258,10 @@ restart_server() {
   started=$SECONDS
   start_server "$SERVE_IP" "$SERVE_PORT_USED"
   if ! wait_own_server "http://127.0.0.1:${SERVE_PORT_USED}"; then
-    log "restart ${attempt}/${max} failed: ${WAIT_ERR}"
     [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
     SERVER_PID=""
+    rdv_finished "$RDV_DIR" && return 0  # the job ended meanwhile: nothing left to serve
+    log "restart ${attempt}/${max} failed: ${WAIT_ERR}"
     return 1
   fi
   url="http://${SERVE_IP}:${SERVE_PORT_USED}"
