@@ -363,6 +363,9 @@ class FailoverRemoteSource:
         self._make_client, self._prepare, self._sleep = make_client, prepare, sleep
         self._clients: dict[str, RemoteTargetClient] = {}
         self.url = self.preferred  # the server of the last batch (telemetry counts per server)
+        # The trainer points this at its stop-signal check: once asked to stop, a batch no server can answer
+        # is given up at once instead of waiting out the grace (the trainer would be killed meanwhile).
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     def client(self, url: str) -> RemoteTargetClient:
         """The prepared client of `url` (made and prepared on first use, and again after a failure)."""
@@ -418,6 +421,10 @@ class FailoverRemoteSource:
                 avoid.add(url)
                 self.pool.check_all_down_timeout()
                 if avoid >= set(self.urls):  # every server failed this batch: wait before the next round
+                    if self.stop_requested():
+                        raise RemoteTargetError(
+                            f"stop requested and no hidden-state server answers (last: {e})"
+                        )
                     avoid.clear()
                     self._sleep(min(max(self.pool.seconds_until_available(), 0.05), 1.0))
                 continue

@@ -377,6 +377,9 @@ class Trainer:
 
     def _train(self, signals: _StopSignals) -> TrainResult:
         env, cfg = self.env, self.cfg
+        if hasattr(self.parts.source, "stop_requested"):
+            # A source that waits for servers gives up once a stop signal came (see FailoverRemoteSource).
+            self.parts.source.stop_requested = lambda: signals.received is not None
         stop_after = _stop_after()
         stop_reason = ""
         stop_signal: int | None = None

@@ -160,3 +160,24 @@ def test_remote_source_gives_up_when_no_server_is_healthy_for_the_grace(tiny_mod
     )
     with pytest.raises(NoHealthyServerError, match="no healthy hidden-state server"):
         source(make_batch())
+
+
+def test_remote_source_gives_up_at_once_when_a_stop_was_requested():
+    """After SIGTERM (the trainer's stop_requested), a batch no server answers is given up at once rather
+    than after the grace: the job is ending and the trainer would be killed while waiting."""
+    import time
+
+    from modelopt_ext.supervision.remote import FailoverRemoteSource, RemoteTargetClient
+    from modelopt_ext.supervision.server_pool import BreakerPolicy
+
+    source = FailoverRemoteSource(
+        ["http://127.0.0.1:9", "http://127.0.0.1:11"],
+        RemoteTargetClient,
+        lambda c: None,
+        policy=BreakerPolicy(all_down_timeout_s=600),
+    )
+    source.stop_requested = lambda: True
+    t0 = time.monotonic()
+    with pytest.raises(RemoteTargetError, match="stop requested and no hidden-state server answers"):
+        source(make_batch())
+    assert time.monotonic() - t0 < 30
