@@ -401,6 +401,8 @@ class FailoverRemoteSource:
             url = self._choose(avoid)
             if url is None:
                 self.pool.check_all_down_timeout()  # raises NoHealthyServerError past the grace
+                if self.stop_requested():
+                    raise RemoteTargetError("stop requested and every hidden-state server is out of rotation")
                 avoid.clear()  # every server failed this batch: any of them may take it once back
                 self._sleep(min(max(self.pool.seconds_until_available(), 0.05), 1.0))
                 continue
@@ -412,7 +414,10 @@ class FailoverRemoteSource:
             except RemoteTargetError as e:
                 self._forget(url)
                 if e.status is not None and 400 <= e.status < 500:
+                    # Refused: maybe a restart made it forget this client (prepared again next time), maybe
+                    # the batch itself; try the others, and give up once every server had its chance.
                     self.pool.release(url)
+                    avoid.add(url)
                     refused += 1
                     if refused > len(self.urls):
                         raise
