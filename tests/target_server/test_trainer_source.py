@@ -181,3 +181,16 @@ def test_remote_source_gives_up_at_once_when_a_stop_was_requested():
     with pytest.raises(RemoteTargetError, match="stop requested and no hidden-state server answers"):
         source(make_batch())
     assert time.monotonic() - t0 < 30
+
+
+def test_a_batch_every_server_refuses_is_one_error_not_a_wait(server, tiny_model_dir, tmp_path):
+    """HTTP 4xx for the batch itself: tried on each server (re-prepared), then one RemoteTargetError."""
+    port = server.url.rsplit(":", 1)[1]
+    urls = [server.url, f"http://localhost:{port}"]  # two names of one real server
+    setup = build_remote_source(_recipe(tiny_model_dir, urls, tmp_path), DistEnv(rank=0), ["c"], pad_id=0)
+    bad = make_batch()
+    bad["input_ids"] = bad["input_ids"] + VOCAB
+    with pytest.raises(RemoteTargetError, match=r"answered 400: input_ids outside \[0, 256\)"):
+        setup.source(bad)
+    assert torch.equal(setup.source(make_batch()).input_ids, make_batch()["input_ids"])  # still usable
+    setup.source.close()
