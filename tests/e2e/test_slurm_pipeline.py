@@ -371,7 +371,7 @@ def test_requeued_training_job_resumes_from_its_last_checkpoint(
     no step before that checkpoint twice."""
     _on_cluster(monkeypatch, slurm_cluster, tmp_path)
     out = tmp_path / "out"
-    max_steps = 32
+    max_steps = 80  # far more than the first attempt runs before the requeue lands
     spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4)
     spec["pipeline"]["task_0"]["slurm_config"]["requeue"] = True
     res = run_job(
