@@ -388,6 +388,11 @@ def test_requeued_training_job_resumes_from_its_last_checkpoint(
     _wait_for(lambda: (out / "epoch_0_step_4" / "trainer_state.json").is_file(), 900, "the first checkpoint")
     slurm_cluster.run("scontrol", "requeue", str(job_id))
     requeued = time.monotonic()
+    # Slurm holds a requeued job back (BeginTime, ~2 min here); let it start as soon as it is pending again.
+    _wait_for(
+        lambda: slurm_cluster.job_record(job_id).get("JobState") == "PENDING", 300, "the job to be pending"
+    )
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
     # The first attempt ends; everything it checkpointed is there before the second attempt starts.
     rdv2 = rdv.with_name(f"{job_id}.r1")
     _wait_for(lambda: rdv2.is_dir(), 600, "the requeued attempt's rendezvous folder")
