@@ -13,6 +13,7 @@ Measured times go to the "local Slurm cluster timings" section (and stdout with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -509,4 +510,50 @@ def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_pat
         f"survives (serve_target, 2 serve + 1 trainer): steps/s before {before:.2f}, during the outage "
         f"{during:.2f}; training went on {routed_s:.1f}s after the kill; server restarted and healthy "
         f"{restarted_s:.1f}s after the kill; after serve node 1 was killed the job ended {result.state}"
+    )
+
+
+@pytest.mark.timeout(2400)
+def test_job_with_vllm_servers_survives_a_lost_server(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    """The vLLM variant: 2 serve nodes with real vLLM CPU hidden-state servers + 1 trainer node (streaming,
+    2 DataLoader workers). Server 0 (its CLI and vLLM's processes) is SIGKILLed mid-run: its node logs the
+    outage and restarts it, the trainer streams from server 1 meanwhile, and the job completes and exports."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 40
+    spec = _train_only_spec(out, nodes=3, serve_nodes=2, max_steps=max_steps, save_interval=20)
+    task = spec["pipeline"]["task_0"]
+    task["environment"] = [
+        e for e in task["environment"] if not {"SERVE_ENGINE", "STREAMING_NUM_WORKERS"} & set(e)
+    ] + [{"SERVE_ENGINE": "vllm"}, {"STREAMING_NUM_WORKERS": "2"}, {"SERVE_RESTART_BACKOFF_S": "1"}]
+    res = run_job(
+        _write_spec(tmp_path, "survive-vllm", spec), [], mode="submit", job_dir=tmp_path / "jobs",
+        run_id="survive-vllm", echo=print, detach=True,
+    )  # fmt: skip
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    _wait_for(lambda: _last_step(out) >= 6, 1500, "6 training steps (both vLLM servers up)")
+    t0, s0 = time.monotonic(), _last_step(out)
+    time.sleep(4)
+    before = (_last_step(out) - s0) / (time.monotonic() - t0)
+    server0 = int((rdv / "server.0.pid").read_text())
+    victims = [server0, *_descendants(server0)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed, s_kill = time.monotonic(), _last_step(out)
+    _wait_for(lambda: _last_step(out) > s_kill + 2, 600, "training to go on after the kill")
+    routed_s = time.monotonic() - killed
+    during = (_last_step(out) - s_kill) / routed_s
+    result = slurm_cluster.wait_job(job_id, timeout=1500, poll_s=1.0)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    assert result.state == "COMPLETED", f"{result.state}\n{log[-6000:]}"
+    assert (rdv / "done").is_file() and (out / "export" / "config.json").is_file()
+    assert f"global step {max_steps}/{max_steps}" in log
+    assert "[node 0] outage: the vllm hidden-state server on node 0 exited with code" in log
+    assert "[node 0] restart 1/3 of the vllm server on node 0" in log
+    record_timing(
+        f"survives (vLLM, 2 serve + 1 trainer): steps/s before {before:.2f}, after the kill {during:.2f}; "
+        f"training went on {routed_s:.1f}s after the kill; restart completed: "
+        f"{'yes' if 'server restarted:' in log else 'no (the job ended first)'}"
     )
