@@ -245,13 +245,15 @@ def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monke
     assert (out / "export" / "config.json").is_file() and (rdv / "done").is_file()
 
 
+def _submit_detached(tmp_path, name, spec: dict):
+    """Submit a one-task spec without following it (the test watches the job itself)."""
+    path = _write_spec(tmp_path, name, spec)
+    return run_job(path, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
+
+
 def _launch_fault_job(tmp_path, name, out, *, max_steps, extra_args=()):
-    spec = _write_spec(
-        tmp_path,
-        name,
-        _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4, extra_args=extra_args),
-    )
-    return run_job(spec, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
+    spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4, extra_args=extra_args)
+    return _submit_detached(tmp_path, name, spec)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -375,15 +377,7 @@ def test_requeued_training_job_resumes_from_its_last_checkpoint(
     max_steps = 80  # far more than the first attempt runs before the requeue lands
     spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4)
     spec["pipeline"]["task_0"]["slurm_config"]["requeue"] = True
-    res = run_job(
-        _write_spec(tmp_path, "requeue", spec),
-        [],
-        mode="submit",
-        job_dir=tmp_path / "jobs",
-        run_id="requeue",
-        echo=print,
-        detach=True,
-    )
+    res = _submit_detached(tmp_path, "requeue", spec)
     job_id = int(res.tasks[0].job_id)
     rdv = _rdv_dir(res, job_id)
     _wait_for(lambda: (out / "epoch_0_step_4" / "trainer_state.json").is_file(), 900, "the first checkpoint")
@@ -453,15 +447,7 @@ def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_pat
         save_interval=100,
         extra_env={"SERVE_RESTART_BACKOFF_S": "1"},
     )
-    res = run_job(
-        _write_spec(tmp_path, "survive", spec),
-        [],
-        mode="submit",
-        job_dir=tmp_path / "jobs",
-        run_id="survive",
-        echo=print,
-        detach=True,
-    )
+    res = _submit_detached(tmp_path, "survive", spec)
     job_id = int(res.tasks[0].job_id)
     rdv = _rdv_dir(res, job_id)
     logs = lambda: "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
@@ -526,10 +512,7 @@ def test_job_with_vllm_servers_survives_a_lost_server(slurm_cluster, tmp_path, m
     task["environment"] = [
         e for e in task["environment"] if not {"SERVE_ENGINE", "STREAMING_NUM_WORKERS"} & set(e)
     ] + [{"SERVE_ENGINE": "vllm"}, {"STREAMING_NUM_WORKERS": "2"}, {"SERVE_RESTART_BACKOFF_S": "1"}]
-    res = run_job(
-        _write_spec(tmp_path, "survive-vllm", spec), [], mode="submit", job_dir=tmp_path / "jobs",
-        run_id="survive-vllm", echo=print, detach=True,
-    )  # fmt: skip
+    res = _submit_detached(tmp_path, "survive-vllm", spec)
     job_id = int(res.tasks[0].job_id)
     rdv = _rdv_dir(res, job_id)
     _wait_for(lambda: _last_step(out) >= 6, 1500, "6 training steps (both vLLM servers up)")
