@@ -7,7 +7,9 @@
   each trainer prefers the server of its own segment) and the rendezvous, with the transformers
   target server (serve_target) for speed.
 - Faults (serve_target for a fast start): the server killed mid-training; a trainer killed mid-training,
-  then a relaunch with `--resume auto` that continues from the last checkpoint.
+  then a relaunch with `--resume auto` that continues from the last checkpoint; `scontrol requeue` of a
+  running job (the requeued attempt resumes by itself); a lost server and a lost serve node with 2 serve
+  nodes (serve_target, and a vLLM variant) that the job survives.
 Measured times go to the "local Slurm cluster timings" section (and stdout with -s).
 """
 
