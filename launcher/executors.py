@@ -67,6 +67,24 @@ def _dollars(text: str) -> str:
     return text.replace("$", "$$")
 
 
+#: srun options for a streaming task with several serve nodes. nemo_run runs every task under
+#: `srun --wait=60 --kill-on-bad-exit=1`: one serve node's script dying (its host lost) would kill the whole
+#: step, and a node that ended would take the others down 60 s later. The entry script's own markers end
+#: the job instead (the failed marker; trainers fail past data.server_grace_s with no server left).
+SURVIVE_SERVE_LOSS_SRUN_ARGS = ("--kill-on-bad-exit=0", "--wait=0")
+
+
+def srun_args(task: ResolvedTask) -> list[str]:
+    """The task's srun arguments: the survival options first for multi-server streaming, then the spec's
+    own `srun_args` (srun takes the last of a repeated option, so the spec can override them)."""
+    cfg = task.slurm
+    assert cfg is not None
+    own = list(cfg.srun_args)
+    if task.plan.streaming and len(task.plan.serve_ids) >= 2:
+        return [*SURVIVE_SERVE_LOSS_SRUN_ARGS, *own]
+    return own
+
+
 def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) -> BuiltTask:
     """SlurmExecutor + Script for one task; the command is `bash node_exec.sh SCRIPT ARGS`."""
     cfg = task.slurm
@@ -103,7 +121,7 @@ def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) 
         segment=cfg.segment,
         container_image=cfg.container,
         container_mounts=mounts,
-        srun_args=list(cfg.srun_args) or None,
+        srun_args=srun_args(task) or None,
         additional_parameters=additional or None,
         job_name_prefix=f"{job.name}-",
         setup_lines="\n".join(setup),

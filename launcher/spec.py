@@ -311,13 +311,18 @@ def _resolve_task(
     if task.script:
         p = Path(task.script)
         script = p if p.is_absolute() else repo_root / p
-        if not script.is_file():
-            hint = mo.script_hint(task.script)
-            problems.append(
-                f"{fpath}.script: {hint}"
-                if hint
-                else f"{fpath}.script: file not found: {task.script} (relative to the repo root {repo_root})"
-            )
+        try:
+            found = script.is_file()
+        except OSError as e:  # e.g. a name too long for the filesystem (is_file only absorbs "not found")
+            problems.append(f"{fpath}.script: unusable path ({e.strerror}): {task.script[:80]!r}")
+        else:
+            if not found:
+                hint = mo.script_hint(task.script)
+                problems.append(
+                    f"{fpath}.script: {hint}"
+                    if hint
+                    else f"{fpath}.script: file not found: {task.script} (relative to the repo root {repo_root})"
+                )
 
     slurm = task.slurm_config
     nodes = slurm.nodes if slurm else 1

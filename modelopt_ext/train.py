@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default=None,
-        help="'auto': continue from the last complete checkpoint in training.output_dir (fresh if none); "
-        "or a checkpoint folder epoch_E_step_S/.",
+        help="Default 'auto': continue from the last complete checkpoint in training.output_dir (fresh when "
+        "it has none, refused when its checkpoints are all incomplete); 'never': start fresh, moving earlier "
+        "checkpoints aside; or a checkpoint folder epoch_E_step_S/.",
     )
     return p
 

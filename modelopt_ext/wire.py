@@ -43,6 +43,8 @@ _ENTRY_HEAD = struct.Struct("<H")  # key length
 _ENTRY_META = struct.Struct("<BBB")  # is_none, dtype code, ndim
 _U64 = struct.Struct("<Q")
 HEADER_SIZE = _HEADER.size
+# The largest product of dimensions (zeros counted as 1) torch can stride in int64, with room for an itemsize.
+_MAX_SPAN = 1 << 62
 
 # Codes are part of the format: never renumber, only append.
 _DTYPE_CODES: dict[torch.dtype, int] = {
@@ -226,6 +228,13 @@ def decode(buf: bytes | bytearray | memoryview, *, verify: bool = True) -> dict[
         dtype = _CODE_DTYPES.get(code)
         if dtype is None:
             raise WireFormatError(f"tensor message entry {key!r}: unknown dtype code {code}")
+        # An empty tensor carries no bytes, so its other dimensions are bounded by nothing in the message;
+        # torch refuses (TypeError/RuntimeError) shapes whose strides overflow int64: refuse them first.
+        span = 1
+        for d in shape:
+            span *= max(d, 1)
+        if span > _MAX_SPAN:
+            raise WireFormatError(f"tensor message entry {key!r}: shape {list(shape)} is too large")
         numel = 1
         for d in shape:
             numel *= d

@@ -9,6 +9,7 @@
 # trainer side by side. Files in $MODELOPT_SCRATCH/rendezvous/<job id>/:
 #   server.<id>         the URL of serve node <id>, published atomically once it answers its health check
 #   server.<id>.pid     its server's pid (fault tests kill it); trainer.<id>.pid likewise
+#   server.<id>.restarts  how often serve node <id> restarted its server; server.<id>.down: it gave it up
 #   trainer_addr        the head trainer's ip:port for accelerate's rendezvous
 #   done | failed       the ending: done by the head trainer after the export; failed by ANY node (trap),
 #                       with the reason. Servers exit on either; trainers stop on failed.
@@ -17,8 +18,8 @@
 # --dryrun and submit; SERVE_NODES is read by the launcher's role plan). Knobs (environment;
 # docs/entry-scripts.md): SERVE_ENGINE, SERVE_PORT, SERVE_TP, SERVE_GPU_MEM_UTIL,
 # EAGLE_CAPTURE_IDS, STREAMING_NUM_WORKERS, SERVE_MAX_MODEL_LEN, SERVE_MAX_NUM_SEQS, SERVE_ADVERTISE_IP,
-# MAIN_PROCESS_PORT, TRAIN_PROCS_PER_NODE, and the timeouts SERVE_START_TIMEOUT_S, SERVE_WAIT_S,
-# HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S.
+# MAIN_PROCESS_PORT, TRAIN_PROCS_PER_NODE, SERVE_RESTARTS, SERVE_RESTART_BACKOFF_S, and the timeouts
+# SERVE_START_TIMEOUT_S, SERVE_WAIT_S, HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S.
 set -euo pipefail
 
 ENTRY_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -180,54 +181,137 @@ start_server() {
   rdv_publish "$RDV_DIR/server.${NODE_ID}.pid" "$SERVER_PID"
 }
 
-# await_own_server URL: bounded wait until our server answers; fail with its log's tail if it dies first.
-await_own_server() {
+# wait_own_server URL: bounded wait until our server answers. Returns 0 once healthy, else non-zero with
+# the reason in WAIT_ERR (the server died, the job ended, or SERVE_START_TIMEOUT_S passed).
+wait_own_server() {
   local url="$1" deadline=$((SECONDS + SERVE_START_TIMEOUT_S))
+  WAIT_ERR=""
   until rdv_http_ok "${url}$(health_path)"; do
     if ! proc_alive "$SERVER_PID"; then
       proc_wait_exit "$SERVER_PID"
       SERVER_PID=""
       tail -n 20 "$RDV_DIR/logs/server.${NODE_ID}.log" >&2 || true
-      fail "the ${SERVE_ENGINE} server exited with code ${PROC_RC} during startup (log $RDV_DIR/logs/server.${NODE_ID}.log)"
+      WAIT_ERR="the ${SERVE_ENGINE} server exited with code ${PROC_RC} during startup (log $RDV_DIR/logs/server.${NODE_ID}.log)"
+      return 1
     fi
-    rdv_finished "$RDV_DIR" && fail "the job ended while the server was starting ($(rdv_failure_reason "$RDV_DIR"))"
-    ((SECONDS < deadline)) || fail "the ${SERVE_ENGINE} server did not answer ${url}$(health_path) within ${SERVE_START_TIMEOUT_S}s"
+    if rdv_finished "$RDV_DIR"; then
+      WAIT_ERR="the job ended while the server was starting ($(rdv_failure_reason "$RDV_DIR"))"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      WAIT_ERR="the ${SERVE_ENGINE} server did not answer ${url}$(health_path) within ${SERVE_START_TIMEOUT_S}s"
+      return 1
+    fi
     sleep 2
   done
 }
 
 # serve: start the server, publish its URL once healthy (the trainers read it from the rendezvous folder).
 serve() {
-  local ip port
   PHASE="serve node ${NODE_ID}"
-  ip="$(rdv_advertise_ip)"
-  port="${SERVE_PORT:-8765}"
-  if [[ "$SINGLE_NODE" == 1 && -z "${SERVE_PORT:-}" ]] && ! proc_port_free "$port"; then
-    port="$(proc_free_port)"  # one machine, several jobs: take any free port rather than fail
+  SERVE_IP="$(rdv_advertise_ip)"
+  SERVE_PORT_USED="${SERVE_PORT:-8765}"
+  if [[ "$SINGLE_NODE" == 1 && -z "${SERVE_PORT:-}" ]] && ! proc_port_free "$SERVE_PORT_USED"; then
+    SERVE_PORT_USED="$(proc_free_port)"  # one machine, several jobs: take any free port rather than fail
   fi
-  start_server "$ip" "$port"
-  await_own_server "http://127.0.0.1:${port}"
-  rdv_publish "$RDV_DIR/server.${NODE_ID}" "http://${ip}:${port}"
-  log "server ready: http://${ip}:${port} (pid ${SERVER_PID})"
+  start_server "$SERVE_IP" "$SERVE_PORT_USED"
+  wait_own_server "http://127.0.0.1:${SERVE_PORT_USED}" || fail "$WAIT_ERR"
+  rdv_publish "$RDV_DIR/server.${NODE_ID}" "http://${SERVE_IP}:${SERVE_PORT_USED}"
+  log "server ready: http://${SERVE_IP}:${SERVE_PORT_USED} (pid ${SERVER_PID})"
 }
 
-# serve_until_finished: keep the server up until the job ends; its death fails the job.
+# serve_restarts: how often a dead server is restarted: SERVE_RESTARTS, else 3 when the job has other
+# servers to fall back on meanwhile, else 0 (a lone server's death fails the job at once).
+serve_restarts() {
+  if [[ -n "${SERVE_RESTARTS:-}" ]]; then
+    echo "$SERVE_RESTARTS"
+  elif (($(plan_count "$SERVE_NODE_IDS") >= 2)); then
+    echo 3
+  else
+    echo 0
+  fi
+}
+
+# sleep_unless_finished SECONDS: sleep, but return 1 early when the job ends meanwhile.
+sleep_unless_finished() {
+  local until=$((SECONDS + $1))
+  while ((SECONDS < until)); do
+    rdv_finished "$RDV_DIR" && return 1
+    sleep "${RDV_POLL_S:-1}"
+  done
+}
+
+# restart_server ATTEMPT MAX: after a backoff (SERVE_RESTART_BACKOFF_S doubled per attempt), start the server
+# again on its port and re-publish its address once it answers. Returns non-zero when this attempt failed.
+restart_server() {
+  local attempt="$1" max="$2" delay started url
+  delay=$((${SERVE_RESTART_BACKOFF_S:-2} * (1 << (attempt - 1))))
+  log "restart ${attempt}/${max} of the ${SERVE_ENGINE} server on node ${NODE_ID} in ${delay}s"
+  sleep_unless_finished "$delay" || return 0
+  started=$SECONDS
+  start_server "$SERVE_IP" "$SERVE_PORT_USED"
+  if ! wait_own_server "http://127.0.0.1:${SERVE_PORT_USED}"; then
+    [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
+    SERVER_PID=""
+    rdv_finished "$RDV_DIR" && return 0  # the job ended meanwhile: nothing left to serve
+    log "restart ${attempt}/${max} failed: ${WAIT_ERR}"
+    return 1
+  fi
+  url="http://${SERVE_IP}:${SERVE_PORT_USED}"
+  rdv_publish "$RDV_DIR/server.${NODE_ID}" "$url"
+  rdv_publish "$RDV_DIR/server.${NODE_ID}.restarts" "$attempt"
+  log "server restarted: ${url} healthy again $((SECONDS - started))s after restart ${attempt}/${max} (pid ${SERVER_PID}); address re-published"
+}
+
+# all_servers_down: true when every planned serve node has given its server up (server.<id>.down).
+all_servers_down() {
+  local id
+  local -a ids
+  IFS=, read -r -a ids <<<"$SERVE_NODE_IDS"
+  for id in "${ids[@]}"; do
+    [[ -e "$RDV_DIR/server.${id}.down" ]] || return 1
+  done
+}
+
+# server_lost CODE RESTARTS_DONE: our server exited with CODE. Restart it while attempts are left (each
+# logged); returns 0 once it serves again, 1 when this node gave it up (the other servers carry on; the job
+# fails at once only when no planned server is left, else through the trainers' data.server_grace_s).
+server_lost() {
+  local code="$1" done_restarts="$2" max attempt
+  max="$(serve_restarts)"
+  log "outage: the ${SERVE_ENGINE} hidden-state server on node ${NODE_ID} exited with code ${code} (log $RDV_DIR/logs/server.${NODE_ID}.log)"
+  for ((attempt = done_restarts + 1; attempt <= max; attempt++)); do
+    RESTARTS_DONE="$attempt"
+    rdv_finished "$RDV_DIR" && return 0
+    restart_server "$attempt" "$max" && return 0
+  done
+  rdv_publish "$RDV_DIR/server.${NODE_ID}.down" "exited with code ${code} after ${done_restarts} restart(s) of ${max}"
+  if all_servers_down; then
+    fail "the ${SERVE_ENGINE} hidden-state server on node ${NODE_ID} exited with code ${code} and no hidden-state server is left (restarts: ${max} per node)"
+  fi
+  log "the server on node ${NODE_ID} stays down after ${max} restart(s); the job continues on the other servers"
+  return 1
+}
+
+# serve_until_finished: keep the server up until the job ends (restarting it when it dies, server_lost),
+# then stop it: the node exits 0 on done, 1 on failed.
 serve_until_finished() {
+  RESTARTS_DONE=0
   while :; do
-    if ! proc_alive "$SERVER_PID"; then
+    if [[ -n "$SERVER_PID" ]] && ! proc_alive "$SERVER_PID"; then
       proc_wait_exit "$SERVER_PID"
       SERVER_PID=""
-      fail "the ${SERVE_ENGINE} hidden-state server on node ${NODE_ID} exited with code ${PROC_RC}"
+      server_lost "$PROC_RC" "$RESTARTS_DONE" || true
     fi
     if [[ -e "$RDV_DIR/done" ]]; then
       log "job done: stopping the server"
-      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
+      [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
       SERVER_PID=""
       return 0
     fi
     if rdv_failed "$RDV_DIR"; then
       log "job failed ($(rdv_failure_reason "$RDV_DIR")): stopping the server"
-      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
+      [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
       SERVER_PID=""
       exit 1
     fi
@@ -352,7 +436,24 @@ finish_head() {
     "$PY" -m modelopt_ext.export --checkpoint "$last" --out "$out/export" || fail "export of ${last} failed"
   fi
   rdv_mark_done "$RDV_DIR"
+  report_server_restarts
   log "done: drafter exported to ${out}/export"
+}
+
+# report_server_restarts: one line naming the serve nodes that restarted or gave up their server.
+report_server_restarts() {
+  local id parts=()
+  local -a ids
+  IFS=, read -r -a ids <<<"$SERVE_NODE_IDS"
+  for id in "${ids[@]}"; do
+    [[ -e "$RDV_DIR/server.${id}.restarts" ]] && parts+=("node ${id}: $(rdv_read "$RDV_DIR/server.${id}.restarts") restart(s)")
+    [[ -e "$RDV_DIR/server.${id}.down" ]] && parts+=("node ${id}: down ($(rdv_read "$RDV_DIR/server.${id}.down"))")
+  done
+  if ((${#parts[@]})); then
+    log "hidden-state server restarts during the job: ${parts[*]}"
+  else
+    log "hidden-state server restarts during the job: none"
+  fi
 }
 
 # await_end: a non-head trainer waits (bounded) for the head's done marker, so the job's end means the

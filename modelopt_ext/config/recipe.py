@@ -98,6 +98,11 @@ class DataConfig(_Strict):
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming)."
     )
+    server_grace_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="No hidden-state server healthy for this long ends training (a restarting server fits in it).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,7 +70,18 @@ def _read_into_bytearray(r: httpx.Response) -> bytearray:
 
 
 class RemoteTargetError(RuntimeError):
-    """serve_target refused a request, answered garbage, or describes a different model (one line)."""
+    """serve_target refused a request, answered garbage, or describes a different model (one line).
+
+    `status`: the HTTP status of a refusal, None when the server could not be reached or answered garbage.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class TargetMismatch(RemoteTargetError):
+    """The server serves another target than the recipe's (no other server will fix that batch)."""
 
 
 class RemoteTargetClient:
@@ -143,7 +155,8 @@ class RemoteTargetClient:
                     except (ValueError, KeyError, TypeError):
                         msg = r.text[:200]
                     raise RemoteTargetError(
-                        f"serve_target {self.url}/{endpoint} answered {r.status_code}: {msg}"
+                        f"serve_target {self.url}/{endpoint} answered {r.status_code}: {msg}",
+                        status=r.status_code,
                     )
                 if ctype != WIRE_TYPE:
                     r.read()
@@ -191,9 +204,7 @@ class RemoteTargetClient:
                 if v is not None and not (k == "dtype" and v == "auto") and _norm(info.get(k)) != _norm(v)
             ]
             if diffs:
-                raise RemoteTargetError(
-                    f"serve_target {self.url} serves a different target: {'; '.join(diffs)}"
-                )
+                raise TargetMismatch(f"serve_target {self.url} serves a different target: {'; '.join(diffs)}")
         return info
 
     def input_embeddings(self) -> torch.Tensor:
@@ -321,13 +332,126 @@ def _norm(v: Any) -> Any:
     return v
 
 
+class FailoverRemoteSource:
+    """Supervision from several serve_target servers: this rank's own server while it is healthy, another one
+    when it fails (the circuit breakers of `server_pool.ServerPool`), and back once it answers again.
+
+    A batch that fails on a server (unreachable, timed out, garbage) is retried on the next healthy one, so
+    no batch is lost or trained twice. A server seen failing is prepared again before its next batch (model
+    check, draft vocabulary): a restarted serve_target has forgotten this client. With no server healthy for
+    `policy.all_down_timeout_s`, `NoHealthyServerError` ends training. A refusal (HTTP 4xx) that persists
+    after re-preparing every server is the batch's or the setup's fault: raised as RemoteTargetError.
+    """
+
+    telemetry_kind = "remote"
+
+    def __init__(
+        self,
+        urls: list[str],
+        make_client: Callable[[str], RemoteTargetClient],
+        prepare: Callable[[RemoteTargetClient], None],
+        *,
+        preferred: int = 0,
+        policy: Any = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        from modelopt_ext.supervision.server_pool import ServerPool
+
+        self.urls = list(urls)
+        self.preferred = self.urls[preferred % len(self.urls)]
+        self.pool = ServerPool(self.urls, start_offset=preferred, policy=policy)
+        self._make_client, self._prepare, self._sleep = make_client, prepare, sleep
+        self._clients: dict[str, RemoteTargetClient] = {}
+        self.url = self.preferred  # the server of the last batch (telemetry counts per server)
+        # The trainer points this at its stop-signal check: once asked to stop, a batch no server can answer
+        # is given up at once instead of waiting out the grace (the trainer would be killed meanwhile).
+        self.stop_requested: Callable[[], bool] = lambda: False
+
+    def client(self, url: str) -> RemoteTargetClient:
+        """The prepared client of `url` (made and prepared on first use, and again after a failure)."""
+        c = self._clients.get(url)
+        if c is None:
+            c = self._make_client(url)
+            try:
+                self._prepare(c)
+            except BaseException:
+                c.close()
+                raise
+            self._clients[url] = c
+        return c
+
+    def _forget(self, url: str) -> None:
+        c = self._clients.pop(url, None)
+        if c is not None:
+            c.close()
+
+    def server_stats(self) -> dict[str, dict[str, float]]:
+        """Per-server counters (requests, errors, latency, bytes, outages) for the trainer's telemetry."""
+        return self.pool.stats.snapshot()
+
+    def _choose(self, avoid: set[str]) -> str | None:
+        if self.preferred not in avoid and self.preferred in self.pool.healthy():
+            return self.preferred
+        return self.pool.acquire(avoid)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Supervision:
+        avoid: set[str] = set()
+        refused = 0
+        while True:
+            url = self._choose(avoid)
+            if url is None:
+                self.pool.check_all_down_timeout()  # raises NoHealthyServerError past the grace
+                if self.stop_requested():
+                    raise RemoteTargetError("stop requested and every hidden-state server is out of rotation")
+                avoid.clear()  # every server failed this batch: any of them may take it once back
+                self._sleep(min(max(self.pool.seconds_until_available(), 0.05), 1.0))
+                continue
+            t0 = time.monotonic()
+            try:
+                sup = self.client(url)(batch)
+            except TargetMismatch:
+                raise
+            except RemoteTargetError as e:
+                self._forget(url)
+                if e.status is not None and 400 <= e.status < 500:
+                    # Refused: maybe a restart made it forget this client (prepared again next time), maybe
+                    # the batch itself; try the others, and give up once every server had its chance.
+                    self.pool.release(url)
+                    avoid.add(url)
+                    refused += 1
+                    if refused > len(self.urls):
+                        raise
+                    continue
+                self.pool.record_failure(url, str(e), time.monotonic() - t0)
+                avoid.add(url)
+                self.pool.check_all_down_timeout()
+                if avoid >= set(self.urls):  # every server failed this batch: wait before the next round
+                    if self.stop_requested():
+                        raise RemoteTargetError(
+                            f"stop requested and no hidden-state server answers (last: {e})"
+                        )
+                    avoid.clear()
+                    self._sleep(min(max(self.pool.seconds_until_available(), 0.05), 1.0))
+                continue
+            nbytes = sum(t.numel() * t.element_size() for t in sup.tensors().values() if t is not None)
+            self.pool.record_success(url, time.monotonic() - t0, nbytes)
+            self.url = url
+            return sup
+
+    def close(self) -> None:
+        """Close every server's client."""
+        for url in list(self._clients):
+            self._forget(url)
+
+
 def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab: Any = None) -> Any:
     """The trainer's `SourceSetup` for `data.mode: remote` (serve_target; see training/sources.py).
 
-    Rank r uses `data.server_urls[r % n]` (ranks spread evenly over the servers). The server's model_info is
-    checked against the recipe's target config and aux layer ids before anything else; with a draft vocab
-    the server ships `target_probs` over it (Vd/V of the logits' bytes, same values `resolve_target` would
-    compute), so no TargetHead is needed. The drafter's embeddings are seeded from the server's.
+    Rank r prefers `data.server_urls[r % n]` (ranks spread evenly over the servers) and fails over to the
+    others (FailoverRemoteSource). Each server's model_info is checked against the recipe's target config and
+    aux layer ids before it gets a batch; with a draft vocab the server ships `target_probs` over it (Vd/V of
+    the logits' bytes, same values `resolve_target` would compute), so no TargetHead is needed. The drafter's
+    embeddings are seeded from the preferred server's.
     """
     import json
     from functools import partial
@@ -344,29 +468,40 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
     cfg = cfg.get("text_config") or cfg
     num_layers = int(cfg["num_hidden_layers"])
     aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(num_layers))
-    url = data.server_urls[env.rank % len(data.server_urls)]
-    client = RemoteTargetClient(
-        url,
-        token_file=data.auth_token_file,
-        target_form="probs" if vocab is not None else "logits",
-        device=env.device,
+    expect = {
+        "num_layers": num_layers,
+        "hidden_size": int(cfg["hidden_size"]),
+        "vocab_size": int(cfg["vocab_size"]),
+        "aux_layer_ids": aux,
+        "dtype": recipe.model.dtype,
+    }
+
+    def make_client(url: str) -> RemoteTargetClient:
+        return RemoteTargetClient(
+            url,
+            token_file=data.auth_token_file,
+            target_form="probs" if vocab is not None else "logits",
+            device=env.device,
+        )
+
+    def prepare(client: RemoteTargetClient) -> None:
+        client.model_info(expect=expect)
+        if vocab is not None:
+            client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
+
+    from modelopt_ext.supervision.server_pool import BreakerPolicy
+
+    policy = BreakerPolicy(all_down_timeout_s=data.server_grace_s)
+    source = FailoverRemoteSource(
+        list(data.server_urls), make_client, prepare, preferred=env.rank, policy=policy
     )
-    client.model_info(
-        expect={
-            "num_layers": num_layers,
-            "hidden_size": int(cfg["hidden_size"]),
-            "vocab_size": int(cfg["vocab_size"]),
-            "aux_layer_ids": aux,
-            "dtype": recipe.model.dtype,
-        }
-    )
-    if vocab is not None:
-        client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
+    # The preferred server must be there at start (the entry script waited for every server's health).
+    first = source.client(source.preferred)
     return SourceSetup(
         dataset=dataset,
         collate=partial(collate_padded, pad_id=pad_id),
-        source=client,
+        source=source,
         head=None,
         aux_layer_ids=aux,
-        target_embeddings=client.input_embeddings().to(env.device),
+        target_embeddings=first.input_embeddings().to(env.device),
     )

@@ -188,7 +188,7 @@ class VllmStreamingDataset(Dataset):
             shared_storage_root=data_cfg.shared_storage_root,
             auth_token_file=data_cfg.auth_token_file,
             num_workers=data_cfg.num_workers,
-            **kw,
+            **{"options": StreamingOptions(breaker=BreakerPolicy(all_down_timeout_s=data_cfg.server_grace_s)), **kw},
         )
 
     def __len__(self) -> int:

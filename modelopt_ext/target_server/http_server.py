@@ -69,6 +69,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve("POST")
 
+    # Other methods get the same JSON 405/404 as a wrong route, not the stdlib's HTML 501.
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
     # ---- plumbing --------------------------------------------------------------------------------------
 
     def _send_json(self, status: int, payload: dict, *, close: bool = False) -> None:
@@ -127,10 +137,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
             except WireFormatError as e:
                 raise _Refuse(400, f"bad tensor body: {e}") from None
         elif ctype in (JSON_TYPE, ""):
+            if not isinstance(meta, dict):
+                raise _Refuse(400, f"{META_HEADER} header must be a JSON object")
             try:
-                meta = {**meta, **json.loads(body)}
+                doc = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise _Refuse(400, f"body is not JSON: {getattr(e, 'msg', e)}") from None
+            if not isinstance(doc, dict):
+                raise _Refuse(400, f"JSON body must be an object, got {type(doc).__name__}")
+            meta = {**meta, **doc}
         else:
             raise _Refuse(415, f"unsupported Content-Type {ctype!r}: use {JSON_TYPE} or {WIRE_TYPE}")
         if not isinstance(meta, dict):

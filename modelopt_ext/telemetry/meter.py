@@ -204,9 +204,20 @@ class TrainMeter:
                 device=device,
             )
         urls = list(server_urls)
-        if kind == REMOTE and isinstance(getattr(parts.source, "url", None), str):
+        if (
+            kind == REMOTE
+            and isinstance(getattr(parts.source, "url", None), str)
+            and parts.source.url not in urls
+        ):
             urls.append(parts.source.url)
-        return cls(kind=kind, urls=urls if kind == REMOTE else (), device=device)
+        # A source failing over between servers keeps their counters (errors, outages) itself.
+        stats = getattr(parts.source, "server_stats", None) if kind == REMOTE else None
+        return cls(
+            kind=kind,
+            urls=urls if kind == REMOTE else (),
+            server_stats=stats if callable(stats) else None,
+            device=device,
+        )
 
     # -- timing hooks -------------------------------------------------------------------------------------
     def start(self) -> None:

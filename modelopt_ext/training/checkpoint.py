@@ -248,15 +248,52 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
+RESUME_AUTO = "auto"
+RESUME_NEVER = "never"
+REPLACED_PREFIX = "replaced-"
+
+
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`--resume` -> checkpoint folder: None (fresh), 'auto' (latest complete or fresh), or a path."""
-    if resume is None or resume == "":
+    """`--resume` -> the checkpoint folder to continue from, or None to start fresh.
+
+    - None or 'auto' (the default): the newest complete checkpoint in output_dir, or fresh when the folder
+      holds no checkpoint at all. A requeued or re-run job therefore continues instead of overwriting.
+      Checkpoint folders that are all incomplete are refused (CheckpointError): starting fresh over them
+      must be asked for with 'never'.
+    - 'never': fresh (the caller moves old checkpoints aside with `set_aside_checkpoints`).
+    - a path: that checkpoint, validated.
+    """
+    if resume is None or resume == "" or resume == RESUME_AUTO:
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None and list_checkpoints(output_dir):
+            raise CheckpointError(
+                f"{output_dir} holds checkpoints but none is complete; pass --resume never to start fresh "
+                "there (they are moved aside) or --resume PATH"
+            )
+        return latest
+    if resume == RESUME_NEVER:
         return None
-    if resume == "auto":
-        return find_latest_checkpoint(output_dir)
     path = Path(resume)
     validate_checkpoint(path)
     return path
+
+
+def set_aside_checkpoints(output_dir: str | Path, stamp: str) -> Path | None:
+    """Move the checkpoint folders of an earlier run (and their temp folders) into
+    `output_dir/replaced-<stamp>/`, so a fresh run (`--resume never`) never mixes with them and a later
+    'auto' resume cannot pick an old, higher-step checkpoint. Returns that folder, or None if nothing moved."""
+    out = Path(output_dir)
+    old = list_checkpoints(out)
+    if out.is_dir():
+        old += [p for p in out.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
+    if not old:
+        return None
+    dest = out / f"{REPLACED_PREFIX}{stamp}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        os.rename(p, dest / p.name)
+    _fsync_dir(out)
+    return dest
 
 
 # --- loading -------------------------------------------------------------------------------------------

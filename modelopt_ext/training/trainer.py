@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -154,15 +155,16 @@ def _log(env: DistEnv, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _broadcast_path(path: Path | None, env: DistEnv) -> Path | None:
-    """Rank 0's choice of checkpoint on every rank (so all ranks resume from the same one)."""
+def _broadcast_choice(path: Path | None, error: str, env: DistEnv) -> tuple[Path | None, str]:
+    """Rank 0's choice of checkpoint (or its refusal) on every rank, so all ranks resume from the same one
+    or all stop with the same error instead of some waiting at the next collective."""
     if not env.distributed:
-        return path
+        return path, error
     import torch.distributed as dist
 
-    box = [str(path) if path else ""]
+    box = [str(path) if path else "", error]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] else None
+    return (Path(box[0]) if box[0] else None), box[1]
 
 
 class Trainer:
@@ -182,12 +184,7 @@ class Trainer:
         # One seed while building (identical initial weights everywhere), then per-rank seeds for training
         # (ranks differ, as they would with dropout; runs repeat).
         ckpt.seed_everything(self.cfg.seed)
-        # 'auto' is decided by rank 0 alone (a checkpoint may land while ranks look); an explicit path is
-        # validated on every rank so a bad one fails everywhere instead of leaving ranks waiting.
-        chosen = ckpt.resolve_resume(resume, self.out) if self.env.is_main or resume != "auto" else None
-        self.resume_from = _broadcast_path(chosen, self.env)
-        if resume == "auto" and self.resume_from is None:
-            _log(self.env, f"resume: no complete checkpoint in {self.out}, starting fresh")
+        self.resume_from = self._choose_resume(resume)
         self.parts = parts_factory(recipe, self.env, self.resume_from)
         for note in self.parts.notes:
             _log(self.env, note)
@@ -225,6 +222,32 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
+
+    def _choose_resume(self, resume: str | None) -> Path | None:
+        """Where this run starts (checkpoint.resolve_resume: the default continues from the newest complete
+        checkpoint of the output folder, so a requeued job picks up where it stopped).
+
+        The default and 'never' are decided by rank 0 alone (a checkpoint may land while ranks look, and
+        only one rank may move old checkpoints aside); an explicit path is validated on every rank too."""
+        explicit = resume not in (None, "", ckpt.RESUME_AUTO, ckpt.RESUME_NEVER)
+        chosen, error = None, ""
+        if self.env.is_main or explicit:
+            try:
+                chosen = ckpt.resolve_resume(resume, self.out)
+                if resume == ckpt.RESUME_NEVER and self.env.is_main:
+                    moved = ckpt.set_aside_checkpoints(
+                        self.out, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    )
+                    if moved is not None:
+                        _log(self.env, f"resume: never: the earlier checkpoints were moved to {moved}")
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        chosen, error_main = _broadcast_choice(chosen, error, self.env)
+        if error or error_main:
+            raise ckpt.CheckpointError(error or error_main)
+        if chosen is None and resume != ckpt.RESUME_NEVER:
+            _log(self.env, f"resume: no checkpoint in {self.out}, starting fresh")
+        return chosen
 
     @torch.no_grad()
     def _broadcast_weights(self) -> None:
@@ -354,6 +377,9 @@ class Trainer:
 
     def _train(self, signals: _StopSignals) -> TrainResult:
         env, cfg = self.env, self.cfg
+        if hasattr(self.parts.source, "stop_requested"):
+            # A source that waits for servers gives up once a stop signal came (see FailoverRemoteSource).
+            self.parts.source.stop_requested = lambda: signals.received is not None
         stop_after = _stop_after()
         stop_reason = ""
         stop_signal: int | None = None

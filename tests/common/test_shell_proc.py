@@ -267,3 +267,101 @@ def test_entry_trainer_wait_for_servers_is_bounded_and_names_them(tmp_path):
     assert (
         "no address from some hidden-state servers" in (tmp_path / "rendezvous" / "7" / "failed").read_text()
     )
+
+
+_FAKE_PY = """#!/usr/bin/env bash
+# The project's interpreter, except that serve_target is a stand-in HTTP server answering 200 to every GET
+# (so the serve node's restart logic is tested without a model).
+if [[ "$1" == -m && "$2" == modelopt_ext.serve_target ]]; then
+  port=""
+  while (($#)); do [[ "$1" == --port ]] && port="$2"; shift; done
+  exec {py} -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+' "$port"
+fi
+exec {py} "$@"
+"""
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _kill_server(rdv: Path) -> int:
+    import signal
+
+    pid = int((rdv / "server.0.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+@pytest.mark.parametrize("other_down", [False, True])
+def test_entry_serve_node_restarts_its_server_then_gives_it_up(tmp_path, other_down):
+    """Serve node 0 of 2: a killed server is restarted (each restart logged, address re-published) up to
+    SERVE_RESTARTS times; then the node gives it up (server.0.down) and keeps watching while the other serve
+    node still serves, or fails the job when no server is left."""
+    import socket
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PY.format(py=sys.executable))
+    fake.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdv = tmp_path / "rendezvous" / "7"
+    if other_down:
+        rdv.mkdir(parents=True)
+        (rdv / "server.1.down").write_text("exited with code 9\n")
+    env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "MODELOPT_REPO": str(REPO),
+        "MODELOPT_SCRATCH": str(tmp_path), "SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SERVE_NODES": "2",
+        "SERVE_NODE_IDS": "0,1", "TRAIN_NODE_IDS": "2", "TRAINER_SERVER_MAP": "2:0", "SLURM_NODEID": "0",
+        "RDV_POLL_S": "0.2", "SERVE_ENGINE": "target", "SERVE_PORT": str(port), "SERVE_ADVERTISE_IP": "127.0.0.1",
+        "SERVE_RESTARTS": "2", "SERVE_RESTART_BACKOFF_S": "0", "MODELOPT_PYTHON": str(fake),
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(ENTRY), "--config", "recipes/eagle3/tiny.yaml", _fake_target(tmp_path)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait(lambda: (rdv / "server.0").is_file(), 60, "the server's address")
+        url = (rdv / "server.0").read_text().strip()
+        assert url == f"http://127.0.0.1:{port}"
+        for n in (1, 2):
+            old = _kill_server(rdv)
+            _wait(lambda n=n: (rdv / "server.0.restarts").is_file()
+                  and (rdv / "server.0.restarts").read_text().strip() == str(n), 60, f"restart {n}")  # fmt: skip
+            assert int((rdv / "server.0.pid").read_text()) != old
+            assert (rdv / "server.0").read_text().strip() == url
+        _kill_server(rdv)
+        _wait(lambda: (rdv / "server.0.down").is_file(), 60, "the server given up")
+        if other_down:
+            proc.wait(60)
+        else:
+            time.sleep(1)
+            assert proc.poll() is None and not (rdv / "failed").exists(), "the node must keep watching"
+            (rdv / "done").write_text("now\n")
+            proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _out, err = proc.communicate()
+    assert "[node 0] outage: the target hidden-state server on node 0 exited with code 137" in err
+    assert "restart 1/2 of the target server on node 0 in 0s" in err and "restart 2/2" in err
+    assert err.count("server restarted: http://127.0.0.1") == 2
+    if other_down:
+        assert proc.returncode != 0
+        reason = (rdv / "failed").read_text()
+        assert "no hidden-state server is left" in reason, reason
+    else:
+        assert proc.returncode == 0, err[-3000:]
+        assert "stays down after 2 restart(s); the job continues on the other servers" in err

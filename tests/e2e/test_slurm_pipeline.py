@@ -7,12 +7,15 @@
   each trainer prefers the server of its own segment) and the rendezvous, with the transformers
   target server (serve_target) for speed.
 - Faults (serve_target for a fast start): the server killed mid-training; a trainer killed mid-training,
-  then a relaunch with `--resume auto` that continues from the last checkpoint.
+  then a relaunch with `--resume auto` that continues from the last checkpoint; `scontrol requeue` of a
+  running job (the requeued attempt resumes by itself); a lost server and a lost serve node with 2 serve
+  nodes (serve_target, and a vLLM variant) that the job survives.
 Measured times go to the "local Slurm cluster timings" section (and stdout with -s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -252,13 +255,15 @@ def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monke
     assert (out / "export" / "config.json").is_file() and (rdv / "done").is_file()
 
 
+def _submit_detached(tmp_path, name, spec: dict):
+    """Submit a one-task spec without following it (the test watches the job itself)."""
+    path = _write_spec(tmp_path, name, spec)
+    return run_job(path, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
+
+
 def _launch_fault_job(tmp_path, name, out, *, max_steps, extra_args=()):
-    spec = _write_spec(
-        tmp_path,
-        name,
-        _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4, extra_args=extra_args),
-    )
-    return run_job(spec, [], mode="submit", job_dir=tmp_path / "jobs", run_id=name, echo=print, detach=True)
+    spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4, extra_args=extra_args)
+    return _submit_detached(tmp_path, name, spec)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -362,3 +367,186 @@ def test_killed_trainer_stops_the_job_and_resume_continues(slurm_cluster, tmp_pa
     # The resumed run started at the checkpoint's step: it ran exactly the remaining steps.
     assert f"{24 - last_step} steps this run (global step 24/24)" in log, log[-3000:]
     assert (out / "export" / "config.json").is_file()
+
+
+def _steps_logged(out: Path) -> list[int]:
+    """The global steps of every progress record in metrics.jsonl (all attempts, in order)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+@pytest.mark.timeout(1800)
+def test_requeued_training_job_resumes_from_its_last_checkpoint(
+    slurm_cluster, tmp_path, monkeypatch, tiny_ready
+):
+    """`scontrol requeue` of a running training job (what a preemption does): the requeued attempt resumes
+    from the last complete checkpoint by itself (no --resume in the spec), ends at max_steps, and trains
+    no step before that checkpoint twice."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 80  # far more than the first attempt runs before the requeue lands
+    spec = _train_only_spec(out, nodes=3, max_steps=max_steps, save_interval=4)
+    spec["pipeline"]["task_0"]["slurm_config"]["requeue"] = True
+    res = _submit_detached(tmp_path, "requeue", spec)
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    _wait_for(lambda: (out / "epoch_0_step_4" / "trainer_state.json").is_file(), 900, "the first checkpoint")
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    requeued = time.monotonic()
+    # Slurm holds a requeued job back (BeginTime, ~2 min here); let it start as soon as it is pending again.
+    _wait_for(
+        lambda: slurm_cluster.job_record(job_id).get("JobState") == "PENDING", 300, "the job to be pending"
+    )
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+    # The first attempt ends; everything it checkpointed is there before the second attempt starts.
+    rdv2 = rdv.with_name(f"{job_id}.r1")
+    _wait_for(lambda: rdv2.is_dir(), 600, "the requeued attempt's rendezvous folder")
+    restart_s = time.monotonic() - requeued
+    result = slurm_cluster.wait_job(job_id, timeout=900, poll_s=1.0)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    assert result.state == "COMPLETED", f"{result.state} {result.exit_code}\n{log[-6000:]}"
+    assert result.record.get("Restarts") == "1", result.record
+    resumed = re.findall(r"resume: from \S*/epoch_0_step_(\d+) ", log)
+    assert resumed, log[-6000:]
+    from_step = int(resumed[-1])
+    assert from_step >= 4
+    assert f"{max_steps - from_step} steps this run (global step {max_steps}/{max_steps})" in log, log[-3000:]
+    state = json.loads(
+        (
+            max(out.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+            / "trainer_state.json"
+        ).read_text()
+    )
+    assert state["global_step"] == max_steps
+    steps = _steps_logged(out)
+    before = [s for s in steps if s <= from_step]
+    assert len(before) == len(set(before)), f"a step up to {from_step} was trained twice: {steps}"
+    assert steps[-1] == max_steps
+    assert (out / "export" / "config.json").is_file() and (rdv2 / "done").is_file()
+    record_timing(
+        f"requeue: second attempt's rendezvous {restart_s:.0f}s after `scontrol requeue`; resumed from step {from_step}"
+    )
+
+
+def _last_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return steps[-1] if steps else 0
+
+
+def _node_script_pid(server_pid: int) -> int:
+    """The entry script that started a server (setsid does not fork: the server's parent)."""
+    return int(Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(2400)
+def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    """2 serve nodes (serve_target) + 1 trainer node. Kill server 0's process mid-run: its node restarts it
+    (logged, address re-published) while the trainer carries on with server 1, then returns to it. Then kill
+    serve node 1's whole node script and its server: training completes on server 0, and the export exists."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 300
+    spec = _train_only_spec(
+        out,
+        nodes=3,
+        serve_nodes=2,
+        max_steps=max_steps,
+        save_interval=100,
+        extra_env={"SERVE_RESTART_BACKOFF_S": "1"},
+    )
+    res = _submit_detached(tmp_path, "survive", spec)
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    logs = lambda: "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    _wait_for(lambda: _last_step(out) >= 10, 900, "10 training steps")
+    t0, s0 = time.monotonic(), _last_step(out)
+    time.sleep(5)
+    before = (_last_step(out) - s0) / (time.monotonic() - t0)
+
+    server0 = int((rdv / "server.0.pid").read_text())
+    os.kill(server0, signal.SIGKILL)
+    killed, s_kill = time.monotonic(), _last_step(out)
+    _wait_for(lambda: _last_step(out) > s_kill + 2, 300, "training to go on after the kill")
+    routed_s = time.monotonic() - killed
+    _wait_for(lambda: "server restarted:" in logs(), 600, "the restart of server 0")
+    restarted_s = time.monotonic() - killed
+    during = (_last_step(out) - s_kill) / restarted_s
+    assert int((rdv / "server.0.pid").read_text()) != server0
+    assert (rdv / "server.0.restarts").read_text().strip() == "1"
+
+    server1 = int((rdv / "server.1.pid").read_text())
+    script1 = _node_script_pid(server1)
+    assert "train_eagle_streaming.sh" in _cmdline(script1), _cmdline(script1)
+    os.kill(script1, signal.SIGKILL)
+    os.killpg(server1, signal.SIGKILL)
+    s_kill1 = _last_step(out)
+    _wait_for(lambda: (rdv / "done").is_file() or (rdv / "failed").is_file(), 1500, "the end of the job")
+    result = slurm_cluster.wait_job(job_id, timeout=300, poll_s=1.0)
+    log = logs()
+    assert (rdv / "done").is_file(), (
+        f"{(rdv / 'failed').read_text() if (rdv / 'failed').exists() else ''}\n{log[-6000:]}"
+    )
+    assert not (rdv / "failed").exists()
+    assert (out / "export" / "config.json").is_file()
+    assert f"global step {max_steps}/{max_steps}" in log
+    assert _last_step(out) > s_kill1
+    # The log names the outage and the restart; the trainer's summary counts the outages per server.
+    assert "[node 0] outage: the target hidden-state server on node 0 exited with code" in log
+    assert "[node 0] restart 1/3 of the target server on node 0" in log
+    assert "[node 0] server restarted: http://" in log
+    assert "[node 2] hidden-state server restarts during the job: node 0: 1 restart(s)" in log
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"server \S+: .*[1-9]\d* outage", summary), summary
+    # Nodes 0 and 2 ended cleanly; node 1 was killed (srun reports its task's signal: Slurm's job state).
+    assert "[node 0] node 0 finished" in log and "[node 2] node 2 finished" in log
+    record_timing(
+        f"survives (serve_target, 2 serve + 1 trainer): steps/s before {before:.2f}, during the outage "
+        f"{during:.2f}; training went on {routed_s:.1f}s after the kill; server restarted and healthy "
+        f"{restarted_s:.1f}s after the kill; after serve node 1 was killed the job ended {result.state}"
+    )
+
+
+@pytest.mark.timeout(2400)
+def test_job_with_vllm_servers_survives_a_lost_server(slurm_cluster, tmp_path, monkeypatch, tiny_ready):
+    """The vLLM variant: 2 serve nodes with real vLLM CPU hidden-state servers + 1 trainer node (streaming,
+    2 DataLoader workers). Server 0 (its CLI and vLLM's processes) is SIGKILLed mid-run: its node logs the
+    outage and restarts it, the trainer streams from server 1 meanwhile, and the job completes and exports."""
+    _on_cluster(monkeypatch, slurm_cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 40
+    spec = _train_only_spec(out, nodes=3, serve_nodes=2, max_steps=max_steps, save_interval=20)
+    task = spec["pipeline"]["task_0"]
+    task["environment"] = [
+        e for e in task["environment"] if not {"SERVE_ENGINE", "STREAMING_NUM_WORKERS"} & set(e)
+    ] + [{"SERVE_ENGINE": "vllm"}, {"STREAMING_NUM_WORKERS": "2"}, {"SERVE_RESTART_BACKOFF_S": "1"}]
+    res = _submit_detached(tmp_path, "survive-vllm", spec)
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    _wait_for(lambda: _last_step(out) >= 6, 1500, "6 training steps (both vLLM servers up)")
+    t0, s0 = time.monotonic(), _last_step(out)
+    time.sleep(4)
+    before = (_last_step(out) - s0) / (time.monotonic() - t0)
+    server0 = int((rdv / "server.0.pid").read_text())
+    victims = [server0, *_descendants(server0)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed, s_kill = time.monotonic(), _last_step(out)
+    _wait_for(lambda: _last_step(out) > s_kill + 2, 600, "training to go on after the kill")
+    routed_s = time.monotonic() - killed
+    during = (_last_step(out) - s_kill) / routed_s
+    result = slurm_cluster.wait_job(job_id, timeout=1500, poll_s=1.0)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    assert result.state == "COMPLETED", f"{result.state}\n{log[-6000:]}"
+    assert (rdv / "done").is_file() and (out / "export" / "config.json").is_file()
+    assert f"global step {max_steps}/{max_steps}" in log
+    assert "[node 0] outage: the vllm hidden-state server on node 0 exited with code" in log
+    assert "[node 0] restart 1/3 of the vllm server on node 0" in log
+    record_timing(
+        f"survives (vLLM, 2 serve + 1 trainer): steps/s before {before:.2f}, after the kill {during:.2f}; "
+        f"training went on {routed_s:.1f}s after the kill; restart completed: "
+        f"{'yes' if 'server restarted:' in log else 'no (the job ended first)'}"
+    )

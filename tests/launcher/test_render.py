@@ -208,3 +208,27 @@ def test_allow_to_fail_chains_with_afterany(write_spec, tmp_path):
     spec["pipeline"]["allow_to_fail"] = False
     result = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={})
     assert "--dependency=afterok:<job id of task_1> " in result.tasks[2].sbatch_command
+
+
+@pytest.mark.parametrize("serve_nodes,survives", [("2", True), ("1", False)])
+def test_multi_server_streaming_survives_a_lost_serve_node_under_srun(
+    write_spec, tmp_path, serve_nodes, survives
+):
+    """nemo_run's srun kills every task when one exits badly and 60 s after one ends: with several serve
+    nodes the task runs with --kill-on-bad-exit=0 --wait=0 (the spec's own srun_args still come last)."""
+    spec = {
+        "job_name": "survive",
+        "pipeline": {
+            "task_0": {
+                "script": "common/eagle3/train_eagle_streaming.sh",
+                "environment": {"SERVE_NODES": serve_nodes},
+                "slurm_config": {"nodes": 3, "time": "5", "srun_args": ["--mpi=none"]},
+            }
+        },
+    }
+    text = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={}).tasks[0].script_text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    if survives:
+        assert "--wait=60 --kill-on-bad-exit=1 --kill-on-bad-exit=0 --wait=0 --mpi=none" in srun
+    else:
+        assert "--wait=60 --kill-on-bad-exit=1 --mpi=none" in srun

@@ -75,7 +75,30 @@ def test_latest_skips_temp_and_incomplete_folders(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)][:2] == ["epoch_0_step_2", "epoch_1_step_10"]
     assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "epoch_1_step_10"
     assert ckpt.resolve_resume("auto", tmp_path / "nothing") is None
-    assert ckpt.resolve_resume(None, tmp_path) is None
+    # The default is 'auto': a requeued job or a re-run of the same spec continues.
+    assert ckpt.resolve_resume(None, tmp_path) == tmp_path / "epoch_1_step_10"
+    assert ckpt.resolve_resume("never", tmp_path) is None
+
+
+def test_only_incomplete_checkpoints_are_refused_unless_never(tmp_path):
+    broken = tmp_path / "epoch_0_step_4"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="none is complete; pass --resume never") as e:
+        ckpt.resolve_resume(None, tmp_path)
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert ckpt.resolve_resume("never", tmp_path) is None
+
+
+def test_set_aside_moves_old_checkpoints_and_temp_folders(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 0, 2, DistEnv(), _content(2))
+    (tmp_path / ".tmp-epoch_0_step_3").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    moved = ckpt.set_aside_checkpoints(tmp_path, "T1")
+    assert moved == tmp_path / "replaced-T1"
+    assert sorted(p.name for p in moved.iterdir()) == [".tmp-epoch_0_step_3", "epoch_0_step_2"]
+    assert ckpt.list_checkpoints(tmp_path) == [] and (tmp_path / "metrics.jsonl").is_file()
+    assert ckpt.set_aside_checkpoints(tmp_path, "T2") is None
 
 
 def test_incomplete_checkpoint_named_explicitly_is_an_error(tmp_path):

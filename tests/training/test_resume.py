@@ -244,3 +244,24 @@ def test_epochs_without_max_steps(tmp_path):
     result = train(parse_recipe(recipe), standin_parts)
     # 37 samples, 4 per step (wrapped to 40) -> 10 steps per epoch.
     assert result.total_steps == 20 and result.checkpoint.name == "epoch_1_step_20"
+
+
+def test_a_rerun_in_the_same_folder_continues_by_default_and_never_starts_over(tmp_path, monkeypatch, capsys):
+    """No --resume: a requeued job (same output folder) continues from its last checkpoint instead of
+    training from step 0 over it; --resume never starts fresh and moves the old checkpoints aside."""
+    out = tmp_path / "run"
+    monkeypatch.setenv(STOP_ENV, "6")
+    first = train(parse_recipe(_recipe(out)), standin_parts)
+    assert first.global_step == 6
+    monkeypatch.delenv(STOP_ENV)
+    capsys.readouterr()
+    again = train(parse_recipe(_recipe(out)), standin_parts)
+    log = capsys.readouterr().out
+    assert f"resume: from {out / 'epoch_0_step_6'}" in log and "8 steps this run" in log
+    assert again.global_step == 14
+    fresh = train(parse_recipe(_recipe(out)), standin_parts, resume="never")
+    log = capsys.readouterr().out
+    assert fresh.global_step == 14 and "14 steps this run" in log
+    moved = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(moved) == 1 and (moved[0] / "epoch_0_step_6").is_dir(), log
+    assert f"the earlier checkpoints were moved to {moved[0]}" in log

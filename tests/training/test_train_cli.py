@@ -69,3 +69,25 @@ def test_resume_from_an_incomplete_checkpoint_is_one_line_no_traceback(tmp_path)
     )
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: incomplete checkpoint, missing {missing}"]
     assert "recipe (resolved):" in proc.stdout
+
+
+def test_a_folder_of_incomplete_checkpoints_is_refused_in_one_line(tmp_path):
+    """Starting fresh over checkpoints needs --resume never: without it, one line naming the folder."""
+    bad = tmp_path / "out" / "epoch_0_step_5"
+    bad.mkdir(parents=True)
+    (bad / "model.safetensors").write_bytes(b"")
+    path = _write(tmp_path, _recipe(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelopt_ext.train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    expected = (
+        f"error: {tmp_path / 'out'} holds checkpoints but none is complete; pass --resume never to start "
+        "fresh there (they are moved aside) or --resume PATH"
+    )
+    assert proc.stderr.strip().splitlines() == [expected]
