@@ -220,7 +220,9 @@ def test_multi_server_streaming_survives_a_lost_serve_node_under_srun(
         "job_name": "survive",
         "pipeline": {
             "task_0": {
-                "script": "common/eagle3/train_eagle_streaming.sh",
+                # A user script: the trainer's own contract (--config ...) is not what this test is about.
+                "script": "tests/launcher/fixtures/user_streaming.sh",
+                "streaming": True,
                 "environment": {"SERVE_NODES": serve_nodes},
                 "slurm_config": {"nodes": 3, "time": "5", "srun_args": ["--mpi=none"]},
             }

@@ -76,6 +76,9 @@ def test_a_folder_of_incomplete_checkpoints_is_refused_in_one_line(tmp_path):
     bad = tmp_path / "out" / "epoch_0_step_5"
     bad.mkdir(parents=True)
     (bad / "model.safetensors").write_bytes(b"")
+    # A target folder (checked first, by modelopt_ext.targets) so that the resume decision is what refuses.
+    (tmp_path / "target").mkdir(exist_ok=True)
+    (tmp_path / "target" / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
     path = _write(tmp_path, _recipe(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "modelopt_ext.train", "--config", str(path)],
