@@ -19,6 +19,7 @@ driver), whatever its version. The launcher-only packages (nemo_run, leptonai) a
 Pure standard library: this runs before anything else is importable.
 
     python -m modelopt_ext.provision node --env-root DIR [--wheelhouse DIR] [--timeout S]   # prints the python
+                                                      # to use instead of this one (nothing: this one is fine)
     python -m modelopt_ext.provision check                                                  # what is missing
     python -m modelopt_ext.provision wheelhouse --dest DIR                                  # for offline nodes
 """
@@ -225,7 +226,9 @@ def log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m modelopt_ext.provision", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    node = sub.add_parser("node", help="print the Python this node should use, building its top-up env if needed")
+    node = sub.add_parser(
+        "node", help="print the Python to use instead of this one (building it if needed); nothing: this one"
+    )
     node.add_argument("--env-root", required=True, help="shared folder for node environments (job scratch)")
     node.add_argument("--wheelhouse", default=os.environ.get("NODE_WHEELHOUSE") or None,
                       help="install from this folder only (default: $NODE_WHEELHOUSE; unset: the package index)")
@@ -239,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "node":
             wheelhouse = Path(args.wheelhouse) if args.wheelhouse else None
-            print(ensure_node_python(Path(args.env_root), wheelhouse, args.timeout))
+            chosen = ensure_node_python(Path(args.env_root), wheelhouse, args.timeout)
+            # Nothing missing: print nothing, so the caller keeps the interpreter exactly as it named it
+            # (a wrapper script or a symlink stays what it is).
+            if chosen != Path(sys.executable):
+                print(chosen)
         elif args.cmd == "check":
             missing = missing_requirements(node_requirements())
             if not args.quiet:

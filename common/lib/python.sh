@@ -39,5 +39,6 @@ py_project() {
       "$(hostname)" >&2
     return 2
   }
-  export MODELOPT_PYTHON="$chosen" MODELOPT_PYTHON_READY=1
+  # Empty: the candidate has everything; keep it exactly as named (a wrapper or symlink stays itself).
+  export MODELOPT_PYTHON="${chosen:-$py}" MODELOPT_PYTHON_READY=1
 }

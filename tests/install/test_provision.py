@@ -63,3 +63,13 @@ def test_cli_without_torch_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("provision: error:") and "has no torch" in lines[0], lines
+
+
+def test_cli_node_prints_nothing_when_this_python_has_everything(tmp_path):
+    """Empty output tells common/lib/python.sh to keep the interpreter exactly as the user named it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelopt_ext.provision", "node", "--env-root", str(tmp_path / "envs")],
+        cwd=REPO, capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "envs").exists()
