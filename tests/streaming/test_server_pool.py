@@ -13,9 +13,9 @@ from modelopt_ext.supervision.server_pool import (
     ROUND_ROBIN,
     BreakerPolicy,
     LocalServerStats,
-    SharedServerStats,
     NoHealthyServerError,
     ServerPool,
+    SharedServerStats,
 )
 
 URLS = ["http://a", "http://b", "http://c"]
