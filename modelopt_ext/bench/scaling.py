@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,9 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait(15)
 
 
-def _start_servers(point: Point, st: Settings, work: Path, root: Path) -> tuple[list[subprocess.Popen], list[str], list[float]]:
+def _start_servers(
+    point: Point, st: Settings, work: Path, root: Path
+) -> tuple[list[subprocess.Popen], list[str], list[float]]:
     rates = [st.rate / 2 if (point.slow_server and i == 0) else st.rate for i in range(point.servers)]
     procs, files = [], []
     try:
@@ -161,7 +163,12 @@ def _start_servers(point: Point, st: Settings, work: Path, root: Path) -> tuple[
             with (work / f"server{i}.log").open("w") as log:
                 procs.append(
                     subprocess.Popen(
-                        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env()
+                        cmd,
+                        cwd=REPO,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=_env(),
                     )
                 )
             files.append(url_file)
@@ -170,7 +177,9 @@ def _start_servers(point: Point, st: Settings, work: Path, root: Path) -> tuple[
             while not f.exists():
                 if p.poll() is not None or time.monotonic() > deadline:
                     log_text = (work / f"server{i}.log").read_text()[-400:]
-                    raise RuntimeError(f"stand-in server {i} did not start within {START_TIMEOUT_S:.0f}s: {log_text}")
+                    raise RuntimeError(
+                        f"stand-in server {i} did not start within {START_TIMEOUT_S:.0f}s: {log_text}"
+                    )
                 time.sleep(0.05)
         return procs, [f.read_text().strip() for f in files], rates
     except BaseException:
@@ -179,7 +188,9 @@ def _start_servers(point: Point, st: Settings, work: Path, root: Path) -> tuple[
         raise
 
 
-def _start_ranks(point: Point, st: Settings, work: Path, urls: list[str], root: Path) -> list[subprocess.Popen]:
+def _start_ranks(
+    point: Point, st: Settings, work: Path, urls: list[str], root: Path
+) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     try:
@@ -202,7 +213,11 @@ def _start_ranks(point: Point, st: Settings, work: Path, urls: list[str], root: 
             cfg_path = work / f"rank{r}.json"
             cfg_path.write_text(json.dumps(cfg))
             env = _env(
-                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(point.ranks), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port)
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=str(point.ranks),
+                MASTER_ADDR=LOOPBACK,
+                MASTER_PORT=str(port),
             )
             if point.ranks == 1:
                 for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -211,8 +226,12 @@ def _start_ranks(point: Point, st: Settings, work: Path, urls: list[str], root: 
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "modelopt_ext.bench.scaling_rank", str(cfg_path)],
-                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                    )  # fmt: skip
+                        cwd=REPO,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env=env,
+                    )
                 )
         return procs
     except BaseException:
@@ -245,7 +264,9 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
         deadline = time.monotonic() + st.point_timeout_s
         while any(p.poll() is None for p in ranks):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{point.label}: not done after {st.point_timeout_s:.0f}s (logs in {work})")
+                raise RuntimeError(
+                    f"{point.label}: not done after {st.point_timeout_s:.0f}s (logs in {work})"
+                )
             if any(p.poll() not in (None, 0) for p in ranks):
                 break  # one rank failed: the others would wait on it in the next collective
             if point.kill and kill_elapsed is None:
@@ -274,7 +295,9 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def steady_figures(point: Point, st: Settings, recs: list[dict], urls: list[str], rates: list[float]) -> dict[str, Any]:
+def steady_figures(
+    point: Point, st: Settings, recs: list[dict], urls: list[str], rates: list[float]
+) -> dict[str, Any]:
     """Throughput, data wait, request shares and bytes/s over the records after the warm-up."""
     if len(recs) < 3:
         raise RuntimeError(f"{point.label}: only {len(recs)} telemetry records (metrics.jsonl)")
@@ -328,11 +351,15 @@ def _cumulative(recs: list[dict], t: float) -> float:
     return prev[1]
 
 
-def kill_figures(recs: list[dict], kill_t: float | None, rates: list[float], point: Point, st: Settings) -> dict[str, Any]:
+def kill_figures(
+    recs: list[dict], kill_t: float | None, rates: list[float], point: Point, st: Settings
+) -> dict[str, Any]:
     """Throughput before the kill, the worst 1-s bin after it (drop), and when 1-s bins reach 90% of the new ideal."""
     if kill_t is None or not recs:
         return {"kill_error": "the server was not killed (run ended first)"}
-    warm_t = next((r["elapsed_s"] for r in recs if r["step"] > st.steps * st.warmup_frac), recs[0]["elapsed_s"])
+    warm_t = next(
+        (r["elapsed_s"] for r in recs if r["step"] > st.steps * st.warmup_frac), recs[0]["elapsed_s"]
+    )
     before = (_cumulative(recs, kill_t) - _cumulative(recs, warm_t)) / max(kill_t - warm_t, 1e-9)
     end_t = recs[-1]["elapsed_s"]
     ideal_after = min(sum(rates[:-1]), point.ranks * st.demand)
@@ -380,7 +407,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2}  FAILED: {r['error']}")
+            lines.append(
+                f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2}  FAILED: {r['error']}"
+            )
             continue
         lines.append(
             f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2} "
@@ -389,8 +418,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
     kills = [r for r in rows if r.get("kill") and "error" not in r]
     if kills:
-        lines += ["", "one server killed mid-run (SIGKILL at {:.0f}% of the steps)".format(100 * Settings.kill_frac)]
-        lines.append(f"{'balance':<17} {'N':>2} {'M':>2} {'before':>7} {'ideal after':>11} {'worst 1s':>8} {'drop':>6} {'recovery':>8} {'lost':>6}")
+        lines += ["", f"one server killed mid-run (SIGKILL at {100 * Settings.kill_frac:.0f}% of the steps)"]
+        lines.append(
+            f"{'balance':<17} {'N':>2} {'M':>2} {'before':>7} {'ideal after':>11} {'worst 1s':>8} {'drop':>6} {'recovery':>8} {'lost':>6}"
+        )
         for r in kills:
             if "kill_error" in r:
                 lines.append(f"{r['balance']:<17} {r['servers']:>2} {r['ranks']:>2}  {r['kill_error']}")
@@ -408,7 +439,10 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     effs = [
         r["efficiency"]
         for r in rows
-        if "error" not in r and r["protocol"] == "vllm" and r["balance"] == LEAST_OUTSTANDING and not r["kill"]
+        if "error" not in r
+        and r["protocol"] == "vllm"
+        and r["balance"] == LEAST_OUTSTANDING
+        and not r["kill"]
         and math.isfinite(r["efficiency"])
     ]
     if not effs:
@@ -418,7 +452,14 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
 
 def goals_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's goals, checked on the streaming default-choice points."""
-    ok = [r for r in rows if "error" not in r and r["protocol"] == "vllm" and r["balance"] == LEAST_OUTSTANDING and not r["kill"]]
+    ok = [
+        r
+        for r in rows
+        if "error" not in r
+        and r["protocol"] == "vllm"
+        and r["balance"] == LEAST_OUTSTANDING
+        and not r["kill"]
+    ]
     fed = [r for r in ok if r["supply"] >= r["demand"]]
     hom = [r for r in ok if not r["slow_server"] and r["servers"] > 1]
     lines = []
@@ -428,7 +469,9 @@ def goals_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"data wait max {_pct(max(r['data_wait'] for r in fed))}"
         )
     if hom:
-        lines.append(f"homogeneous servers: request share max/min worst {_share(max(r['share_max_min'] for r in hom))}")
+        lines.append(
+            f"homogeneous servers: request share max/min worst {_share(max(r['share_max_min'] for r in hom))}"
+        )
     return lines
 
 
@@ -452,7 +495,13 @@ def plot_heatmap(rows: list[dict[str, Any]], path: Path) -> Path | None:
         grid = [[float("nan")] * len(ns) for _ in ms]
         for r in hom:
             grid[ms.index(r["ranks"])][ns.index(r["servers"])] = r[key]
-        im = ax.imshow(grid, origin="lower", cmap=cmap, vmin=0.0 if key == "data_wait" else 0.5, vmax=0.5 if key == "data_wait" else 1.0)
+        im = ax.imshow(
+            grid,
+            origin="lower",
+            cmap=cmap,
+            vmin=0.0 if key == "data_wait" else 0.5,
+            vmax=0.5 if key == "data_wait" else 1.0,
+        )
         ax.set_xticks(range(len(ns)), [str(n) for n in ns])
         ax.set_yticks(range(len(ms)), [str(m) for m in ms])
         ax.set_xlabel("servers N")
@@ -485,11 +534,19 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m modelopt_ext.bench.scaling", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few points of every scenario, short runs (minutes)")
-    p.add_argument("--servers", type=_ints, default=[1, 2, 4, 8], help="grid: server counts (default 1,2,4,8)")
+    p = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.bench.scaling", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a few points of every scenario, short runs (minutes)"
+    )
+    p.add_argument(
+        "--servers", type=_ints, default=[1, 2, 4, 8], help="grid: server counts (default 1,2,4,8)"
+    )
     p.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8], help="grid: trainer ranks (default 1,2,4,8)")
-    p.add_argument("--scenarios", default="homogeneous,heterogeneous,kill,remote", help="comma-separated subset")
+    p.add_argument(
+        "--scenarios", default="homogeneous,heterogeneous,kill,remote", help="comma-separated subset"
+    )
     p.add_argument("--rate", type=float, default=d.rate, help="S: samples/s per server")
     p.add_argument("--demand", type=float, default=d.demand, help="D: samples/s per trainer rank")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -501,7 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--service", choices=("const", "exp"), default=d.service, help="exp: bursty supply")
     p.add_argument("--point-timeout", type=float, default=d.point_timeout_s, help="seconds per point at most")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
-    p.add_argument("--plot", default=None, help="heat-map PNG (default: scaling.png next to --out, else none)")
+    p.add_argument(
+        "--plot", default=None, help="heat-map PNG (default: scaling.png next to --out, else none)"
+    )
     p.add_argument("--work", default=None, help="keep per-point logs here (default: a temp folder, deleted)")
     args = p.parse_args(argv)
     if args.rate <= 0 or args.demand <= 0 or args.batch_size < 1 or args.workers < 0 or args.tokens < 1:
@@ -536,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
-            work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaling_")))
+            work = (
+                Path(args.work)
+                if args.work
+                else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaling_")))
+            )
             for i, pt in enumerate(points):
                 t = time.monotonic()
                 try:
@@ -546,7 +609,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 done = time.monotonic() - t0
                 eta = done / (i + 1) * (len(points) - i - 1)
-                fig = f"eff {_pct(row['efficiency'])} wait {_pct(row['data_wait'])}" if "error" not in row else "FAILED"
+                fig = (
+                    f"eff {_pct(row['efficiency'])} wait {_pct(row['data_wait'])}"
+                    if "error" not in row
+                    else "FAILED"
+                )
                 print(
                     f"[{i + 1}/{len(points)}] {pt.label}: {fig} ({time.monotonic() - t:.0f}s; ETA {eta:.0f}s)",
                     flush=True,
@@ -567,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": asdict(st), "machine": _machine(), "rows": rows}, indent=1, default=str))
+        tmp.write_text(
+            json.dumps({"settings": asdict(st), "machine": _machine(), "rows": rows}, indent=1, default=str)
+        )
         os.replace(tmp, out)
     print(summary_line(rows), flush=True)
     return 1 if any("error" in r for r in rows) else 0

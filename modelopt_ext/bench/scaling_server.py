@@ -77,7 +77,11 @@ def safetensors_blob(token_ids: list[int], layers: int, hidden: int, zeros: memo
     n_ids, n_hs = 8 * t, 2 * t * layers * hidden
     header = {
         "token_ids": {"dtype": "I64", "shape": [t], "data_offsets": [0, n_ids]},
-        "hidden_states": {"dtype": "BF16", "shape": [t, layers, hidden], "data_offsets": [n_ids, n_ids + n_hs]},
+        "hidden_states": {
+            "dtype": "BF16",
+            "shape": [t, layers, hidden],
+            "data_offsets": [n_ids, n_ids + n_hs],
+        },
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -216,7 +220,9 @@ def serve_target(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     """Start one stand-in server; write its URL to --url-file; serve until killed."""
-    p = argparse.ArgumentParser(prog="python -m modelopt_ext.bench.scaling_server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m modelopt_ext.bench.scaling_server", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--protocol", choices=("vllm", "serve_target"), required=True)
     p.add_argument("--rate", type=float, required=True, help="samples/s this server produces")
     p.add_argument("--service", choices=("const", "exp"), default="const", help="service-time distribution")
