@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,8 @@ class Settings:
     tokens: int = 64  # tokens per sample
     hidden: int = 256
     layers: int = 4  # captured layers (3 aux + last, EAGLE-3's)
-    steps: int = 80
+    steps: int = 80  # at most, per point; fewer where supply is low (see point_steps)
+    target_s: float = 30.0  # aim for about this much training per point
     warmup_frac: float = 0.25  # the first steps are left out of the steady figures
     kill_frac: float = 0.4
     log_interval: int = 2
@@ -86,6 +87,14 @@ class Settings:
     def bytes_per_sample(self) -> int:
         """Payload bytes of one sample (bf16 hidden states of every captured layer + int64 token ids)."""
         return self.tokens * (2 * self.layers * self.hidden + 8)
+
+
+def point_steps(point: Point, st: Settings) -> int:
+    """Steps for a point: `st.steps`, fewer when the ideal rate would make it run past `st.target_s`."""
+    supply = st.rate * (point.servers - (0.5 if point.slow_server else 0.0))
+    ideal = min(supply, point.ranks * st.demand)
+    fit = int(st.target_s * ideal / (st.batch_size * point.ranks))
+    return max(min(st.steps, fit), min(st.steps, 30))
 
 
 def quick_points() -> list[Point]:
@@ -254,6 +263,7 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
     root = work / "shared"
     root.mkdir(exist_ok=True)
     t_start = time.monotonic()
+    st = replace(st, steps=point_steps(point, st))
     servers, urls, rates = _start_servers(point, st, work, root)
     ranks: list[subprocess.Popen] = []
     kill_elapsed = None
@@ -289,6 +299,7 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
     if point.kill:
         row.update(kill_figures(_records(work / "train" / "metrics.jsonl"), kill_elapsed, rates, point, st))
     row["wall_s"] = time.monotonic() - t_start
+    row["steps"] = st.steps
     return row
 
 
@@ -554,7 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per sample")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers, help="captured layers per token (aux + last)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per point (default 80, quick 40)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per point at most (default 80, quick 40)"
+    )
     p.add_argument("--service", choices=("const", "exp"), default=d.service, help="exp: bursty supply")
     p.add_argument("--point-timeout", type=float, default=d.point_timeout_s, help="seconds per point at most")
     p.add_argument("--out", default=None, help="write the rows as JSON here")

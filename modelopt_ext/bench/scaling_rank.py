@@ -6,14 +6,16 @@ Everything between the servers and the loss is the project's code: the sampler, 
 workers, `VllmStreamingDataset` (server pool, failover) or `RemoteTargetClient`, the telemetry meter, the
 gloo all-reduces of a data-parallel step, checkpoints. The drafter is a one-parameter module and its loss
 sleeps so that a rank consumes `demand` samples/s when data is ready: the sleep is the step period
-(batch / demand) minus the step's own measured overhead (median of the recent steps' time outside the loss and
-outside data waits), so the simulated demand does not depend on how loaded this machine is.
+(batch / demand) minus the step's own overhead, so the simulated demand does not depend on how loaded this
+machine is. The overhead is the MINIMUM over the recent steps of the time outside the loss and outside data
+waits: a rank that waits in the all-reduce for a starved peer is not doing work, and taking that wait as
+overhead would make it sleep less and consume faster than `demand` (the last rank to arrive waits for nobody,
+so the minimum over a few steps is the true overhead).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from collections import deque
@@ -51,7 +53,7 @@ class CalibratedStep:
         now = time.monotonic()
         if self._prev_end is not None:
             self._overheads.append(max(0.0, (now - self._prev_end) - (self._waited() - self._prev_wait)))
-        overhead = statistics.median(self._overheads) if self._overheads else 0.0
+        overhead = min(self._overheads) if self._overheads else 0.0
         time.sleep(max(0.0, self.period_s - overhead))
         self._prev_end = time.monotonic()
         self._prev_wait = self._waited()
