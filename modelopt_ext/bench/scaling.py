@@ -319,12 +319,13 @@ def steady_figures(
     last = kept[-1]
     span = last["elapsed_s"] - t0
     measured = (last["run_samples"] - s0) / span if span > 0 else float("nan")
-    wait_t = mb = 0.0
+    wait_t = sync_t = mb = 0.0
     requests = dict.fromkeys(urls, 0.0)
     prev = base
     for r in kept:
         dt = r["elapsed_s"] - prev["elapsed_s"]
         wait_t += (r.get("data_wait_frac") or 0.0) * dt
+        sync_t += (r.get("sync_frac") or 0.0) * dt
         mb += (r.get("hs_mb_per_s") or 0.0) * dt
         for u, s in (r.get("servers") or {}).items():
             if u in requests:
@@ -342,6 +343,7 @@ def steady_figures(
         "measured": measured,
         "efficiency": measured / ideal,
         "data_wait": wait_t / span if span > 0 else float("nan"),
+        "all_reduce": sync_t / span if span > 0 else float("nan"),
         "share_max_min": share if len(counts) > 1 else 1.0,
         "requests": counts,
         "mb_per_s": mb / span if span > 0 else float("nan"),
@@ -413,7 +415,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per point, then the kill figures."""
     head = (
         f"{'scenario':<13} {'proto':<12} {'balance':<17} {'N':>2} {'M':>2} {'N*S':>6} {'M*D':>6} {'ideal':>6} "
-        f"{'measured':>8} {'eff':>6} {'wait':>6} {'share':>5} {'MB/s':>7}"
+        f"{'measured':>8} {'eff':>6} {'wait':>6} {'a-r':>6} {'share':>5} {'MB/s':>7}"
     )
     lines = [head]
     for r in rows:
@@ -425,7 +427,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2} "
             f"{r['supply']:>6.1f} {r['demand']:>6.1f} {r['ideal']:>6.1f} {r['measured']:>8.2f} "
-            f"{_pct(r['efficiency']):>6} {_pct(r['data_wait']):>6} {_share(r['share_max_min']):>5} {r['mb_per_s']:>7.2f}"
+            f"{_pct(r['efficiency']):>6} {_pct(r['data_wait']):>6} {_pct(r['all_reduce']):>6} "
+            f"{_share(r['share_max_min']):>5} {r['mb_per_s']:>7.2f}"
         )
     kills = [r for r in rows if r.get("kill") and "error" not in r]
     if kills:

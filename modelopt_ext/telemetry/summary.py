@@ -62,6 +62,7 @@ def build_metrics(
         "data_wait_frac": totals.data_wait_frac,
         "startup_s": totals.startup_s / max(totals.ranks, 1),
         "supply_frac": totals.supply_frac,
+        "sync_frac": totals.sync_frac,
         "hs_bytes": totals.hs_bytes,
         "hs_mb_per_s": totals.rate(totals.hs_bytes) / 1e6,
         "hs_bytes_per_sample": totals.hs_bytes / totals.samples if totals.samples else float("nan"),
@@ -154,6 +155,8 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     """The telemetry part of the closing summary (a few lines; one per server)."""
     kind = m.get("source")
     split = f"data wait {_pct(m.get('data_wait_frac'))}"
+    if int(m.get("world_size") or 1) > 1:
+        split += f" | all-reduce {_pct(m.get('sync_frac'))}"
     if kind == IN_PROCESS:
         split += f" | target forward {_pct(m.get('supply_frac'))}"
     lines = [

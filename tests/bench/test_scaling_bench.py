@@ -90,7 +90,9 @@ def test_quick_run_prints_a_whole_table(tmp_path, capsys):
     assert kill and all("rate_before" in r and "recovery_s" in r for r in kill)
     lines = printed.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("scenario"))
-    assert len([line for line in lines[head + 1 : head + 1 + len(points)] if "FAILED" not in line]) == len(points)
+    assert len([line for line in lines[head + 1 : head + 1 + len(points)] if "FAILED" not in line]) == len(
+        points
+    )
     assert any(line.startswith("one server killed mid-run") for line in lines)
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.fullmatch(r"scaling efficiency: min [\d.]+% mean [\d.]+% over \d+ points", lines[-1])
