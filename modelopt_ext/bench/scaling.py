@@ -45,19 +45,21 @@ from modelopt_ext.supervision.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120.0
+SCENARIOS = ("homogeneous", "heterogeneous", "bursty", "kill", "remote")
 
 
 @dataclass(frozen=True)
 class Point:
     """One measured configuration."""
 
-    scenario: str  # homogeneous | heterogeneous | kill | remote
+    scenario: str  # homogeneous | heterogeneous | bursty | kill | remote
     servers: int
     ranks: int
     balance: str = LEAST_OUTSTANDING
     protocol: str = "vllm"  # vllm | serve_target
     slow_server: bool = False  # server 0 produces at half the rate
     kill: bool = False  # SIGKILL the last server at `kill_frac` of the steps
+    bursty: bool = False  # exponential service times (mean 1/S) instead of constant ones
 
     @property
     def label(self) -> str:
@@ -118,6 +120,10 @@ def full_points(servers: list[int], ranks: list[int]) -> list[Point]:
         if n in servers and m in ranks:
             for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
                 pts.append(Point("heterogeneous", n, m, bal, slow_server=True))
+    for n, m in [(4, 4), (8, 8)]:
+        if n in servers and m in ranks:
+            for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
+                pts.append(Point("bursty", n, m, bal, bursty=True))
     for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
         pts.append(Point("kill", 4, 2, bal, kill=True))
     for n, m in [(1, 1), (2, 2), (4, 4)]:
@@ -166,8 +172,8 @@ def _start_servers(
             url_file.unlink(missing_ok=True)  # a --work folder reused: never read an old run's URL
             cmd = [
                 sys.executable, "-m", "modelopt_ext.bench.scaling_server", "--protocol", point.protocol,
-                "--rate", str(rate), "--service", st.service, "--seed", str(i), "--layers", str(st.layers),
-                "--hidden", str(st.hidden), "--url-file", str(url_file), "--root", str(root),
+                "--rate", str(rate), "--service", "exp" if point.bursty else st.service, "--seed", str(i),
+                "--layers", str(st.layers), "--hidden", str(st.hidden), "--url-file", str(url_file), "--root", str(root),
             ]  # fmt: skip
             with (work / f"server{i}.log").open("w") as log:
                 procs.append(
@@ -559,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8], help="grid: trainer ranks (default 1,2,4,8)")
     p.add_argument(
-        "--scenarios", default="homogeneous,heterogeneous,kill,remote", help="comma-separated subset"
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}"
     )
     p.add_argument("--rate", type=float, default=d.rate, help="S: samples/s per server")
     p.add_argument("--demand", type=float, default=d.demand, help="D: samples/s per trainer rank")
@@ -583,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rate and --demand must be > 0, --batch-size and --tokens >= 1, --workers >= 0")
     if args.steps is not None and args.steps < 10:
         p.error("--steps must be >= 10")
-    unknown = set(args.scenarios.split(",")) - {"homogeneous", "heterogeneous", "kill", "remote"}
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         p.error(f"--scenarios: unknown {sorted(unknown)}")
     return args
