@@ -70,14 +70,15 @@ class Point:
 class Settings:
     """Rates and shapes shared by every point."""
 
-    rate: float = 10.0  # S: samples/s per server
-    demand: float = 10.0  # D: samples/s per trainer rank
+    # Slow on purpose: scheduling jitter of a loaded small machine (tens of ms) must stay a small share of a step.
+    rate: float = 5.0  # S: samples/s per server
+    demand: float = 5.0  # D: samples/s per trainer rank
     batch_size: int = 2
     workers: int = 2  # DataLoader workers per rank (streaming fetch concurrency)
     tokens: int = 64  # tokens per sample
     hidden: int = 256
     layers: int = 4  # captured layers (3 aux + last, EAGLE-3's)
-    steps: int = 80  # at most, per point; fewer where supply is low (see point_steps)
+    steps: int = 60  # at most, per point; fewer where supply is low (see point_steps)
     target_s: float = 30.0  # aim for about this much training per point
     warmup_frac: float = 0.25  # the first steps are left out of the steady figures
     kill_frac: float = 0.4
@@ -575,7 +576,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers, help="captured layers per token (aux + last)")
     p.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per point at most (default 80, quick 40)"
+        "--steps", type=int, default=None, help="optimizer steps per point at most (default 60, quick 40)"
     )
     p.add_argument("--service", choices=("const", "exp"), default=d.service, help="exp: bursty supply")
     p.add_argument("--point-timeout", type=float, default=d.point_timeout_s, help="seconds per point at most")
@@ -600,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     st = Settings(
         rate=args.rate, demand=args.demand, batch_size=args.batch_size, workers=args.workers, tokens=args.tokens,
-        hidden=args.hidden, layers=args.layers, steps=args.steps or (40 if args.quick else 80),
+        hidden=args.hidden, layers=args.layers, steps=args.steps or (40 if args.quick else 60),
         service=args.service, point_timeout_s=args.point_timeout,
     )  # fmt: skip
     wanted = set(args.scenarios.split(","))
