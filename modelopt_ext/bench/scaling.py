@@ -455,6 +455,42 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """The same tables in Markdown (for docs/scaling.md)."""
+    lines = [
+        (
+            "| scenario | protocol | choice | N | M | N*S | M*D | ideal | measured | efficiency | data wait | all-reduce "
+            "| share max/min | MB/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['scenario']} | {r['protocol']} | {r['balance']} | {r['servers']} | {r['ranks']} | FAILED |"
+            )
+            continue
+        lines.append(
+            f"| {r['scenario']} | {r['protocol']} | {r['balance']} | {r['servers']} | {r['ranks']} | {r['supply']:g} "
+            f"| {r['demand']:g} | {r['ideal']:g} | {r['measured']:.2f} | {_pct(r['efficiency'])} | {_pct(r['data_wait'])} "
+            f"| {_pct(r['all_reduce'])} | {_share(r['share_max_min'])} | {r['mb_per_s']:.2f} |"
+        )
+    kills = [r for r in rows if r.get("kill") and "error" not in r and "kill_error" not in r]
+    if kills:
+        lines += [
+            "",
+            "| choice | N | M | before | ideal after | worst 1 s after | drop | recovery | lost |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in kills:
+            rec = f"{r['recovery_s']:.0f} s" if r["recovery_s"] is not None else "never"
+            lines.append(
+                f"| {r['balance']} | {r['servers']} | {r['ranks']} | {r['rate_before']:.2f} | {r['ideal_after']:g} "
+                f"| {r['worst_bin_after']:.1f} | {_pct(r['drop'])} | {rec} | {r['lost_s']:.1f} s |"
+            )
+    return "\n".join(lines)
+
+
 def summary_line(rows: list[dict[str, Any]]) -> str:
     """`scaling efficiency: min X% mean Y% over K points` (streaming, default server choice, no kill)."""
     effs = [
@@ -584,6 +620,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plot", default=None, help="heat-map PNG (default: scaling.png next to --out, else none)"
     )
+    p.add_argument("--markdown", action="store_true", help="also print the tables in Markdown")
+    p.add_argument(
+        "--from-json", default=None, help="print the tables of an earlier --out file (runs nothing)"
+    )
     p.add_argument("--work", default=None, help="keep per-point logs here (default: a temp folder, deleted)")
     args = p.parse_args(argv)
     if args.rate <= 0 or args.demand <= 0 or args.batch_size < 1 or args.workers < 0 or args.tokens < 1:
@@ -599,6 +639,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the points, print the table (progress on the way), optionally write JSON and the heat map."""
     args = parse_args(argv)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        print(format_markdown(rows) if args.markdown else format_table(rows))
+        print(summary_line(rows))
+        return 0
     st = Settings(
         rate=args.rate, demand=args.demand, batch_size=args.batch_size, workers=args.workers, tokens=args.tokens,
         hidden=args.hidden, layers=args.layers, steps=args.steps or (40 if args.quick else 60),
@@ -647,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     for line in goals_lines(rows):
         print(line)
+    if args.markdown:
+        print()
+        print(format_markdown(rows))
     plot = Path(args.plot) if args.plot else (Path(args.out).with_name("scaling.png") if args.out else None)
     if plot is not None:
         try:

@@ -96,3 +96,27 @@ def test_quick_run_prints_a_whole_table(tmp_path, capsys):
     assert any(line.startswith("one server killed mid-run") for line in lines)
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.fullmatch(r"scaling efficiency: min [\d.]+% mean [\d.]+% over \d+ points", lines[-1])
+
+
+def test_tables_have_a_line_per_point_and_the_kill_table(tmp_path, capsys):
+    st = Settings(demand=10.0, steps=40)
+    recs = _records(rate=16.0)
+    rows = [
+        steady_figures(Point("homogeneous", 2, 2), st, recs, URLS, [10.0, 10.0]),
+        {**steady_figures(Point("kill", 2, 2, kill=True), st, recs, URLS, [10.0, 10.0]),
+         **kill_figures(recs, 8.0, [10.0, 10.0], Point("kill", 2, 2, kill=True), st)},
+        {**Point("remote", 1, 1, protocol="serve_target").__dict__, "error": "boom"},
+    ]  # fmt: skip
+    text = scaling.format_table(rows).splitlines()
+    assert text[0].split()[:5] == ["scenario", "proto", "balance", "N", "M"]
+    assert [line.split()[0] for line in text[1:4]] == ["homogeneous", "kill", "remote"] and "FAILED" in text[
+        3
+    ]
+    assert any(line.startswith("one server killed") for line in text)
+    md = scaling.format_markdown(rows).splitlines()
+    assert md[0].startswith("| scenario") and len([x for x in md if x.startswith("| kill")]) == 1
+    assert any(x.startswith("| least_outstanding | 2 | 2 |") for x in md)  # the kill table
+    out = tmp_path / "rows.json"
+    out.write_text(json.dumps({"rows": rows}))
+    assert scaling.main(["--from-json", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == summary_line(rows)
