@@ -45,14 +45,14 @@ from modelopt_ext.supervision.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120.0
-SCENARIOS = ("homogeneous", "heterogeneous", "bursty", "kill", "remote")
+SCENARIOS = ("homogeneous", "heterogeneous", "bursty", "kill", "remote", "control")
 
 
 @dataclass(frozen=True)
 class Point:
     """One measured configuration."""
 
-    scenario: str  # homogeneous | heterogeneous | bursty | kill | remote
+    scenario: str  # homogeneous | heterogeneous | bursty | kill | remote | control
     servers: int
     ranks: int
     balance: str = LEAST_OUTSTANDING
@@ -60,6 +60,7 @@ class Point:
     slow_server: bool = False  # server 0 produces at half the rate
     kill: bool = False  # SIGKILL the last server at `kill_frac` of the steps
     bursty: bool = False  # exponential service times (mean 1/S) instead of constant ones
+    rate_scale: float = 1.0  # servers at rate_scale x S ("control": 100x, the trainers alone set the pace)
 
     @property
     def label(self) -> str:
@@ -94,7 +95,7 @@ class Settings:
 
 def point_steps(point: Point, st: Settings) -> int:
     """Steps for a point: `st.steps`, fewer when the ideal rate would make it run past `st.target_s`."""
-    supply = st.rate * (point.servers - (0.5 if point.slow_server else 0.0))
+    supply = st.rate * point.rate_scale * (point.servers - (0.5 if point.slow_server else 0.0))
     ideal = min(supply, point.ranks * st.demand)
     fit = int(st.target_s * ideal / (st.batch_size * point.ranks))
     return max(min(st.steps, fit), min(st.steps, 30))
@@ -129,6 +130,10 @@ def full_points(servers: list[int], ranks: list[int]) -> list[Point]:
         pts.append(Point("kill", 4, 2, bal, kill=True))
     for n, m in [(1, 1), (2, 2), (4, 4)]:
         pts.append(Point("remote", n, m, protocol="serve_target"))
+    # Control: servers 100x faster than S, so the trainers alone (their step, all-reduce, DataLoader) set the
+    # pace: what this machine lets M simulated ranks reach, the ceiling of every point with M ranks.
+    for m in ranks:
+        pts.append(Point("control", m, m, rate_scale=100.0))
     return pts
 
 
@@ -165,7 +170,8 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def _start_servers(
     point: Point, st: Settings, work: Path, root: Path
 ) -> tuple[list[subprocess.Popen], list[str], list[float]]:
-    rates = [st.rate / 2 if (point.slow_server and i == 0) else st.rate for i in range(point.servers)]
+    rate = st.rate * point.rate_scale
+    rates = [rate / 2 if (point.slow_server and i == 0) else rate for i in range(point.servers)]
     procs, files = [], []
     try:
         for i, rate in enumerate(rates):
@@ -456,13 +462,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """The same tables in Markdown (for docs/scaling.md)."""
+    """The same tables in Markdown (for docs/scaling.md), with the efficiency against the control rows."""
+    add_control_efficiency(rows)
     lines = [
         (
-            "| scenario | protocol | choice | N | M | N*S | M*D | ideal | measured | efficiency | data wait | all-reduce "
-            "| share max/min | MB/s |"
+            "| scenario | protocol | choice | N | M | N*S | M*D | ideal | measured | efficiency | vs control | data wait "
+            "| all-reduce | share max/min | MB/s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
@@ -472,7 +479,8 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"| {r['scenario']} | {r['protocol']} | {r['balance']} | {r['servers']} | {r['ranks']} | {r['supply']:g} "
-            f"| {r['demand']:g} | {r['ideal']:g} | {r['measured']:.2f} | {_pct(r['efficiency'])} | {_pct(r['data_wait'])} "
+            f"| {r['demand']:g} | {r['ideal']:g} | {r['measured']:.2f} | {_pct(r['efficiency'])} "
+            f"| {_pct(r.get('eff_ctrl', float('nan')))} | {_pct(r['data_wait'])} "
             f"| {_pct(r['all_reduce'])} | {_share(r['share_max_min'])} | {r['mb_per_s']:.2f} |"
         )
     kills = [r for r in rows if r.get("kill") and "error" not in r and "kill_error" not in r]
@@ -491,17 +499,35 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary_line(rows: list[dict[str, Any]]) -> str:
-    """`scaling efficiency: min X% mean Y% over K points` (streaming, default server choice, no kill)."""
-    effs = [
-        r["efficiency"]
+def default_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points users get: streaming (vLLM protocol), least-outstanding choice, no kill, no control."""
+    return [
+        r
         for r in rows
         if "error" not in r
         and r["protocol"] == "vllm"
         and r["balance"] == LEAST_OUTSTANDING
         and not r["kill"]
+        and r["scenario"] != "control"
         and math.isfinite(r["efficiency"])
     ]
+
+
+def add_control_efficiency(rows: list[dict[str, Any]]) -> None:
+    """`eff_ctrl`: measured / min(supply, what M ranks reach alone here (the control row with M ranks)).
+
+    The control rows measure the trainer side's own ceiling on this machine (step overhead, gloo all-reduce of
+    M processes on a few shared cores); against it, what is left is the supply side's scheduling.
+    """
+    ceiling = {r["ranks"]: r["measured"] for r in rows if r.get("scenario") == "control" and "error" not in r}
+    for r in rows:
+        if "error" not in r and r["ranks"] in ceiling and r.get("scenario") != "control":
+            r["eff_ctrl"] = r["measured"] / min(r["supply"], ceiling[r["ranks"]])
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    """`scaling efficiency: min X% mean Y% over K points` (streaming, default server choice, no kill)."""
+    effs = [r["efficiency"] for r in default_points(rows)]
     if not effs:
         return "scaling efficiency: min -% mean -% over 0 points"
     return f"scaling efficiency: min {100 * min(effs):.1f}% mean {100 * sum(effs) / len(effs):.1f}% over {len(effs)} points"
@@ -509,21 +535,20 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
 
 def goals_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's goals, checked on the streaming default-choice points."""
-    ok = [
-        r
-        for r in rows
-        if "error" not in r
-        and r["protocol"] == "vllm"
-        and r["balance"] == LEAST_OUTSTANDING
-        and not r["kill"]
-    ]
+    ok = default_points(rows)
     fed = [r for r in ok if r["supply"] >= r["demand"]]
-    hom = [r for r in ok if not r["slow_server"] and r["servers"] > 1]
+    hom = [r for r in ok if not r["slow_server"] and not r.get("bursty") and r["servers"] > 1]
     lines = []
     if fed:
         lines.append(
             f"supply >= demand ({len(fed)} points): efficiency min {_pct(min(r['efficiency'] for r in fed))}, "
             f"data wait max {_pct(max(r['data_wait'] for r in fed))}"
+        )
+    ctrl = [r["eff_ctrl"] for r in ok if "eff_ctrl" in r]
+    if ctrl:
+        lines.append(
+            f"against what the ranks reach alone on this machine (control rows): efficiency min {_pct(min(ctrl))} "
+            f"mean {_pct(sum(ctrl) / len(ctrl))} over {len(ctrl)} points"
         )
     if hom:
         lines.append(
@@ -642,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())["rows"]
         print(format_markdown(rows) if args.markdown else format_table(rows))
+        add_control_efficiency(rows)
+        for line in goals_lines(rows):
+            print(line)
         print(summary_line(rows))
         return 0
     st = Settings(
@@ -690,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     print()
     print(format_table(rows))
+    add_control_efficiency(rows)
     for line in goals_lines(rows):
         print(line)
     if args.markdown:
