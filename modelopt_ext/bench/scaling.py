@@ -122,7 +122,8 @@ def full_points(servers: list[int], ranks: list[int]) -> list[Point]:
         if n in servers and m in ranks:
             for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
                 pts.append(Point("heterogeneous", n, m, bal, slow_server=True))
-    for n, m in [(4, 4), (8, 8)]:
+    # Bursty supply at exact balance, and with 25% / 50% more supply than demand (5 or 6 servers for 4 ranks).
+    for n, m in [(4, 4), (8, 8), (5, 4), (6, 4)]:
         if n in servers and m in ranks:
             for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
                 pts.append(Point("bursty", n, m, bal, bursty=True))
