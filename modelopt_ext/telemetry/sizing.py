@@ -8,9 +8,9 @@
   servers). Only a STARVED run keeps its servers busy; in a run that kept up, the servers idled part of the
   time, so the measured figure is a lower bound of their capacity and the advice an upper bound;
 - headroom: the scaling benchmark (`python -m modelopt_ext.bench.scaling`, docs/scaling.md) measures
-  97-99% of the ideal min(N*S, M*D) on equal servers with the least-outstanding choice, down to ~92% where
-  supply exactly equals demand, and a heterogeneous pool loses a few % more: 10% headroom keeps the data
-  wait under 5%.
+  94-99% of the ideal min(N*S, M*D) on steady, equal servers with the least-outstanding choice (96-97% where
+  supply exactly equals demand), data wait under 5%: 10% covers that. Bursty supply (per-request times that
+  vary a lot) needed 50% there to reach 85%: pass a larger `headroom` when p95 latency >> p50.
 
 Serve "nodes" per trainer "node" follow by scaling with how many trainer ranks and servers a node holds.
 """
