@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from modelopt_ext.bench.supply import free_port, stop_group
 from modelopt_ext.supervision.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,31 +141,12 @@ def full_points(servers: list[int], ranks: list[int]) -> list[Point]:
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     # One thread per process: on a small machine spinning OpenMP threads would cost several x.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MODELOPT_EXT_ENABLE_NCCL": "0"}
     env.pop("MODELOPT_EXT_STOP_AFTER_STEPS", None)
     env.update(extra)
     return env
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a process started in its own session (and its children: DataLoader workers), bounded."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(15)
 
 
 def _start_servers(
@@ -207,14 +188,14 @@ def _start_servers(
         return procs, [f.read_text().strip() for f in files], rates
     except BaseException:
         for p in procs:
-            _stop(p)
+            stop_group(p)
         raise
 
 
 def _start_ranks(
     point: Point, st: Settings, work: Path, urls: list[str], root: Path
 ) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     procs = []
     try:
         for r in range(point.ranks):
@@ -259,7 +240,7 @@ def _start_ranks(
         return procs
     except BaseException:
         for p in procs:
-            _stop(p)
+            stop_group(p)
         raise
 
 
@@ -296,7 +277,7 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
             if point.kill and kill_elapsed is None:
                 recs = _records(jsonl)
                 if recs and recs[-1]["step"] >= kill_step:
-                    _stop(servers[-1], signal.SIGKILL)
+                    stop_group(servers[-1], signal.SIGKILL)
                     # The kill, in the trainer's elapsed-time axis: the record's time plus the time since written.
                     kill_elapsed = recs[-1]["elapsed_s"] + max(0.0, time.time() - jsonl.stat().st_mtime)
             time.sleep(0.05)
@@ -306,9 +287,9 @@ def run_point(point: Point, st: Settings, work: Path, log=print) -> dict[str, An
             raise RuntimeError(f"{point.label}: trainer rank(s) failed (exit codes {codes}): {tail}")
     finally:
         for p in ranks:
-            _stop(p)
+            stop_group(p)
         for p in servers:
-            _stop(p)
+            stop_group(p)
     row = steady_figures(point, st, _records(work / "train" / "metrics.jsonl"), urls, rates)
     if point.kill:
         row.update(kill_figures(_records(work / "train" / "metrics.jsonl"), kill_elapsed, rates, point, st))
