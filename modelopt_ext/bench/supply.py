@@ -81,7 +81,8 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a server started right after)."""
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -241,7 +242,7 @@ def _gloo_rank(rank: int, port: int, sizes_mb: list[float], iters: int, q, go) -
 def start_gloo(sizes_mb: list[float], iters: int, ctx) -> tuple[list, object, object]:
     """Start the two gloo ranks (they import torch, then wait for `go.set()`); (processes, queue, go)."""
     q, go = ctx.Queue(), ctx.Event()
-    port = _free_port()
+    port = free_port()
     args = (port, list(sizes_mb), iters, q, go)
     procs = [ctx.Process(target=_gloo_rank, args=(r, *args), daemon=True) for r in (0, 1)]
     for p in procs:
@@ -316,10 +317,10 @@ def _train(out: Path, steps: int, overrides: list[str], log: Path, timeout_s: fl
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            stop_group(proc)
             raise RuntimeError(f"training run timed out after {timeout_s:.0f} s (log {log})") from None
         except BaseException:  # interrupted (Ctrl-C, SIGTERM): never leave a trainer behind
-            _stop(proc)
+            stop_group(proc)
             raise
     if rc != 0:
         raise RuntimeError(f"training run failed (exit {rc}, log {log}): {log.read_text()[-600:]}")
@@ -352,23 +353,24 @@ def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]
     deadline = time.monotonic() + 300
     while not url_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_group(proc)
             raise RuntimeError(f"serve_target did not start: {(tmp / 'serve_target.log').read_text()[-600:]}")
         time.sleep(0.2)
     return proc, url_file.read_text().strip()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    # The process leads its own session (start_new_session): signal its group, so its children go too.
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> None:
+    """Stop a process started with start_new_session=True, and its children: `sig` to its group, then SIGKILL
+    after `wait_s` (bounded waits)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(30)
+            proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            proc.wait(wait_s)
 
 
 def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[dict]:
@@ -405,7 +407,7 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
             handle = start_hidden_states_server(
                 str(target), shared_storage=root, capture_ids=capture_layer_ids(
                     target_num_layers(target), recipe.model.aux_layer_ids),
-                host=LOOPBACK, port=_free_port(), dtype="float32", max_model_len=512,
+                host=LOOPBACK, port=free_port(), dtype="float32", max_model_len=512,
                 log_path=work / "vllm.log", startup_timeout=600, die_with_parent=True,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - report the row as failed, keep the other rows
@@ -427,7 +429,7 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
     try:
         run("serve_target", ["data.mode=remote", f"data.server_urls=[{url}]"], "remote, 1 server, 1 thread")
     finally:
-        _stop(proc)
+        stop_group(proc)
     return rows
 
 

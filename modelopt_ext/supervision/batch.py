@@ -48,7 +48,7 @@ class Supervision:
             if shape[:2] != (b, t) or len(shape) != 3:
                 raise ValueError(f"Supervision.{name} has shape {shape}, expected ({b}, {t}, ...)")
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Supervision":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Supervision:
         """A copy on `device` (dtypes unchanged)."""
         kw = {}
         for f in fields(self):

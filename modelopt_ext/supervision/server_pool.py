@@ -1,14 +1,21 @@
-"""Which hidden-state server gets the next request: round-robin over healthy servers, circuit breakers, failover.
+"""Which hidden-state server gets the next request: the least loaded healthy server, circuit breakers, failover.
 
 Pure logic (no HTTP): the streaming dataset asks the pool for a server, reports how the request went, and the
-pool decides who is in rotation. Per server a circuit breaker:
+pool decides who is in rotation and who gets the next request. Per server a circuit breaker:
 
 - CLOSED (healthy, in rotation); `failure_threshold` consecutive failures -> OPEN (out of rotation);
 - OPEN -> after a cooldown one trial request is let through (HALF_OPEN); success -> CLOSED (the server is back),
   failure -> OPEN again with the cooldown doubled (capped), so a dead server costs one probe per cooldown.
 
-Round-robin starts at a per-process offset (`rank * num_workers + worker_id`) so that the first requests of all
-processes spread over the servers instead of all hitting server 0. `acquire(avoid=...)` lets a sample that failed
+Choice (`balance`): `least_outstanding` (default) sends the request to the server in rotation with the fewest
+requests in flight from this rank (all its DataLoader workers together, counted in shared memory), ties broken
+round-robin; `round_robin` takes the next server in rotation whatever its load. Plain round-robin gives every
+server the same number of requests, so one slow server (heterogeneous nodes, a busy or degraded one) holds
+back every worker that lands on it; counting what is in flight sends work where it gets done, and on equal
+servers it still spreads requests evenly. The round-robin cursor starts at a per-process offset
+(`rank * num_workers + worker_id`) so that the first requests of all processes spread over the servers instead
+of all hitting server 0. The choice never changes WHICH samples are fetched or their order (the dataset is
+map-style: item i depends only on i), so data order and exact resume do not depend on it. `acquire(avoid=...)` lets a sample that failed
 on a server go to another healthy one (failover) while that server is still formally in rotation.
 
 Counters per server (requests, errors, latency, bytes, down/up events) are kept for telemetry; they can live in
@@ -16,7 +23,8 @@ memory shared by all DataLoader workers of a rank (`SharedServerStats`) so the t
 The same shared memory carries each server's "out of rotation until" time: when one worker's breaker opens, its
 sibling workers skip that server at once instead of each paying `failure_threshold` failures (a hung server
 would otherwise cost every worker several request timeouts). Monotonic clock times are comparable across
-processes of one host.
+processes of one host. Requests in flight are counted per process slot (the DataLoader worker id): a worker
+that starts clears its slot, so counts left by a worker that was stopped mid-request do not linger.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+LEAST_OUTSTANDING, ROUND_ROBIN = "least_outstanding", "round_robin"
+BALANCE_POLICIES = (LEAST_OUTSTANDING, ROUND_ROBIN)
 
 
 class NoHealthyServerError(RuntimeError):
@@ -128,62 +138,88 @@ class SharedServerStats:
 
     Create it in the parent process before the DataLoader starts its workers (fork inherits it; spawn pickles
     it into the worker at start-up, which multiprocessing allows). `snapshot()` works in any of them.
+    `slots`: processes that dispatch requests at once (DataLoader workers); each counts its requests in
+    flight in its own slot (`begin`/`end`), and `snapshot()` adds them up per server as `outstanding`.
     """
 
-    def __init__(self, urls: Sequence[str]):
+    def __init__(self, urls: Sequence[str], slots: int = 1):
         self.urls = list(urls)
+        self.slots = max(int(slots), 1)
         # A spawn-context lock: inherited by forked workers AND picklable into spawn/forkserver ones (a fork-context
         # lock refuses the latter).
-        self._arr = multiprocessing.get_context("spawn").Array("d", len(self.urls) * len(_FIELDS), lock=True)
+        self._buf = multiprocessing.get_context("spawn").Array("d", self._size(), lock=True)
+
+    def _size(self) -> int:
+        return len(self.urls) * (len(_FIELDS) + self.slots)
+
+    def _guard(self):
+        return self._buf.get_lock()
 
     def _slot(self, url: str, field: str) -> int:
         return self.urls.index(url) * len(_FIELDS) + _FIELDS.index(field)
 
+    def _flight_slot(self, slot: int, url: str) -> int:
+        return len(self.urls) * len(_FIELDS) + (slot % self.slots) * len(self.urls) + self.urls.index(url)
+
     def add(self, url: str, **deltas: float) -> None:
         """Add to counters of `url`, e.g. add(u, requests=1, bytes=123)."""
-        with self._arr.get_lock():
+        with self._guard():
             for field, delta in deltas.items():
-                self._arr[self._slot(url, field)] += delta
+                self._buf[self._slot(url, field)] += delta
 
     def set(self, url: str, field: str, value: float) -> None:
         """Set one counter (e.g. the `open` flag)."""
-        with self._arr.get_lock():
-            self._arr[self._slot(url, field)] = value
+        with self._guard():
+            self._buf[self._slot(url, field)] = value
+
+    def begin(self, slot: int, url: str) -> None:
+        """Process slot `slot` sent a request to `url` (one more in flight)."""
+        with self._guard():
+            self._buf[self._flight_slot(slot, url)] += 1
+
+    def end(self, slot: int, url: str) -> None:
+        """A request of slot `slot` to `url` ended (one fewer in flight; never below 0)."""
+        with self._guard():
+            i = self._flight_slot(slot, url)
+            self._buf[i] = max(self._buf[i] - 1, 0.0)
+
+    def reset_slot(self, slot: int) -> None:
+        """A new process took slot `slot`: forget what a previous one there had in flight."""
+        with self._guard():
+            for url in self.urls:
+                self._buf[self._flight_slot(slot, url)] = 0.0
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """url -> {requests, errors, latency_s, bytes, down_events, up_events, open, open_until}."""
-        with self._arr.get_lock():
-            vals = list(self._arr)
-        n = len(_FIELDS)
-        return {u: dict(zip(_FIELDS, vals[i * n : (i + 1) * n])) for i, u in enumerate(self.urls)}
+        """url -> {requests, errors, latency_s, bytes, down_events, up_events, open, open_until, outstanding}."""
+        with self._guard():
+            vals = list(self._buf)
+        n, k = len(_FIELDS), len(self.urls)
+        out = {}
+        for i, u in enumerate(self.urls):
+            rec = dict(zip(_FIELDS, vals[i * n : (i + 1) * n]))
+            rec["outstanding"] = sum(vals[k * n + s * k + i] for s in range(self.slots))
+            out[u] = rec
+        return out
 
 
 class LocalServerStats(SharedServerStats):
     """The same counters in plain process memory (unit tests, single-process use)."""
 
-    def __init__(self, urls: Sequence[str]):
+    def __init__(self, urls: Sequence[str], slots: int = 1):
         self.urls = list(urls)
-        self._vals = [0.0] * (len(self.urls) * len(_FIELDS))
+        self.slots = max(int(slots), 1)
+        self._buf = [0.0] * self._size()
         self._lock = threading.Lock()
 
-    def add(self, url: str, **deltas: float) -> None:
-        with self._lock:
-            for field, delta in deltas.items():
-                self._vals[self._slot(url, field)] += delta
-
-    def set(self, url: str, field: str, value: float) -> None:
-        with self._lock:
-            self._vals[self._slot(url, field)] = value
-
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        with self._lock:
-            vals = list(self._vals)
-        n = len(_FIELDS)
-        return {u: dict(zip(_FIELDS, vals[i * n : (i + 1) * n])) for i, u in enumerate(self.urls)}
+    def _guard(self):
+        return self._lock
 
 
 class ServerPool:
-    """Round-robin over the servers whose breaker lets requests through, starting at `start_offset`."""
+    """Chooses among the servers whose breaker lets requests through (`balance`), round-robin from `start_offset`.
+
+    `slot`: this process's slot in `stats` (its DataLoader worker id) for the requests-in-flight counts.
+    """
 
     def __init__(
         self,
@@ -193,11 +229,18 @@ class ServerPool:
         policy: BreakerPolicy | None = None,
         stats: SharedServerStats | None = None,
         clock: Callable[[], float] = time.monotonic,
+        balance: str = LEAST_OUTSTANDING,
+        slot: int = 0,
     ):
         if not urls:
             raise ValueError("ServerPool needs at least one server URL")
         if len(set(urls)) != len(urls):
             raise ValueError(f"duplicate server URLs: {list(urls)}")
+        if balance not in BALANCE_POLICIES:
+            raise ValueError(f"balance must be one of {list(BALANCE_POLICIES)}, got {balance!r}")
+        self.balance = balance
+        self.slot = slot
+        self._in_flight = dict.fromkeys(urls, 0)  # this pool's own requests in flight (what it may end)
         self.urls = list(urls)
         self.policy = policy or BreakerPolicy()
         self.clock = clock
@@ -210,15 +253,19 @@ class ServerPool:
 
     # -- choosing a server -------------------------------------------------------------------------------
     def acquire(self, avoid: Iterable[str] = ()) -> str | None:
-        """The next server in rotation (preferring ones not in `avoid`), or None when none may be used now.
+        """The server for the next request (preferring ones not in `avoid`), or None when none may be used now.
 
-        `avoid` holds the servers a sample already failed on: it goes elsewhere when any other server is
-        available, and back to one of them only when nothing else is (a lone server gets retried).
+        Among the servers in rotation: the one with the fewest requests in flight (`least_outstanding`; the
+        first in round-robin order on a tie) or simply the next one (`round_robin`). `avoid` holds the servers
+        a sample already failed on: it goes elsewhere when any other server is available, and back to one of
+        them only when nothing else is (a lone server gets retried). Every server returned must be ended with
+        `record_success`, `record_failure` or `release`.
         """
         avoid = set(avoid)
         with self._lock:
             n = len(self.urls)
             fallback = None
+            candidates: list[tuple[int, str]] = []
             shared = self.stats.snapshot()
             now = self.clock()
             for step in range(n):
@@ -231,16 +278,35 @@ class ServerPool:
                 if url in avoid:
                     fallback = fallback or (step, url)
                     continue
-                self._cursor = (self._cursor + step + 1) % n
-                self.breakers[url].on_dispatch()
-                return url
-            if fallback is not None:
-                step, url = fallback
-                self._cursor = (self._cursor + step + 1) % n
-                self.breakers[url].on_dispatch()
-                return url
-            self._note_all_down()
-            return None
+                candidates.append((step, url))
+                if self.balance == ROUND_ROBIN:
+                    break
+            if candidates:
+                # min() keeps the first of equals: round-robin order breaks ties.
+                chosen = min(candidates, key=lambda c: shared[c[1]]["outstanding"])
+            elif fallback is not None:
+                chosen = fallback
+            else:
+                self._note_all_down()
+                return None
+            step, url = chosen
+            self._cursor = (self._cursor + step + 1) % n
+            self.breakers[url].on_dispatch()
+            self._in_flight[url] += 1
+        self.stats.begin(self.slot, url)
+        return url
+
+    def _end(self, url: str) -> None:
+        # Only requests this pool dispatched end here (an outcome recorded without acquire() counts nothing).
+        with self._lock:
+            if self._in_flight[url] <= 0:
+                return
+            self._in_flight[url] -= 1
+        self.stats.end(self.slot, url)
+
+    def outstanding(self) -> dict[str, int]:
+        """url -> requests in flight from every process sharing these counters (this rank's workers)."""
+        return {u: int(s["outstanding"]) for u, s in self.stats.snapshot().items()}
 
     def seconds_until_available(self) -> float:
         """How long until some server may be tried again (0 if one may be tried now)."""
@@ -280,6 +346,7 @@ class ServerPool:
     # -- outcomes ----------------------------------------------------------------------------------------
     def record_success(self, url: str, latency_s: float, nbytes: int) -> None:
         """A request to `url` succeeded: count it; a server that was out of rotation is back in."""
+        self._end(url)
         with self._lock:
             back = self.breakers[url].on_success()
             self._all_down_since = None
@@ -296,6 +363,7 @@ class ServerPool:
 
         `trip=True` (a timeout) takes it out at once.
         """
+        self._end(url)
         with self._lock:
             opened = self.breakers[url].on_failure(trip)
             self._last_error[url] = error
@@ -319,6 +387,7 @@ class ServerPool:
 
     def release(self, url: str) -> None:
         """A dispatched request ended with neither verdict on the server (e.g. the sample itself was bad)."""
+        self._end(url)
         with self._lock:
             self.breakers[url].trial_in_flight = False
 

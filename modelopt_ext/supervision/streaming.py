@@ -16,7 +16,8 @@ both (plus the TargetHead) for `data.mode: streaming`. `collate_supervision` pad
 Map-style on purpose: with a DistributedSampler every rank reads only its shard, DataLoader workers give fetch
 concurrency, and resuming is the sampler's position (an item depends only on its index). Per process (the
 main process or a DataLoader worker) there is one HTTP client, created lazily after fork, and one
-`ServerPool` whose round-robin starts at `rank * num_workers + worker_id`.
+`ServerPool`: each request goes to the healthy server with the fewest requests in flight from this rank's
+workers (ties round-robin from `rank * num_workers + worker_id`; `StreamingOptions.balance`).
 
 Faults: transient errors (connection refused/reset, timeouts, 5xx, 429, a file not yet complete) are retried
 with exponential backoff, on another healthy server when there is one; a server failing repeatedly leaves the
@@ -45,6 +46,7 @@ from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.supervision import vllm_files as hs_file
 from modelopt_ext.supervision.batch import Supervision
 from modelopt_ext.supervision.server_pool import (
+    LEAST_OUTSTANDING,
     BreakerPolicy,
     NoHealthyServerError,
     ServerPool,
@@ -107,6 +109,7 @@ class StreamingOptions:
     backoff_base_s: float = 0.05
     backoff_max_s: float = 2.0
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    balance: str = LEAST_OUTSTANDING  # server choice: least_outstanding | round_robin (server_pool.py)
 
 
 def _worker_offset(rank: int, num_workers: int) -> int:
@@ -114,6 +117,12 @@ def _worker_offset(rank: int, num_workers: int) -> int:
     worker_id = info.id if info is not None else 0
     workers = info.num_workers if info is not None else max(num_workers, 1)
     return rank * max(workers, 1) + worker_id
+
+
+def _worker_slot() -> int:
+    """This process's slot in the shared in-flight counts: its DataLoader worker id (0 in the main process)."""
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
 
 
 def _default_rank() -> int:
@@ -168,7 +177,7 @@ class VllmStreamingDataset(Dataset):
         self.options = options or StreamingOptions()
         self._token = _read_token(auth_token_file) if auth_token_file else None
         # Created here, in the parent, so DataLoader workers add to the same counters (telemetry).
-        self.stats = SharedServerStats(urls)
+        self.stats = SharedServerStats(urls, slots=max(num_workers, 1))
         self.latency = LatencyHistogram(urls, shared=True)  # per-request latency of successes, for p50/p95
         self._pid: int | None = None  # per-process state below is (re)built lazily after fork
         self._client: httpx.Client | None = None
@@ -208,11 +217,15 @@ class VllmStreamingDataset(Dataset):
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         timeout = httpx.Timeout(self.options.request_timeout_s, connect=self.options.connect_timeout_s)
         self._client = httpx.Client(timeout=timeout, headers=headers, trust_env=False)
+        slot = _worker_slot()
+        self.stats.reset_slot(slot)  # a previous worker in this slot may have been stopped mid-request
         self._pool = ServerPool(
             self.urls,
             start_offset=_worker_offset(self.rank, self.num_workers),
             policy=self.options.breaker,
             stats=self.stats,
+            balance=self.options.balance,
+            slot=slot,
         )
         self._models = {}
         self._pid = os.getpid()
@@ -296,6 +309,9 @@ class VllmStreamingDataset(Dataset):
                     delay = min(opt.backoff_max_s, opt.backoff_base_s * 2 ** max(attempt - 1, 0))
                     time.sleep(delay * (0.5 + random.random() / 2))
                 continue
+            except BaseException:
+                pool.release(url)  # anything else (an interrupt, a bug): never leave it counted in flight
+                raise
             dt = time.monotonic() - t0
             pool.record_success(url, dt, nbytes)
             self.latency.observe(url, dt)

@@ -6,7 +6,10 @@ A step's wall time splits into:
   over the network (`data.mode: remote`): the trainer idles while supply is late;
 - supply: the source call when it computes in this process (`colocated`: the target's forward pass) - busy, not
   starved, but time the drafter does not train;
-- the rest: the drafter's forward/backward, the optimizer, collectives, checkpoints.
+- peer wait: the gradient all-reduce, where a rank whose data came in time waits for the ranks whose data did
+  not (and for the transfer itself). Without it a starved multi-rank job looks fed: a starved peer's wait shows
+  up on every other rank as collective time, not data wait;
+- the rest: the drafter's forward/backward, the optimizer, other collectives, checkpoints.
 
 Start-up - from creating the loader's iterator to its first batch (starting DataLoader workers, filling the
 fetch pipeline), once per pass over the data - is counted apart (`startup_s`) and left out of the fractions:
@@ -32,7 +35,7 @@ import torch
 from modelopt_ext.telemetry.latency import N_BINS, LatencyHistogram, percentile
 
 SERVER_FIELDS = ("requests", "errors", "latency_s", "bytes", "down_events")
-_RUN_FIELDS = ("wall_s", "wait_s", "startup_s", "supply_s", "sup_bytes", "samples", "tokens")
+_RUN_FIELDS = ("wall_s", "wait_s", "startup_s", "supply_s", "sync_s", "sup_bytes", "samples", "tokens")
 
 # How a source's call counts: 'remote' (network fetch: data wait), 'in_process' (target forward here: supply),
 # 'prefetched' (the dataset fetched already; the call only relabels tensors: counted as data wait, ~0).
@@ -60,6 +63,7 @@ class Totals:
     wait_s: float = 0.0
     startup_s: float = 0.0  # waiting for the first batch of each pass over the loader (not in the fractions)
     supply_s: float = 0.0
+    sync_s: float = 0.0  # in the gradient all-reduce (waiting for peers, and the transfer)
     sup_bytes: float = 0.0  # bytes of the Supervision batches the trainer received (padding included)
     samples: float = 0.0
     tokens: float = 0.0
@@ -116,14 +120,21 @@ class Totals:
         w = self.mean_wall_s
         return amount / w if w > 0 else float("nan")
 
+    @property
+    def sync_frac(self) -> float:
+        """Share of the trainers' (steady) time in the gradient all-reduce: mostly waiting for slower peers."""
+        return self.sync_s / self.steady_s if self.steady_s > 0 else float("nan")
+
     def supply_tokens_per_s(self) -> float:
         """Tokens/s the supply delivered to the trainers (per second of steady time)."""
         steady = self.steady_s / max(self.ranks, 1)
         return self.tokens / steady if steady > 0 else float("nan")
 
     def demand_tokens_per_s(self) -> float:
-        """Tokens/s the trainers could consume if supply were instant (their steady time minus the data wait)."""
-        busy = (self.steady_s - self.wait_s) / max(self.ranks, 1)
+        """Tokens/s the trainers could consume if supply were instant: their steady time minus the data wait and
+        the all-reduce (where a fed rank waits for a starved peer; its transfer share makes this a slight
+        overestimate, the safe side for sizing)."""
+        busy = (self.steady_s - self.wait_s - self.sync_s) / max(self.ranks, 1)
         return self.tokens / busy if busy > 0 else float("nan")
 
     def server_summary(self) -> dict[str, dict[str, float]]:
@@ -148,6 +159,7 @@ class Totals:
             "data_wait_frac": self.data_wait_frac,
             "startup_s": self.startup_s / max(self.ranks, 1),
             "supply_frac": self.supply_frac,
+            "sync_frac": self.sync_frac,
             "hs_mb_per_s": self.rate(self.hs_bytes) / 1e6,
             "hs_bytes_per_sample": self.hs_bytes / self.samples if self.samples else float("nan"),
         }
@@ -180,7 +192,7 @@ class TrainMeter:
         self.clock = clock
         self.t0: float | None = None
         self.t_end: float | None = None
-        self.wait_s = self.startup_s = self.supply_s = 0.0
+        self.wait_s = self.startup_s = self.supply_s = self.sync_s = 0.0
         self.sup_bytes = self.samples = self.tokens = 0.0
         self._last: Totals | None = None
 
@@ -275,11 +287,31 @@ class TrainMeter:
             self._local_latency.observe(url, dt)
         return sup
 
+    def synced(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` (the gradient all-reduce), timed as peer wait (on GPU up to the collective's end)."""
+        t = self.clock()
+        try:
+            out = fn(*args)
+            if self._sync_cuda:
+                torch.cuda.synchronize()  # NCCL returns once enqueued; the wait would land on the next sync
+            return out
+        finally:
+            self.sync_s += self.clock() - t
+
     # -- totals ---------------------------------------------------------------------------------------------
     def _vector(self) -> list[float]:
         end = self.t_end if self.t_end is not None else self.clock()
         wall = end - self.t0 if self.t0 is not None else 0.0
-        vec = [wall, self.wait_s, self.startup_s, self.supply_s, self.sup_bytes, self.samples, self.tokens]
+        vec = [
+            wall,
+            self.wait_s,
+            self.startup_s,
+            self.supply_s,
+            self.sync_s,
+            self.sup_bytes,
+            self.samples,
+            self.tokens,
+        ]
         shared = self._server_stats() if self._server_stats is not None else {}
         hist = (self._server_latency or self._local_latency).counts()
         for url in self.urls:

@@ -15,6 +15,7 @@ from typing import Any
 
 from modelopt_ext.fileio import write_json_atomic, write_text_atomic
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
+from modelopt_ext.telemetry.sizing import size_servers
 
 STARVED_FRAC = 0.30  # data wait above this share of step time: the trainers are starved
 TARGET_HEAVY_FRAC = 0.50  # in-process target forward above this share: worth offloading to serve nodes
@@ -61,6 +62,7 @@ def build_metrics(
         "data_wait_frac": totals.data_wait_frac,
         "startup_s": totals.startup_s / max(totals.ranks, 1),
         "supply_frac": totals.supply_frac,
+        "sync_frac": totals.sync_frac,
         "hs_bytes": totals.hs_bytes,
         "hs_mb_per_s": totals.rate(totals.hs_bytes) / 1e6,
         "hs_bytes_per_sample": totals.hs_bytes / totals.samples if totals.samples else float("nan"),
@@ -98,7 +100,8 @@ def verdict(m: dict[str, Any]) -> list[str]:
     supply, demand = m.get("supply_tokens_per_s"), m.get("demand_tokens_per_s")
     ratio = demand / supply if _real(supply) and supply > 0 and _real(demand) else float("nan")
     if kind in (REMOTE, PREFETCHED):
-        need = math.ceil(n_servers * ratio) if _real(ratio) and n_servers else None
+        advice = sizing(m)
+        need = advice.servers_needed if advice is not None else None
         more_servers = f"more serve nodes (SERVE_NODES, now {n_servers}" + (
             f"; about {need} to keep up)" if need else ")"
         )
@@ -131,10 +134,29 @@ def verdict(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def sizing(m: dict[str, Any]):
+    """The sizing rule (telemetry/sizing.py) on a run's figures: supply per server, demand per trainer rank.
+
+    None without servers or figures. A run that was not starved did not saturate its servers: its supply per
+    server is a lower bound, and the advice an upper bound.
+    """
+    n_servers, ranks = len(m.get("servers") or {}), int(m.get("world_size") or 1)
+    supply, demand = m.get("supply_tokens_per_s"), m.get("demand_tokens_per_s")
+    if m.get("source") not in (REMOTE, PREFETCHED) or not n_servers:
+        return None
+    if not (_real(supply) and supply > 0 and _real(demand)):
+        return None
+    return size_servers(
+        supply / n_servers, demand / ranks, ranks, upper_bound=not is_starved(m), servers_now=n_servers
+    )
+
+
 def summary_lines(m: dict[str, Any]) -> list[str]:
     """The telemetry part of the closing summary (a few lines; one per server)."""
     kind = m.get("source")
     split = f"data wait {_pct(m.get('data_wait_frac'))}"
+    if int(m.get("world_size") or 1) > 1:
+        split += f" | all-reduce {_pct(m.get('sync_frac'))}"
     if kind == IN_PROCESS:
         split += f" | target forward {_pct(m.get('supply_frac'))}"
     lines = [
@@ -153,6 +175,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
             f"{_bytes(_div(s['mb'], 1e-6))}"
         )
     lines += ["  " + line for line in verdict(m)]
+    advice = sizing(m)
+    if advice is not None:
+        lines.append("  " + advice.line("tok/s", servers_now=len(m.get("servers") or {})))
     return lines
 
 

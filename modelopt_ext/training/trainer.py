@@ -343,7 +343,7 @@ class Trainer:
         for p in self.params:
             if p.grad is None:  # a parameter this step did not reach: same zeros on every rank
                 p.grad = torch.zeros_like(p)
-        all_reduce_mean_([p.grad for p in self.params], self.env)
+        self.meter.synced(all_reduce_mean_, [p.grad for p in self.params], self.env)
         grad_norm = None
         if self.cfg.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))

@@ -1,4 +1,5 @@
-"""Pure-logic tests of the server pool: round-robin offsets, circuit breaker, failover, all-down timeout."""
+"""Pure-logic tests of the server pool: round-robin offsets, least-outstanding choice, circuit breaker, failover,
+all-down timeout."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import pytest
 from modelopt_ext.supervision.server_pool import (
     CLOSED,
     HALF_OPEN,
+    LEAST_OUTSTANDING,
     OPEN,
+    ROUND_ROBIN,
     BreakerPolicy,
     LocalServerStats,
     NoHealthyServerError,
     ServerPool,
+    SharedServerStats,
 )
 
 URLS = ["http://a", "http://b", "http://c"]
@@ -25,9 +29,20 @@ class Clock:
         return self.t
 
 
-def make(start=0, clock=None, **policy) -> ServerPool:
+def make(start=0, clock=None, balance=LEAST_OUTSTANDING, **policy) -> ServerPool:
     pol = BreakerPolicy(**{"failure_threshold": 3, "cooldown_s": 10.0, "max_cooldown_s": 40.0, **policy})
-    return ServerPool(URLS, start_offset=start, policy=pol, clock=clock or Clock())
+    return ServerPool(URLS, start_offset=start, policy=pol, clock=clock or Clock(), balance=balance)
+
+
+def served(pool: ServerPool, n: int) -> list[str | None]:
+    """n requests, each completed (success) before the next: the servers they went to."""
+    got = []
+    for _ in range(n):
+        url = pool.acquire()
+        got.append(url)
+        if url is not None:
+            pool.record_success(url, 0.01, 1)
+    return got
 
 
 def test_round_robin_starts_at_offset_and_cycles():
@@ -70,21 +85,26 @@ def test_success_resets_consecutive_failures():
     assert pool.states()["http://a"] == CLOSED
 
 
-def test_half_open_single_trial_then_close_on_success():
+@pytest.mark.parametrize("balance", [LEAST_OUTSTANDING, ROUND_ROBIN])
+def test_half_open_single_trial_then_close_on_success(balance):
     clock = Clock()
-    pool = make(clock=clock)
+    pool = make(clock=clock, balance=balance)
     for _ in range(3):
         pool.record_failure("http://a", "refused")
     clock.t += 9.9
-    assert "http://a" not in {pool.acquire() for _ in range(6)}
+    assert "http://a" not in served(pool, 6)
     clock.t += 0.2  # cooldown over: exactly one trial request goes to a
     got = [pool.acquire() for _ in range(6)]
     assert got.count("http://a") == 1
     assert pool.states()["http://a"] == HALF_OPEN
+    for url in got:  # the other requests ended without a verdict
+        if url != "http://a":
+            pool.release(url)
     pool.record_success("http://a", 0.02, 100)
     assert pool.states()["http://a"] == CLOSED
     assert pool.stats.snapshot()["http://a"]["up_events"] == 1
-    assert [pool.acquire() for _ in range(3)].count("http://a") == 1  # back in normal rotation
+    assert served(pool, 3).count("http://a") == 1  # back in normal rotation
+    assert pool.outstanding() == dict.fromkeys(URLS, 0)
 
 
 def test_failed_trial_reopens_with_doubled_capped_cooldown():
@@ -202,3 +222,143 @@ def test_trip_opens_at_once():
     pool.record_failure("http://b", "ReadTimeout after 300s", 300.0, trip=True)
     assert pool.states()["http://b"] == OPEN
     assert pool.stats.snapshot()["http://b"]["down_events"] == 1
+
+
+# -- least outstanding --------------------------------------------------------------------------------------
+
+
+def test_least_outstanding_prefers_the_idle_server_ties_round_robin():
+    pool = make()
+    a = pool.acquire()
+    b = pool.acquire()
+    assert (a, b) == ("http://a", "http://b")
+    assert pool.outstanding() == {"http://a": 1, "http://b": 1, "http://c": 0}
+    assert pool.acquire() == "http://c"  # the only idle one
+    pool.record_success("http://b", 0.01, 1)
+    assert pool.acquire() == "http://b"  # b finished first: it gets the next request, not a (round-robin's)
+    pool.record_failure("http://a", "refused")
+    pool.release("http://c")
+    assert pool.outstanding() == {"http://a": 0, "http://b": 1, "http://c": 0}
+    assert pool.acquire() == "http://c"  # a and c idle: the tie goes round-robin (cursor after b)
+
+
+def test_round_robin_ignores_load():
+    pool = make(balance=ROUND_ROBIN)
+    got = [pool.acquire() for _ in range(4)]  # none of them completes
+    assert got == ["http://a", "http://b", "http://c", "http://a"]
+    assert pool.outstanding()["http://a"] == 2
+
+
+def test_siblings_see_each_others_requests_in_flight():
+    # Two DataLoader workers of one rank, each in its own slot of the shared counts.
+    shared = LocalServerStats(URLS, slots=2)
+    w0 = ServerPool(URLS, start_offset=0, stats=shared, slot=0)
+    w1 = ServerPool(URLS, start_offset=0, stats=shared, slot=1)
+    assert w0.acquire() == "http://a"
+    assert w1.acquire() == "http://b"  # same cursor, but a is busy with w0's request
+    assert w1.acquire() == "http://c"
+    w0.record_success("http://a", 0.01, 1)
+    assert w1.acquire() == "http://a"
+    # A worker that died mid-request left its count; its successor in the same slot clears it.
+    assert shared.snapshot()["http://b"]["outstanding"] == 1
+    shared.reset_slot(1)
+    assert all(s["outstanding"] == 0 for s in shared.snapshot().values())
+
+
+def test_outcome_without_acquire_counts_nothing_and_never_goes_negative():
+    shared = LocalServerStats(URLS, slots=2)
+    w0 = ServerPool(URLS, stats=shared, slot=0)
+    w1 = ServerPool(URLS, stats=shared, slot=1)
+    assert w1.acquire() == "http://a"
+    w0.record_success("http://a", 0.01, 1)  # w0 never sent it: w1's request is still in flight
+    w0.record_failure("http://a", "x")
+    w0.release("http://a")
+    assert w0.outstanding()["http://a"] == 1
+    w1.record_success("http://a", 0.01, 1)
+    w1.release("http://a")
+    assert w0.outstanding()["http://a"] == 0
+
+
+def test_least_outstanding_keeps_failover_and_breakers():
+    clock = Clock()
+    pool = make(clock=clock)
+    # avoid wins over load: the sample goes to b even though a is idle and b is busy.
+    busy = pool.acquire(avoid={"http://a", "http://c"})
+    assert busy == "http://b"
+    assert pool.acquire(avoid={"http://a"}) == "http://c"
+    assert pool.acquire(avoid={"http://a"}) in {"http://b", "http://c"}
+    # A server out of rotation is skipped however idle it is.
+    for _ in range(3):
+        pool.record_failure("http://a", "refused")
+    assert "http://a" not in served(pool, 6)
+    clock.t += 10.1  # one half-open trial, then out again on failure
+    got = [pool.acquire() for _ in range(4)]
+    assert got.count("http://a") == 1
+    pool.record_failure("http://a", "refused")
+    assert pool.states()["http://a"] == OPEN
+
+
+def test_bad_balance_is_named():
+    with pytest.raises(ValueError, match="balance must be one of"):
+        ServerPool(URLS, balance="random")
+
+
+def test_shared_counts_cross_processes():
+    # Real shared memory: a forked worker's request in flight is seen by its siblings (and the parent).
+    import multiprocessing
+
+    shared = SharedServerStats(URLS, slots=2)
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=_begin_in_child, args=(shared,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert ServerPool(URLS, stats=shared, slot=0).acquire() == "http://b"
+    assert shared.snapshot()["http://a"]["outstanding"] == 1
+
+
+def _begin_in_child(shared):
+    ServerPool(URLS, stats=shared, slot=1).acquire()  # to a, never ended (the child "dies" mid-request)
+
+
+def _closed_loop_share(balance: str, workers: int = 6, horizon_s: float = 200.0) -> dict[str, int]:
+    """Discrete-event model: `workers` closed-loop fetchers of one rank (shared counts) over servers a, b, c,
+    each a FIFO queue; a serves 1 request/s, b and c 2/s. Returns completed requests per server."""
+    import heapq
+
+    clock = Clock()
+    shared = LocalServerStats(URLS, slots=workers)
+    pools = [
+        ServerPool(URLS, start_offset=w, stats=shared, slot=w, balance=balance, clock=clock)
+        for w in range(workers)
+    ]
+    service = {"http://a": 1.0, "http://b": 0.5, "http://c": 0.5}
+    free_at = dict.fromkeys(URLS, clock.t)
+    done = dict.fromkeys(URLS, 0)
+    events: list[tuple[float, int, str]] = []
+
+    def send(w: int) -> None:
+        url = pools[w].acquire()
+        free_at[url] = max(free_at[url], clock.t) + service[url]
+        heapq.heappush(events, (free_at[url], w, url))
+
+    for w in range(workers):
+        send(w)
+    end = clock.t + horizon_s
+    while events and events[0][0] <= end:
+        clock.t, w, url = heapq.heappop(events)
+        pools[w].record_success(url, service[url], 1)
+        done[url] += 1
+        send(w)
+    return done
+
+
+def test_least_outstanding_gets_more_from_a_heterogeneous_pool():
+    rr = _closed_loop_share(ROUND_ROBIN)
+    lo = _closed_loop_share(LEAST_OUTSTANDING)
+    # Round-robin: equal shares, so the slow server (1/s) paces everything: ~3/s in all.
+    assert max(rr.values()) - min(rr.values()) <= 3
+    assert sum(rr.values()) < 3.2 * 200
+    # Least outstanding: the fast servers get more; the total approaches the capacity 5/s (all three busy).
+    assert lo["http://b"] > 1.5 * lo["http://a"] and lo["http://c"] > 1.5 * lo["http://a"]
+    assert sum(lo.values()) > 4.7 * 200

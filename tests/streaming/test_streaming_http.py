@@ -7,6 +7,7 @@ token-id mismatch, retries of 5xx and truncated files, a server dying mid-epoch 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -310,11 +311,29 @@ def test_workers_start_round_robin_at_rank_times_workers_plus_worker_id(root, se
     # Rank 1 with 2 DataLoader workers over 4 servers: worker w starts at server (1 * 2 + w) % 4, then cycles.
     srv = [servers(root) for _ in range(4)]
     base = conversations(8)
-    ds = dataset(base, [s.url for s in srv], root, rank=1, num_workers=2)
+    rr = dataclasses.replace(FAST, balance="round_robin")
+    ds = dataset(base, [s.url for s in srv], root, rank=1, num_workers=2, options=rr)
     list(DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_supervision))
     where = {p[0] - 100: k for k, s in enumerate(srv) for p in s.served}
     # Worker i % 2 fetches index i as its (i // 2)-th request.
     assert where == {i: (2 + i % 2 + i // 2) % 4 for i in range(8)}
+
+
+def test_least_outstanding_sends_less_to_a_slow_server_same_items(root, servers):
+    # 3 workers share in-flight counts; one of two servers takes 0.5 s per sample, the other 0.01 s (plus this
+    # machine's overhead). While the slow one is busy the others go to the fast one (an idle slow server still
+    # gets a request on a tie: it adds capacity), so the fast one gets clearly more (round-robin: 12 and 12).
+    # Every item is exact and in sampler order, and nothing stays counted in flight.
+    slow, fast = servers(root, write_delay_s=0.5), servers(root, write_delay_s=0.01)
+    base = conversations(24)
+    ds = dataset(base, [slow.url, fast.url], root, num_workers=3)
+    loader = DataLoader(ds, batch_size=2, num_workers=3, collate_fn=collate_supervision)
+    got = [int(sup.input_ids[r, 0]) - 100 for sup in loader for r in range(2)]
+    assert got == list(range(24))
+    assert len(fast.served) >= len(slow.served) + 6 and len(slow.served) + len(fast.served) == 24
+    assert all(s["outstanding"] == 0 for s in ds.server_stats().values())
+    for i in (0, 7, 23):
+        check_item(ds[i], base[i])
 
 
 @pytest.mark.e2e  # spawned workers import torch afresh: seconds, so kept out of the fast tier

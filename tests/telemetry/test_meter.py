@@ -85,6 +85,31 @@ def test_wait_fraction_and_rates_on_controlled_timings():
     assert m.aggregate().wall_s == pytest.approx(60.0)
 
 
+def test_all_reduce_time_is_peer_wait_and_not_demand():
+    # A fed rank of a starved job: data arrives at once, but it waits 3 s per step in the all-reduce for a
+    # starved peer. That time is not the drafter's work: the demand leaves it out like the data wait.
+    clock = Clock()
+    m = TrainMeter(kind=PREFETCHED, clock=clock)
+    m.start()
+
+    def all_reduce(grads, env):
+        clock.t += 3.0
+        return "reduced"
+
+    for batch in m.timed(SlowLoader(clock, 4, wait=0.0)):
+        m.fetch(lambda b: _sup(b), batch)
+        clock.t += 1.0  # compute
+        assert m.synced(all_reduce, [], None) == "reduced"
+    total = m.aggregate()
+    assert total.sync_s == pytest.approx(12.0) and total.sync_frac == pytest.approx(0.75)
+    assert total.data_wait_frac == pytest.approx(0.0)
+    assert total.demand_tokens_per_s() == pytest.approx(32 / 4.0)  # 4 s of compute, not 16 s
+    assert total.record()["sync_frac"] == pytest.approx(0.75)
+    with pytest.raises(ZeroDivisionError):  # a failing collective still counts its time
+        m.synced(lambda: (setattr(clock, "t", clock.t + 2.0), 1 / 0))
+    assert m.aggregate().sync_s == pytest.approx(14.0)
+
+
 def test_in_process_source_counts_as_supply_not_wait():
     clock = Clock()
     m = TrainMeter(kind=IN_PROCESS, clock=clock)

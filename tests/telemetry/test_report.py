@@ -51,7 +51,7 @@ def test_starved_verdict_gives_supply_vs_demand_and_suggests_serve_nodes():
     assert m["demand_tokens_per_s"] == pytest.approx(160.0)  # 4000 / 25 s not waiting
     text = "\n".join(verdict(m))
     assert "STARVED" in text and "supply 40 tok/s" in text and "demand 160 tok/s" in text and "(4.0x)" in text
-    assert "more serve nodes (SERVE_NODES, now 1; about 4 to keep up)" in text
+    assert "more serve nodes (SERVE_NODES, now 1; about 5 to keep up)" in text
     assert "STREAMING_NUM_WORKERS" in text and "now 2" in text
 
 
