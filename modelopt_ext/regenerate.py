@@ -227,6 +227,8 @@ def regenerate(
     part_size: int = 64,
     log: Callable[[str], None] = lambda m: print(m, flush=True),
     policy: BreakerPolicy | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Regenerate `data` into `out` (module docstring). Returns the summary dict (also OUT.summary.json)."""
     opts = opts or GenOptions()
@@ -246,7 +248,8 @@ def regenerate(
     parts_dir = out.with_name(out.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(rows), part_size))
-    todo = [s for s in starts if not (parts_dir / f"part-{s:09d}.jsonl").is_file()]
+    # Several nodes share the parts (node r does r, r + W, ...); whoever finds them all assembles the output.
+    todo = [s for s in starts[rank::world_size] if not (parts_dir / f"part-{s:09d}.jsonl").is_file()]
     log(
         f"regenerate: {len(rows)} conversations of {data} -> {out}; {len(servers)} server(s), temperature "
         f"{opts.temperature}, top_p {opts.top_p}, max_tokens {opts.max_tokens}; {len(starts) - len(todo)} of "
@@ -286,9 +289,16 @@ def regenerate(
                     last = now
     finally:
         client.close()
-    text = "".join((parts_dir / f"part-{s:09d}.jsonl").read_text(encoding="utf-8") for s in starts)
-    write_text_atomic(out, text)
+    missing = [s for s in starts if not (parts_dir / f"part-{s:09d}.jsonl").is_file()]
+    if not missing:
+        text = "".join((parts_dir / f"part-{s:09d}.jsonl").read_text(encoding="utf-8") for s in starts)
+        write_text_atomic(out, text)
+    else:
+        log(
+            f"regenerate: rank {rank} done; {len(missing)} parts of other ranks still missing (they assemble {out})"
+        )
     summary = {
+        "complete": not missing,
         "conversations": len(rows),
         "regenerated_now": stats.conversations,
         "assistant_turns": stats.turns,
@@ -302,7 +312,7 @@ def regenerate(
     }
     write_json_atomic(out.with_name(out.name + ".summary.json"), summary)
     log(
-        f"regenerate: done: {len(rows)} conversations in {out} ({stats.conversations} this run, "
+        f"regenerate: {'done' if not missing else 'rank ' + str(rank) + ' done'}: {len(rows)} conversations in {out} ({stats.conversations} this run, "
         f"{stats.turns} assistant turns, {stats.tokens} tokens, mean {summary['mean_tokens_per_turn']:.1f} "
         f"tokens/turn, {stats.hit_max_tokens} hit max_tokens, {len(stats.failures)} failed and kept as they "
         f"were) in {_fmt_s(summary['seconds'])}"
@@ -326,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-attempts", type=int, default=6)
     p.add_argument("--concurrency", type=int, default=8, help="Requests in flight.")
     p.add_argument("--part-size", type=int, default=64, help="Conversations per atomically written part.")
+    p.add_argument("--rank", type=int, default=0, help="This node's share of the parts (with --world-size).")
+    p.add_argument("--world-size", type=int, default=1)
     a = p.parse_args(argv)
     opts = GenOptions(a.temperature, a.top_p, a.max_tokens, a.thinking, a.max_attempts)
     servers = [u for u in a.servers.split(",") if u]

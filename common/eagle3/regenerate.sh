@@ -7,7 +7,9 @@
 # Options after TARGET go to `python -m modelopt_ext.regenerate` (--temperature, --top-p, --max-tokens,
 # --concurrency, --thinking ...). REGEN_SERVERS (comma-separated URLs of running OpenAI-compatible servers)
 # skips starting one here. Knobs: REGEN_PORT (8766), REGEN_MAX_MODEL_LEN (2048), REGEN_DTYPE (auto),
-# REGEN_START_TIMEOUT_S (900), SERVER_STOP_GRACE_S (15).
+# REGEN_START_TIMEOUT_S (900), REGEN_TP (vLLM tensor-parallel size, 1), SERVER_STOP_GRACE_S (15). On several
+# nodes (srun, one task per node) every node serves the target and regenerates its share of the parts; the last
+# node to finish assembles OUT.
 set -euo pipefail
 
 REGEN_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -38,7 +40,8 @@ start_server() {
   port="${REGEN_PORT:-8766}"
   proc_port_free "$port" || port="$(proc_free_port)"
   local -a cmd=("$vllm_py" -m vllm.entrypoints.openai.api_server --model "$target" --host 127.0.0.1
-    --port "$port" --max-model-len "${REGEN_MAX_MODEL_LEN:-2048}" --dtype "${REGEN_DTYPE:-auto}")
+    --port "$port" --max-model-len "${REGEN_MAX_MODEL_LEN:-2048}" --dtype "${REGEN_DTYPE:-auto}"
+    --tensor-parallel-size "${REGEN_TP:-1}")
   if [[ "$flavor" == cpu ]]; then
     cmd+=(--enforce-eager)
     export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
@@ -67,7 +70,9 @@ main() {
     start_server "$target" "${out}.vllm.log"
     servers="$SERVER_URL"
   fi
-  "$PY" -m modelopt_ext.regenerate --data "$data" --out "$out" --servers "$servers" "$@"
+  # One server per node; the nodes share the parts of the file (Slurm: one task per node).
+  "$PY" -m modelopt_ext.regenerate --data "$data" --out "$out" --servers "$servers" \
+    --rank "${SLURM_NODEID:-0}" --world-size "${SLURM_NNODES:-1}" "$@"
 }
 
 # On one line with main: bash reads a script as it runs it, so an edit of this file during a long run

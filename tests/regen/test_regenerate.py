@@ -202,3 +202,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         regenerate(
             tmp_path / "missing.jsonl", tmp_path / "o.jsonl", ["http://127.0.0.1:9"], log=lambda m: None
         )
+
+
+def test_two_nodes_share_the_parts_and_the_last_assembles(tmp_path):
+    a, b = ChatServer("A"), ChatServer("B")
+    data = _data(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    s1 = regenerate(data, out, [b.url], part_size=3, rank=1, world_size=2, log=lambda m: None)
+    assert not s1["complete"] and not out.exists() and s1["regenerated_now"] == 4  # parts 3..5 and 9
+    s0 = regenerate(data, out, [a.url], part_size=3, rank=0, world_size=2, log=lambda m: None)
+    assert s0["complete"] and s0["regenerated_now"] == 6
+    assert [r["id"] for r in _rows(out)] == [f"c{i}" for i in range(10)]
