@@ -287,3 +287,29 @@ def test_dump_cli_refuses_a_foreign_folder_in_one_line(make_recipe, tmp_path):
     assert proc.returncode == 2, proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert err == [f"error: {tmp_path / 'x'}: not empty and not a dump; choose an empty or new --out folder"]
+
+
+def test_fuzzed_shard_bytes_never_yield_wrong_data_silently(fp32_dump, tmp_path):
+    """Random byte corruption anywhere in a shard: every read gives the original sample or one OfflineError line."""
+    import random
+
+    index = od.open_dump(fp32_dump)
+    good = od.ShardReader(fp32_dump, index)
+    want = [good.read(i) for i in range(3)]
+    src = (fp32_dump / "shard-000000000.safetensors").read_bytes()
+    rng = random.Random(int(os.environ.get("FUZZ_SEED", "0")))
+    for trial in range(int(os.environ.get("FUZZ_TRIALS", "40"))):
+        folder = tmp_path / f"f{trial}"
+        folder.mkdir()
+        data = bytearray(src)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        (folder / "shard-000000000.safetensors").write_bytes(bytes(data))
+        reader = od.ShardReader(folder, index)
+        for i in range(3):
+            try:
+                got = reader.read(i)
+            except od.OfflineError as e:
+                assert "\n" not in str(e) and "shard-000000000.safetensors" in str(e)
+                continue
+            assert all(torch.equal(got[k], want[i][k]) for k in want[i]), (trial, i)
