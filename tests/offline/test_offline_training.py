@@ -36,7 +36,8 @@ def test_fp32_dump_trains_exactly_like_colocated(make_recipe, tmp_path):
     assert colocated.metrics == offline.metrics
 
 
-def test_hybrid_streams_the_first_epoch_once_then_reads_the_dump(make_recipe, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hybrid_streams_the_first_epoch_once_then_reads_the_dump(make_recipe, tmp_path, workers):
     from fake_vllm import FakeVllmServer
 
     server = FakeVllmServer(str(tmp_path / "hs"), n_layers=4, hidden=128).start()
@@ -49,6 +50,7 @@ def test_hybrid_streams_the_first_epoch_once_then_reads_the_dump(make_recipe, tm
         f"training.output_dir={tmp_path / 'h'}",
         "training.batch_size=2",
         "training.epochs=2",
+        f"data.num_workers={workers}",
         "training.save_interval=5",
         *STEPS,
     ]
