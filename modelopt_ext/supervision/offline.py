@@ -231,6 +231,7 @@ def write_shard(
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the shard from other users of shared storage
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
