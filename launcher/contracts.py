@@ -542,6 +542,7 @@ STREAMING_KNOBS = (
     Knob("TRAINER_WAIT_S", SECONDS, "non-head trainers waiting for the head's address"),
     Knob("DONE_WAIT_S", SECONDS, "non-head trainers waiting for the done marker"),
     Knob("SERVER_STOP_GRACE_S", SECONDS, "SIGTERM -> SIGKILL grace of a server"),
+    Knob("TRAIN_ENTRY", _choice("modelopt_ext.train", "modelopt_ext.dump"), "what the trainer ranks run"),
     Knob("SERVE_RESTARTS", _int(0), "restarts of a dead server by its node (with >= 2 serve nodes)"),
     Knob("SERVE_RESTART_BACKOFF_S", _positive, "first wait before a restart (doubles each time)"),
     Knob("RDV_POLL_S", _positive, "marker polling period"),

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(redacted(recipe.model_dump(mode="json")), sort_keys=False).rstrip())
         sys.stdout.flush()
 
+    from modelopt_ext.supervision.offline import OfflineError
     from modelopt_ext.training.checkpoint import CheckpointError
     from modelopt_ext.training.trainer import train
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OfflineError as e:  # a corrupt dump shard: one line naming the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if result.stop_signal is not None:
         # Not finished: say so to the scheduler (a requeue then resumes from the checkpoint just written).
         return 128 + result.stop_signal

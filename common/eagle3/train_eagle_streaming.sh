@@ -19,7 +19,9 @@
 # docs/entry-scripts.md): SERVE_ENGINE, SERVE_PORT, SERVE_TP, SERVE_GPU_MEM_UTIL,
 # EAGLE_CAPTURE_IDS, STREAMING_NUM_WORKERS, SERVE_MAX_MODEL_LEN, SERVE_MAX_NUM_SEQS, SERVE_ADVERTISE_IP,
 # MAIN_PROCESS_PORT, TRAIN_PROCS_PER_NODE, SERVE_RESTARTS, SERVE_RESTART_BACKOFF_S, and the timeouts
-# SERVE_START_TIMEOUT_S, SERVE_WAIT_S, HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S.
+# SERVE_START_TIMEOUT_S, SERVE_WAIT_S, HEALTH_WAIT_S, TRAINER_WAIT_S, DONE_WAIT_S; TRAIN_ENTRY (the module the
+# trainer ranks run: modelopt_ext.train, or modelopt_ext.dump to write the servers' supervision to
+# <training.output_dir>/supervision, docs/offline.md).
 set -euo pipefail
 
 ENTRY_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -35,6 +37,7 @@ source "${ENTRY_REPO}/common/lib/proc.sh"
 source "${ENTRY_REPO}/common/lib/python.sh"
 
 SERVE_ENGINE="${SERVE_ENGINE:-vllm}"
+TRAIN_ENTRY="${TRAIN_ENTRY:-modelopt_ext.train}"
 SERVE_START_TIMEOUT_S="${SERVE_START_TIMEOUT_S:-900}"
 SERVE_WAIT_S="${SERVE_WAIT_S:-1200}"
 HEALTH_WAIT_S="${HEALTH_WAIT_S:-120}"
@@ -397,13 +400,13 @@ train() {
   split_train_args "$@"
   local -a train_args=("${TRAIN_OPTS[@]}" "${TRAIN_OVERRIDES[@]}" "${overrides[@]}")
   if ((total == 1)); then
-    cmd=("$PY" -m modelopt_ext.train "${train_args[@]}")
+    cmd=("$PY" -m "$TRAIN_ENTRY" "${train_args[@]}")
   else
     # --multi_gpu is accelerate's torchrun path; on CPU nodes it is also what starts several processes
     # (gloo), see docs/training.md. Precision is the trainer's own (training.dtype), hence "no" here.
     cmd=("$PY" -m accelerate.commands.launch --multi_gpu --num_machines "$machines" --machine_rank "$rank"
       --num_processes "$total" --mixed_precision no --dynamo_backend no --main_process_ip "${TRAINER_ADDR%:*}" --main_process_port "${TRAINER_ADDR##*:}"
-      -m modelopt_ext.train "${train_args[@]}")
+      -m "$TRAIN_ENTRY" "${train_args[@]}")
   fi
   ((procs > 0)) || fail "no processes left for training on node ${NODE_ID} (TRAIN_PROCS_PER_NODE / GPUs)"
   log "trainer ${rank}/${machines} (${total} processes in all): ${cmd[*]}"
@@ -428,6 +431,11 @@ train() {
 # finish_head: the head trainer makes sure the export exists, then marks the job done.
 finish_head() {
   local out="$JOB_OUTPUT_DIR" last
+  if [[ "$TRAIN_ENTRY" != modelopt_ext.train ]]; then
+    rdv_mark_done "$RDV_DIR"
+    log "done: ${TRAIN_ENTRY} finished"
+    return 0
+  fi
   PHASE="export on node ${NODE_ID}"
   if [[ ! -f "$out/export/config.json" ]]; then
     last="$(find "$out" -maxdepth 1 -type d -name 'epoch_*_step_*' -printf '%f\n' | sort -t_ -k4,4n | tail -n 1)"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelopt_ext.config.errors import ConfigError, problems_from_validation
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
 
-DataMode = Literal["colocated", "offline", "streaming", "remote"]
+DataMode = Literal["colocated", "offline", "hybrid", "streaming", "remote"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -81,13 +81,18 @@ class DataConfig(_Strict):
     )
     max_length: int = Field(default=2048, gt=1)
     strict: bool = Field(default=False, description="Fail on malformed lines instead of skipping them.")
-    cache_dir: str | None = Field(
-        default=None, description="Tokenisation cache; default: <output_dir>/cache."
+    cache_dir: str | None = Field(default=None, description="Tokenisation cache; default: <output_dir>/cache.")
+    mode: DataMode | None = Field(default=None, description="Derived from the configured source when omitted.")
+    offline_dir: str | None = Field(
+        default=None,
+        description=(
+            "A supervision dump (python -m modelopt_ext.dump; docs/offline.md). Alone: train from it (offline). "
+            "With data.server_urls: hybrid, the first epoch streams and fills it, later epochs read it."
+        ),
     )
-    mode: DataMode | None = Field(
-        default=None, description="Derived from the configured source when omitted."
+    offline_dtype: Literal["bfloat16", "float32"] = Field(
+        default="bfloat16", description="Hybrid: the dtype hidden states are stored in."
     )
-    offline_dir: str | None = None
     server_urls: list[str] = Field(default_factory=list)
     shared_storage_root: str | None = Field(
         default=None, description="Streaming: hidden-state files must resolve inside this folder."
@@ -128,8 +133,10 @@ class DataConfig(_Strict):
     def _derive_mode(self) -> DataConfig:
         derived: DataMode
         if self.offline_dir and self.server_urls:
-            raise ValueError("set either data.offline_dir or data.server_urls, not both")
-        if self.offline_dir:
+            if self.mode == "remote":
+                raise ValueError("data.offline_dir with data.server_urls is hybrid mode (vLLM servers), not remote")
+            derived = "hybrid"
+        elif self.offline_dir:
             derived = "offline"
         elif self.server_urls:
             derived = "remote" if self.mode == "remote" else "streaming"
@@ -137,7 +144,8 @@ class DataConfig(_Strict):
             derived = "colocated"
         if self.mode is not None and self.mode != derived:
             need = {
-                "offline": "data.offline_dir",
+                "offline": "data.offline_dir and no server_urls",
+                "hybrid": "data.offline_dir and data.server_urls",
                 "streaming": "data.server_urls",
                 "remote": "data.server_urls",
                 "colocated": "no offline_dir and no server_urls",

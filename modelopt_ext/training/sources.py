@@ -101,3 +101,15 @@ def _remote(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any)
 
 
 register_source("remote", _remote)
+
+
+def _offline(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: Any) -> SourceSetup:
+    """A supervision dump (supervision/offline.py), and for hybrid servers filling it; imported only when used."""
+    from modelopt_ext.supervision import offline
+
+    build = offline.build_hybrid_source if recipe.data.mode == "hybrid" else offline.build_offline_source
+    return build(recipe, env, dataset, pad_id, vocab)
+
+
+register_source("offline", _offline)
+register_source("hybrid", _offline)

@@ -62,6 +62,7 @@ def test_legacy_server_url_and_deprecated_prefetch():
     [
         ({"path": "d"}, "colocated"),
         ({"path": "d", "offline_dir": "dumps"}, "offline"),
+        ({"path": "d", "offline_dir": "dumps", "server_urls": ["http://a"]}, "hybrid"),
         ({"path": "d", "server_urls": ["http://a"]}, "streaming"),
         ({"path": "d", "server_urls": ["http://a"], "mode": "remote"}, "remote"),
     ],
@@ -73,8 +74,12 @@ def test_mode_is_derived_from_the_source(data, mode):
 def test_explicit_mode_must_match_the_source():
     lines = problems(dict(BASE, data={"path": "d", "mode": "streaming"}))
     assert len(lines) == 1 and lines[0].startswith("data:") and "data.server_urls" in lines[0]
-    lines = problems(dict(BASE, data={"path": "d", "offline_dir": "x", "server_urls": ["http://a"]}))
-    assert "not both" in lines[0]
+    lines = problems(
+        dict(BASE, data={"path": "d", "offline_dir": "x", "server_urls": ["http://a"], "mode": "remote"})
+    )
+    assert "hybrid mode (vLLM servers), not remote" in lines[0]
+    lines = problems(dict(BASE, data={"path": "d", "offline_dir": "x", "mode": "hybrid"}))
+    assert "hybrid needs data.offline_dir and data.server_urls" in lines[0]
 
 
 def test_aux_layer_ids_validated():
@@ -82,7 +87,10 @@ def test_aux_layer_ids_validated():
     assert lines[0].startswith("model.aux_layer_ids:") and "distinct" in lines[0]
 
 
-@pytest.mark.parametrize("layers,expected", [(36, [2, 18, 33]), (32, [2, 16, 29]), (5, [1, 2, 4]), (4, [1, 2, 3]), (3, [1, 2]), (2, [1])])
+@pytest.mark.parametrize(
+    "layers,expected",
+    [(36, [2, 18, 33]), (32, [2, 16, 29]), (5, [1, 2, 4]), (4, [1, 2, 3]), (3, [1, 2]), (2, [1])],
+)
 def test_default_aux_layer_ids(layers, expected):
     assert default_aux_layer_ids(layers) == expected
 
@@ -93,7 +101,9 @@ def test_redaction_masks_secrets_and_survives_non_string_keys():
 
 
 def test_overrides_typed_and_nested():
-    data = apply_overrides(BASE, ["training.lr=3e-4", "eagle.ttt_steps=3", "data.server_urls=[http://a, http://b]"])
+    data = apply_overrides(
+        BASE, ["training.lr=3e-4", "eagle.ttt_steps=3", "data.server_urls=[http://a, http://b]"]
+    )
     r = parse_recipe(data)
     assert r.training.lr == 3e-4 and r.eagle.ttt_steps == 3 and r.data.server_urls == ["http://a", "http://b"]
     assert BASE["training"] == {"output_dir": "out"}  # input not mutated
@@ -124,11 +134,13 @@ def test_load_yaml_errors_name_the_file(tmp_path):
 
 def test_load_recipe_reports_with_source(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         model: {path: m}
         data: {path: d}
         training: {output_dir: o, lr: 1e-4}
-    """))
+    """)
+    )
     r = load_recipe(p, ["training.lr=2e-4"])
     assert r.training.lr == 2e-4
     with pytest.raises(ConfigError) as e:

@@ -38,7 +38,10 @@ def test_bad_recipe_exits_2_with_field_paths(tmp_path, capsys):
     assert all(line.startswith("error: ") for line in err)
 
 
-def test_unbuilt_source_mode_is_one_line(tmp_path, capsys):
+def test_unbuilt_source_mode_is_one_line(tmp_path, capsys, monkeypatch):
+    from modelopt_ext.training import sources
+
+    monkeypatch.delitem(sources._BUILDERS, "offline")
     path = _write(tmp_path, _recipe(tmp_path))
     with pytest.raises(SystemExit) as e:
         cli.main(["--config", str(path), f"data.offline_dir={tmp_path}"])
