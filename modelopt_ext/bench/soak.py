@@ -33,10 +33,10 @@ from modelopt_ext.bench.supply import (
     LOOPBACK,
     REPO,
     TINY_RECIPE,
-    _free_port,
     _one_thread_env,
     _start_serve_target,
-    _stop,
+    free_port,
+    stop_group,
 )
 
 
@@ -164,7 +164,7 @@ def soak_target(target: Path, seconds: float, clients: int, work: Path) -> SoakR
         for c in conns:
             c.close()
     finally:
-        _stop(proc)
+        stop_group(proc)
     return row
 
 
@@ -182,7 +182,7 @@ def soak_vllm(target: Path, seconds: float, clients: int, work: Path) -> SoakRow
     ids = capture_layer_ids(target_num_layers(target), None)
     t0 = time.monotonic()
     handle = start_hidden_states_server(
-        str(target), shared_storage=root, capture_ids=ids, host=LOOPBACK, port=_free_port(), dtype="float32",
+        str(target), shared_storage=root, capture_ids=ids, host=LOOPBACK, port=free_port(), dtype="float32",
         max_model_len=512, log_path=work / "vllm.log", startup_timeout=900, die_with_parent=True,
     )  # fmt: skip
     row.note = f"1 CPU server (up in {time.monotonic() - t0:.0f} s), 64-token samples"

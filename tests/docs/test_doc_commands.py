@@ -64,6 +64,8 @@ SKIPPED = {
     "(tests/vllm starts it through serve_hidden_states)",
     "sinfo": "a Slurm client through the local test cluster's wrappers (tests/slurm starts and uses them)",
     "sbatch": "a Slurm client through the local test cluster's wrappers (tests/slurm starts and uses them)",
+    "torchrun": "starts one rank per GPU; the module it runs (modelopt_ext.dump) is checked where the docs show "
+    "it with python -m",
 }
 
 _SHELL_LANGS = {"bash", "sh", "shell", "console"}

@@ -261,6 +261,13 @@ def test_recipe_value_problems_all_at_once_with_the_scripts_own_overrides(tmp_pa
         "      - --config recipes/eagle3/qwen3_8b_streaming.yaml\n      - training.lr=-1\n"
         "      - data.offline_dir=/somewhere\n",
     )
+    # With our target server (SERVE_ENGINE=target) the script adds data.mode=remote, which an offline dir
+    # contradicts (hybrid mode streams from vLLM servers only): visible only with the script's overrides.
+    spec.write_text(
+        spec.read_text().replace(
+            '      - SERVE_NODES: "1"\n', '      - SERVE_NODES: "1"\n      - SERVE_ENGINE: target\n'
+        )
+    )
     lines = problems(spec)
     assert lines == [
         (
@@ -269,7 +276,7 @@ def test_recipe_value_problems_all_at_once_with_the_scripts_own_overrides(tmp_pa
         ),
         (
             "pipeline.task_1.args: recipe recipes/eagle3/qwen3_8b_streaming.yaml (with the streaming script's own overrides): "
-            "data: set either data.offline_dir or data.server_urls, not both"
+            "data: data.offline_dir with data.server_urls is hybrid mode (vLLM servers), not remote"
         ),
     ]
 
