@@ -204,7 +204,7 @@ def _chunk_mask(a: int, b: int, key_valid: torch.Tensor | None, device) -> torch
 
 def _chunked_forward(q, k, v, key_valid, scale, chunk):
     """(o0 [B, nh, T, d] in q's dtype, lse0 fp32 [B, nh, T]) of causal attention, chunk rows at a time."""
-    b, h, t, d = q.shape
+    b, h, t, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     for a in range(0, t, chunk):
