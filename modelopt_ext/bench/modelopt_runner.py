@@ -7,7 +7,7 @@ plain `transformers.Trainer`, export with `modelopt.torch.export.export_speculat
 
     python modelopt_runner.py SPEC.json      # prints one JSON line of figures last
 
-SPEC keys: target, data (a torch file of {"items": [{"input_ids", "loss_mask"}...]} written by vs_modelopt),
+SPEC keys: target, pad_to, data (a torch file of {"items": [{"input_ids", "loss_mask"}...]} written by vs_modelopt),
 batch_size, steps, warmup, ttt_steps, lr, step_decay, aux_ids_0based, arch (eagle_architecture_config
 overrides), compile (bool), device, export_dir, seed, threads.
 """
@@ -60,8 +60,13 @@ def main(spec_path: str) -> int:
         def __getitem__(self, i):
             return items[i]
 
+    real_tokens: list[int] = []
+
     def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
+        # Fixed width, as Model-Optimizer's example collator pads to training_seq_len: its TTT masks are
+        # cached per TTT step for the first sequence length it sees, so widths must not vary.
+        width = spec["pad_to"]
+        real_tokens.append(sum(len(b["input_ids"]) for b in batch))
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         am = torch.zeros(len(batch), width, dtype=torch.long)
         lm = torch.zeros(len(batch), width, dtype=torch.long)
@@ -122,6 +127,8 @@ def main(spec_path: str) -> int:
                 "wall_s": wall,
                 "peak_mb": peak,
                 "peak_kind": kind,
+                "padding_waste": 1
+                - sum(real_tokens) / (len(real_tokens) * spec["batch_size"] * spec["pad_to"]),
                 "export_dir": spec["export_dir"],
                 "modelopt_version": __import__("modelopt").__version__,
                 "transformers_version": __import__("transformers").__version__,

@@ -101,6 +101,13 @@ def prepare(work: Path, ttt_steps: int) -> dict:
     items = [ds[i] for i in range(len(ds))]
     import torch
 
+    # Padding waste of batch-max padding (what our collate does) over random batches of this data.
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(items), generator=g).tolist()
+    lens = [len(items[i]["input_ids"]) for i in order]
+    bs = 8
+    chunks = [lens[i : i + bs] for i in range(0, len(lens) - bs + 1, bs)]
+    waste = 1 - sum(map(sum, chunks)) / sum(len(c) * max(c) for c in chunks)
     data = work / "items.pt"
     torch.save({"items": items}, data)
     cfg = AutoConfig.from_pretrained(str(target))
@@ -121,6 +128,7 @@ def prepare(work: Path, ttt_steps: int) -> dict:
             "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", 4096)),
         },
         "prompts": REPO / recipe.data.path,
+        "batch_max_padding_waste": waste,
     }
 
 
@@ -149,6 +157,7 @@ def run_ours(work: Path, name: str, setup: dict, args, steps: int, warmup: int, 
     fig = json.loads(js.read_text())
     ckpts = sorted((out / "out").glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
     fig["draft"] = str(ckpts[-1]) if ckpts else None
+    fig["padding_waste"] = setup["batch_max_padding_waste"]
     fig["wall_s"] = time.monotonic() - t0
     return fig
 
@@ -160,6 +169,7 @@ def run_modelopt(
     spec = {
         "target": str(setup["target"]),
         "data": str(setup["data"]),
+        "pad_to": setup["recipe"].data.max_length,
         "batch_size": args.batch_size,
         "steps": steps,
         "warmup": warmup,
@@ -244,7 +254,10 @@ def format_table(rows: list[dict], meta: dict) -> str:
             f"{meta['device']}, {meta['threads']} torch thread(s), {meta['steps']} measured steps after "
             f"{meta['warmup']}"
         ),
-        f"{'run':28s} {'samples/s':>9s} {'vs mo eager':>11s} {'peak MB':>9s} {'first step s':>12s} {'accept len':>10s}",
+        (
+            f"{'run':28s} {'samples/s':>9s} {'vs mo eager':>11s} {'peak MB':>9s} {'first step s':>12s} "
+            f"{'padding':>8s} {'accept len':>10s}"
+        ),
     ]
     base = next((r for r in rows if r["run"] == "modelopt eager" and "samples_per_s" in r), None)
     for r in rows:
@@ -254,12 +267,16 @@ def format_table(rows: list[dict], meta: dict) -> str:
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
         acc = f"{r['accept_len']:.3f}" if "accept_len" in r else r.get("accept_error", "-")[:40]
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
+        pad = f"{100 * r['padding_waste']:.0f}%" if r.get("padding_waste") is not None else "-"
         lines.append(
-            f"  {r['run']:26s} {r['samples_per_s']:9.2f} {ratio:>11s} {r['peak_mb']:9.0f} {first:>12s} {acc:>10s}"
+            f"  {r['run']:26s} {r['samples_per_s']:9.2f} {ratio:>11s} {r['peak_mb']:9.0f} {first:>12s} "
+            f"{pad:>8s} {acc:>10s}"
         )
     lines.append(
         "peak MB: process peak RSS on CPU (target, libraries and interpreter included), torch's peak allocated "
-        "bytes on CUDA; modelopt's export aux ids mapped from eagle_config (0-based outputs) to vLLM ids (+1)"
+        "bytes on CUDA; padding: share of padded token slots (ours pads to the batch's longest row, modelopt to "
+        "data.max_length as its example collator does: its TTT masks are cached for one length); modelopt's "
+        "export aux ids mapped from eagle_config (0-based outputs) to vLLM ids (+1)"
     )
     ours = next((r for r in rows if r["run"] == "ours" and "samples_per_s" in r), None)
     speed = ours["samples_per_s"] / base["samples_per_s"] if ours and base else float("nan")

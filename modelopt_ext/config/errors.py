@@ -140,6 +140,10 @@ def problems_from_validation(
         else:
             msg = e["msg"].removeprefix("Value error, ")
             shown = e.get("input")
-            got = "" if isinstance(shown, (dict, list)) or kind.startswith("value_error") else f" (got {shown!r})"
+            got = (
+                ""
+                if isinstance(shown, (dict, list)) or kind.startswith("value_error")
+                else f" (got {shown!r})"
+            )
             lines.append(f"{path}: {msg}{got}")
     return lines

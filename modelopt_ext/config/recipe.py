@@ -73,19 +73,28 @@ class DataConfig(_Strict):
 
     path: str = Field(description="Conversations JSONL (ShareGPT `conversations` or OpenAI `messages`).")
     chat_template: str | None = Field(
-        default=None, description="A Jinja chat template (inline or a path to a .jinja file); default: the tokenizer's."
+        default=None,
+        description="A Jinja chat template (inline or a path to a .jinja file); default: the tokenizer's.",
     )
     max_length: int = Field(default=2048, gt=1)
     strict: bool = Field(default=False, description="Fail on malformed lines instead of skipping them.")
-    cache_dir: str | None = Field(default=None, description="Tokenisation cache; default: <output_dir>/cache.")
-    mode: DataMode | None = Field(default=None, description="Derived from the configured source when omitted.")
+    cache_dir: str | None = Field(
+        default=None, description="Tokenisation cache; default: <output_dir>/cache."
+    )
+    mode: DataMode | None = Field(
+        default=None, description="Derived from the configured source when omitted."
+    )
     offline_dir: str | None = None
     server_urls: list[str] = Field(default_factory=list)
     shared_storage_root: str | None = Field(
         default=None, description="Streaming: hidden-state files must resolve inside this folder."
     )
-    auth_token_file: str | None = Field(default=None, description="Bearer token for the servers, read from a file.")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming).")
+    auth_token_file: str | None = Field(
+        default=None, description="Bearer token for the servers, read from a file."
+    )
+    num_workers: int = Field(
+        default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -125,7 +134,9 @@ class DataConfig(_Strict):
                 "remote": "data.server_urls",
                 "colocated": "no offline_dir and no server_urls",
             }[self.mode]
-            raise ValueError(f"mode is {self.mode!r} but the configured source is {derived!r}; {self.mode} needs {need}")
+            raise ValueError(
+                f"mode is {self.mode!r} but the configured source is {derived!r}; {self.mode} needs {need}"
+            )
         object.__setattr__(self, "mode", derived)
         return self
 
@@ -138,6 +149,11 @@ class EagleConfig(_Strict):
     step_loss_decay: float = Field(default=0.8, gt=0, le=1)
     freeze_embeddings: bool = True
     num_layers: int = Field(default=1, ge=1)
+    attention: Literal["auto", "fused", "chunked", "dense"] = Field(
+        default="auto",
+        description="TTT attention backend (models/ttt_attention.py): auto = fused flash kernels where they "
+        "apply, else query chunks; dense = the quadratic reference.",
+    )
 
 
 class TrainingConfig(_Strict):
@@ -160,6 +176,9 @@ class TrainingConfig(_Strict):
         default="auto", description="auto: fp32 on CPU, bf16 autocast on GPU."
     )
     export_at_end: bool = True
+    compile: bool = Field(
+        default=False, description="torch.compile the draft step and loss (first steps pay the compile time)."
+    )
 
 
 class Recipe(_Strict):
