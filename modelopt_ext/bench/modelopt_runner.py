@@ -61,12 +61,15 @@ def main(spec_path: str) -> int:
             return items[i]
 
     real_tokens: list[int] = []
+    widths: list[int] = []
 
     def collate(batch):
-        # Fixed width, as Model-Optimizer's example collator pads to training_seq_len: its TTT masks are
-        # cached per TTT step for the first sequence length it sees, so widths must not vary.
-        width = spec["pad_to"]
+        # pad_to = data.max_length: fixed width, as Model-Optimizer's example collator pads to
+        # training_seq_len. pad_to = 0: the batch's longest row, the same tensors our trainer sees (its TTT
+        # masks are cached per TTT step for one length: the Clock callback clears them every step).
+        width = spec["pad_to"] or max(len(b["input_ids"]) for b in batch)
         real_tokens.append(sum(len(b["input_ids"]) for b in batch))
+        widths.append(width * len(batch))
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         am = torch.zeros(len(batch), width, dtype=torch.long)
         lm = torch.zeros(len(batch), width, dtype=torch.long)
@@ -78,6 +81,12 @@ def main(spec_path: str) -> int:
     marks: list[float] = []
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not spec["pad_to"]:
+                for m in model.modules():
+                    if isinstance(getattr(m, "_cached_attn_blk_masks", None), dict):
+                        m._cached_attn_blk_masks.clear()
+
         def on_step_end(self, args, state, control, **kw):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()

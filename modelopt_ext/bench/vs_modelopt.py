@@ -163,13 +163,22 @@ def run_ours(work: Path, name: str, setup: dict, args, steps: int, warmup: int, 
 
 
 def run_modelopt(
-    work: Path, name: str, setup: dict, args, py: str, steps: int, warmup: int, compile_: bool
+    work: Path,
+    name: str,
+    setup: dict,
+    args,
+    py: str,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    fixed: bool = False,
 ) -> dict:
     """nvidia-modelopt's trainer (modelopt_runner.py under its interpreter); figures + its export folder."""
     spec = {
         "target": str(setup["target"]),
         "data": str(setup["data"]),
-        "pad_to": setup["recipe"].data.max_length,
+        # fixed: pad every batch to data.max_length (its example's collator); else the batch's longest row.
+        "pad_to": setup["recipe"].data.max_length if fixed else 0,
         "batch_size": args.batch_size,
         "steps": steps,
         "warmup": warmup,
@@ -274,9 +283,10 @@ def format_table(rows: list[dict], meta: dict) -> str:
         )
     lines.append(
         "peak MB: process peak RSS on CPU (target, libraries and interpreter included), torch's peak allocated "
-        "bytes on CUDA; padding: share of padded token slots (ours pads to the batch's longest row, modelopt to "
-        "data.max_length as its example collator does: its TTT masks are cached for one length); modelopt's "
-        "export aux ids mapped from eagle_config (0-based outputs) to vLLM ids (+1)"
+        "bytes on CUDA; padding: share of padded token slots. Same batches in every run (padded to the batch's "
+        "longest row; modelopt's cached TTT masks cleared per step) except 'pad N': every batch padded to "
+        "data.max_length, as Model-Optimizer's example collator does. modelopt's export aux ids mapped from "
+        "eagle_config (0-based layer outputs) to vLLM ids (+1)"
     )
     ours = next((r for r in rows if r["run"] == "ours" and "samples_per_s" in r), None)
     speed = ours["samples_per_s"] / base["samples_per_s"] if ours and base else float("nan")

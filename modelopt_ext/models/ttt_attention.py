@@ -30,6 +30,8 @@ Block-0 backends:
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Literal
 
 import torch
@@ -37,6 +39,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 Impl = Literal["auto", "fused", "chunked", "dense"]
 IMPLS: tuple[str, ...] = ("auto", "fused", "chunked", "dense")
+
+log = logging.getLogger(__name__)
 
 # Bytes of fp32 scores one chunk may hold (the chunked backend's transient, per chunk).
 _CHUNK_BYTES = 64 << 20
@@ -93,7 +97,41 @@ def fused_supported(query: torch.Tensor) -> bool:
     if query.device.type == "cpu":
         return query.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     if query.device.type == "cuda":
-        return query.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
+        ok_shape = query.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 256
+        return ok_shape and _cuda_fused_works(query.device.index or 0, query.dtype, d)
+    return False
+
+
+@functools.cache
+def _cuda_fused_works(index: int, dtype: torch.dtype, head_dim: int) -> bool:
+    """Probe once per (GPU, dtype, head size): the private flash ops run and agree with the chunked
+    backend, forward and backward. A build whose ops differ falls back to "chunked" with a warning
+    instead of failing a training run."""
+    dev = torch.device("cuda", index)
+    try:
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+            return probe_fused(dev, dtype, head_dim)
+    except Exception as e:  # noqa: BLE001 - any failure of the private ops means: do not use them
+        log.warning("fused TTT attention unavailable on %s (%s): using chunked", dev, e)
+    return False
+
+
+def probe_fused(dev: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the fused backend agrees with the chunked one (outputs and gradients) on `dev`."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    shape = (1, 2, 48, head_dim)
+    x = [torch.randn(*shape, device=dev, generator=g).to(dtype).requires_grad_() for _ in range(5)]
+    q, kv = x[0], x[1:]
+    outs = []
+    for backend in ("fused", "chunked"):
+        out = _TTTAttention.apply(q, None, backend, head_dim**-0.5, 16, *kv)
+        grads = torch.autograd.grad(out.float().square().sum(), x)
+        outs.append([out.float(), *[t.float() for t in grads]])
+    err = max((a - b).abs().max().item() for a, b in zip(*outs, strict=True))
+    scale = max(b.abs().max().item() for b in outs[1])
+    if err <= 5e-2 * max(1.0, scale):
+        return True
+    log.warning("fused TTT attention disagrees with the chunked one on %s (%.3g): using chunked", dev, err)
     return False
 
 

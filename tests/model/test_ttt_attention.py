@@ -120,3 +120,11 @@ def test_head_loss_gradients_equal_across_backends():
     for impl in ("chunked", "fused"):
         for name, ref in grads["dense"].items():
             torch.testing.assert_close(grads[impl][name], ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_probe_accepts_a_working_backend():
+    """The once-per-GPU probe (the guard in front of the private CUDA flash ops) on CPU, where both run."""
+    from modelopt_ext.models.ttt_attention import probe_fused
+
+    assert probe_fused(torch.device("cpu"), torch.float32, 16)
+    assert probe_fused(torch.device("cpu"), torch.bfloat16, 64)
