@@ -136,8 +136,7 @@ def main(spec_path: str) -> int:
                 "wall_s": wall,
                 "peak_mb": peak,
                 "peak_kind": kind,
-                "padding_waste": 1
-                - sum(real_tokens) / (len(real_tokens) * spec["batch_size"] * spec["pad_to"]),
+                "padding_waste": 1 - sum(real_tokens) / sum(widths),
                 "export_dir": spec["export_dir"],
                 "modelopt_version": __import__("modelopt").__version__,
                 "transformers_version": __import__("transformers").__version__,

@@ -57,6 +57,8 @@ def eagle3_loss(
     total = None
     metrics: dict[str, torch.Tensor] = {}
     accs = []
+    with torch.no_grad():
+        target_argmax = probs.argmax(-1)  # once, shifted per step below (an argmax over Vd per step saved)
     steps = model.ttt(sup.input_ids, sup.aux_hidden_states, sup.attention_mask, ttt_steps)
     for j, (logits, _hidden) in enumerate(steps):
         target = shift_left(probs, j + 1)
@@ -64,7 +66,7 @@ def eagle3_loss(
         loss_j = soft_cross_entropy(logits, target, mask)
         n = mask.sum().clamp(min=1)
         with torch.no_grad():
-            acc_j = ((logits.argmax(-1) == target.argmax(-1)) & mask).sum().float() / n
+            acc_j = ((logits.argmax(-1) == shift_left(target_argmax, j + 1)) & mask).sum().float() / n
         total = step_decay**j * loss_j if total is None else total + step_decay**j * loss_j
         metrics[f"loss_{j}"] = loss_j.detach()
         metrics[f"acc_{j}"] = acc_j
