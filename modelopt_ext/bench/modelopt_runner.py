@@ -99,6 +99,8 @@ def main(spec_path: str) -> int:
         per_device_train_batch_size=spec["batch_size"],
         learning_rate=spec["lr"],
         lr_scheduler_type="constant",
+        max_grad_norm=1.0,  # the Trainer's default, set here because vs_modelopt sets ours to the same
+        weight_decay=0.0,
         logging_steps=max(1, total),
         save_strategy="no",
         report_to=[],

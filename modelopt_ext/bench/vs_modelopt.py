@@ -149,7 +149,7 @@ def run_ours(work: Path, name: str, setup: dict, args, steps: int, warmup: int, 
         "--threads", str(args.threads), "--workdir", str(out), "--json", str(js),
         f"training.batch_size={args.batch_size}", f"eagle.ttt_steps={args.ttt_steps}",
         f"eagle.draft_vocab_size={setup['vocab']}", "training.schedule=constant", "training.warmup_steps=0",
-        f"training.lr={recipe.training.lr}", "training.max_grad_norm=null",
+        f"training.lr={recipe.training.lr}", "training.max_grad_norm=1.0",
         *(["training.dtype=bfloat16"] if args.device == "cuda" else []), *extra,
     ]  # fmt: skip
     t0 = time.monotonic()
@@ -286,8 +286,9 @@ def format_table(rows: list[dict], meta: dict) -> str:
         )
     lines.append(
         "peak MB: process peak RSS on CPU (target, libraries and interpreter included), torch's peak allocated "
-        "bytes on CUDA; padding: share of padded token slots. Same batches in every run (padded to the batch's "
-        "longest row; modelopt's cached TTT masks cleared per step) except 'pad N': every batch padded to "
+        "bytes on CUDA; padding: share of padded token slots (ours: expected over random batches). Same padding "
+        "rule in every run (the batch's longest row; modelopt's cached TTT masks cleared per step) except "
+        "'pad N': every batch padded to "
         "data.max_length, as Model-Optimizer's example collator does. modelopt's export aux ids mapped from "
         "eagle_config (0-based layer outputs) to vLLM ids (+1)"
     )
