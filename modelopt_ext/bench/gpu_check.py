@@ -224,7 +224,7 @@ def section_memory(work: Path, args) -> list[dict]:
     if args.cpu:
         cmd += ["--quick", "--impls", "auto,dense"]
     else:
-        cmd += ["--device", "cuda", "--lengths", "1024,4096,16384,32768", "--impls", "auto,chunked,dense",
+        cmd += ["--device", "cuda", "--lengths", "1024,4096,8192,16384,32768", "--impls", "auto,dense",
                 "--max-mb", "60000", "--budget-mb", "131072"]  # fmt: skip
     rc, out = _run(cmd, work / "memory.log", 300 if args.cpu else 200)
     if not js.is_file():
@@ -232,7 +232,9 @@ def section_memory(work: Path, args) -> list[dict]:
     data = json.loads(js.read_text())
     rows = []
     for r in data["rows"]:
-        what = f"{r['impl']} T={r['T']}"
+        what = (
+            f"{r['impl']}{'=' + r['backend'] if r.get('backend') not in (None, r['impl']) else ''} T={r['T']}"
+        )
         if "peak_mb" in r:
             rows.append(
                 {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_TS = (1024, 4096, 16384)
+DEFAULT_TS = (1024, 4096, 8192, 16384)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +110,20 @@ def run_point(impl: str, t: int, args: argparse.Namespace) -> dict:
         step()
         secs = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"impl": impl, "T": t, "peak_mb": round(peak, 1), "seconds": round(secs, 3), "device": dev.type}
+    from modelopt_ext.models.ttt_attention import resolve_impl
+
+    probe = torch.empty(
+        1, 1, 1, cfg.head_dim, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32
+    )
+    backend = impl if impl == "dense" else resolve_impl(impl, probe, True)
+    return {
+        "impl": impl,
+        "backend": backend,
+        "T": t,
+        "peak_mb": round(peak, 1),
+        "seconds": round(secs, 3),
+        "device": dev.type,
+    }
 
 
 class _null:
@@ -126,7 +139,11 @@ def _fit(points: list[tuple[int, float]]) -> np.ndarray:
     t = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
     if len(points) >= 3:
-        return np.linalg.lstsq(np.stack([np.ones_like(t), t, t * t], 1), y, rcond=None)[0]
+        coef = np.linalg.lstsq(np.stack([np.ones_like(t), t, t * t], 1), y, rcond=None)[0]
+        if coef[2] > 0:
+            return coef
+        # no measurable curvature (a linear backend): a straight line, so the extrapolation stays bounded
+        return np.array([*np.linalg.lstsq(np.stack([np.ones_like(t), t], 1), y, rcond=None)[0], 0.0])
     if len(points) == 2:
         b = (y[1] - y[0]) / (t[1] - t[0])
         return np.array([y[0] - b * t[0], b, 0.0])
@@ -134,9 +151,9 @@ def _fit(points: list[tuple[int, float]]) -> np.ndarray:
 
 
 def _longest_within(coef: np.ndarray, budget: float) -> int:
-    """Largest T (multiple of 256) whose fitted peak is <= budget."""
+    """Largest T (multiple of 256, at most 2^22) whose fitted peak is <= budget."""
     lo, hi = 0, 256
-    while hi < 2**24 and _eval(coef, hi) <= budget:
+    while hi < 2**22 and _eval(coef, hi) <= budget:
         lo, hi = hi, hi * 2
     while hi - lo > 256:
         mid = (lo + hi) // 2 // 256 * 256
@@ -221,13 +238,14 @@ def format_tables(rows: list[dict], summary: list[dict], args: argparse.Namespac
             f"TTT memory sweep: head hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}, "
             f"{args.ttt_steps} TTT steps, batch 1, forward+backward, {device}"
         ),
-        f"{'attention':10s} {'T':>7s} {'peak MB':>10s} {'s/step':>8s}",
+        f"{'attention':13s} {'T':>7s} {'peak MB':>10s} {'s/step':>8s}",
     ]
     for r in rows:
         if "peak_mb" in r:
-            lines.append(f"{r['impl']:10s} {r['T']:7d} {r['peak_mb']:10.1f} {r['seconds']:8.2f}")
+            name = r["impl"] if r.get("backend") in (None, r["impl"]) else f"{r['impl']}={r['backend']}"
+            lines.append(f"{name:13s} {r['T']:7d} {r['peak_mb']:10.1f} {r['seconds']:8.2f}")
         else:
-            lines.append(f"{r['impl']:10s} {r['T']:7d} {r.get('skipped') or r.get('error')}")
+            lines.append(f"{r['impl']:13s} {r['T']:7d} {r.get('skipped') or r.get('error')}")
     lines.append(
         f"{'attention':10s} {'MB/1k tok':>10s} {'peak ratio':>18s} {'longest T in ' + str(int(args.budget_mb)) + ' MB (fit)':>30s}"
     )
