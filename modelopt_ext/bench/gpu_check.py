@@ -150,7 +150,7 @@ def _train_rows(work: Path, name: str, args, extra: list[str], env: dict | None 
     cmd = [
         sys.executable, "-m", "modelopt_ext.bench.train_throughput", "--steps", str(steps), "--warmup", "3",
         "--threads", "1" if args.cpu else "0", "--json", str(js), "--workdir", str(work / name),
-        f"training.dtype={dtype}", *extra,
+        f"training.dtype={dtype}", *([] if args.cpu else ["model.dtype=bfloat16"]), *extra,
     ]  # fmt: skip
     rc, out = _run(cmd, work / f"{name}.log", 300 if args.cpu else 240, env)
     if rc != 0 or not js.is_file():
@@ -167,7 +167,7 @@ def section_train(work: Path, args) -> list[dict]:
     return [
         {
             "section": "train",
-            "what": f"colocated, {'fp32' if args.cpu else 'bf16'}, batch {fig['batch_size']}, ttt {fig['ttt_steps']}",
+            "what": f"colocated, {'fp32' if args.cpu else 'bf16 target+head'}, batch {fig['batch_size']}, ttt {fig['ttt_steps']}",
             "value": f"{fig['samples_per_s']:.1f} samples/s, {fig['tokens_per_s']:.0f} tok/s, "
             f"peak {fig.get('peak_mb', float('nan')):.0f} MB ({fig.get('peak_kind', '?')})",
             "ok": True,
