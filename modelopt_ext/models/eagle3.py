@@ -307,6 +307,7 @@ class Eagle3DraftModel(nn.Module):
             t2d[:] = True
         self.register_buffer("t2d", t2d)
         self.attention_impl = "auto"  # TTT attention backend (models/ttt_attention.py); not in the export
+        self.selects_logits = True  # ttt() takes logits_masks (objective.py asks before passing them)
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -338,14 +339,20 @@ class Eagle3DraftModel(nn.Module):
     # --- one drafting step (shared by training and inference) ----------------------------------------
 
     def step(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, attend: AttendFn
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attend: AttendFn,
+        logits_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the decoder layer: (token ids [B, q], hidden [B, q, H], positions [B, q]) ->
-        (draft logits [B, q, Vd], pre-norm hidden [B, q, H] fed to the next step)."""
+        (draft logits [B, q, Vd], pre-norm hidden [B, q, H] fed to the next step). With `logits_mask`
+        (bool [B, q]) the logits are only computed where it holds: [N, Vd] in row-major order."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         out = self.layers[0](embeds, hidden, position_embeddings, attend)
-        return self.lm_head(self.norm(out)), out
+        return self.lm_head(self.norm(out if logits_mask is None else out[logits_mask])), out
 
     # --- training: the training-time test ----------------------------------------------------------
 
@@ -355,11 +362,14 @@ class Eagle3DraftModel(nn.Module):
         aux_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         steps: int = 7,
+        logits_masks: list[torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Unroll `steps` TTT steps over an aligned, unshifted batch; yields (logits, hidden) per step.
 
         input_ids [B, T] and aux_hidden_states [B, T, n_aux*H_t] as in `Supervision` (right padding: positions
         are 0..T-1). Step j at position t reads token t+1+j and RoPE position t+j; see the module docstring.
+        `logits_masks[j]` (bool [B, T]): step j's logits only where it holds ([N_j, Vd]): the loss needs
+        them at its valid positions only, and the head over the vocabulary is the largest matmul.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -379,7 +389,8 @@ class Eagle3DraftModel(nn.Module):
                     q, keys, values, attention_mask, scaling, self.attention_impl, right_padded
                 )
 
-            logits, hidden = self.step(shift_left(input_ids, j + 1), hidden, positions + j, attend)
+            sel = logits_masks[j] if logits_masks is not None else None
+            logits, hidden = self.step(shift_left(input_ids, j + 1), hidden, positions + j, attend, sel)
             yield logits, hidden
 
     def forward(
