@@ -60,6 +60,8 @@ def steady_rates(metrics_file: Path, warmup: int) -> dict[str, float]:
         "seconds": dt,
         "samples_per_s": (last["run_samples"] - first["run_samples"]) / dt,
         "tokens_per_s": (last["run_tokens"] - first["run_tokens"]) / dt,
+        "samples_per_cpu_s": (last["run_samples"] - first["run_samples"])
+        / max(1e-9, last.get("process_cpu_s", 0.0) - first.get("process_cpu_s", 0.0)),
         "final_loss": last.get("loss"),
         "final_sim_accept_len": last.get("sim_accept_len"),
     }

@@ -267,8 +267,8 @@ def format_table(rows: list[dict], meta: dict) -> str:
             f"{meta['warmup']}, best of {meta.get('rounds', 1)} alternating round(s)"
         ),
         (
-            f"{'run':28s} {'samples/s':>9s} {'vs mo eager':>11s} {'peak MB':>9s} {'first step s':>12s} "
-            f"{'padding':>8s} {'accept len':>10s}"
+            f"{'run':28s} {'samples/s':>9s} {'vs mo eager':>11s} {'samples/CPU-s':>13s} {'vs mo':>6s} "
+            f"{'peak MB':>8s} {'first step s':>12s} {'padding':>8s} {'accept len':>10s}"
         ),
     ]
     base = next((r for r in rows if r["run"] == "modelopt eager" and "samples_per_s" in r), None)
@@ -280,13 +280,21 @@ def format_table(rows: list[dict], meta: dict) -> str:
         acc = f"{r['accept_len']:.3f}" if "accept_len" in r else r.get("accept_error", "-")[:40]
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
         pad = f"{100 * r['padding_waste']:.0f}%" if r.get("padding_waste") is not None else "-"
+        cpu = r.get("samples_per_cpu_s")
+        cpu_ratio = (
+            f"{cpu / base['samples_per_cpu_s']:.2f}x"
+            if cpu and base and base.get("samples_per_cpu_s")
+            else "-"
+        )
+        cpu_txt = f"{cpu:.2f}" if cpu else "-"
         lines.append(
-            f"  {r['run']:26s} {r['samples_per_s']:9.2f} {ratio:>11s} {r['peak_mb']:9.0f} {first:>12s} "
-            f"{pad:>8s} {acc:>10s}"
+            f"  {r['run']:26s} {r['samples_per_s']:9.2f} {ratio:>11s} {cpu_txt:>13s} {cpu_ratio:>6s} "
+            f"{r['peak_mb']:8.0f} {first:>12s} {pad:>8s} {acc:>10s}"
         )
     lines.append(
         "peak MB: process peak RSS on CPU (target, libraries and interpreter included), torch's peak allocated "
-        "bytes on CUDA; padding: share of padded token slots (ours: expected over random batches). Same padding "
+        "bytes on CUDA; samples/CPU-s: samples per CPU second of the training process over the same steps "
+        "(one thread: not skewed by other jobs taking the cores; not meaningful on CUDA); padding: share of padded token slots (ours: expected over random batches). Same padding "
         "rule in every run (the batch's longest row; modelopt's cached TTT masks cleared per step) except "
         "'pad N': every batch padded to "
         "data.max_length, as Model-Optimizer's example collator does. modelopt's export aux ids mapped from "
