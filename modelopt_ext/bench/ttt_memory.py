@@ -4,8 +4,8 @@ One forward+backward of the EAGLE-3 head alone (default: hidden 256, 4 heads, vo
 batch 1, fp32 on CPU / bf16 autocast on GPU) per (attention backend, T), each on CPU in a fresh process so
 its peak RSS growth is its own (on GPU: torch's peak allocated bytes). Prints a table of peak MB and s/step,
 then per backend MB per 1k tokens, the largest/smallest-T memory ratio (linear = the T ratio, quadratic =
-its square) and the longest T whose peak fits `--budget-mb` (from a least-squares fit a + bT + cT^2 of the
-measured points: an estimate, said so). A benchmark, not a test.
+its square) and the longest T whose peak fits `--budget-mb` (extrapolated from the measured points: an
+estimate, said so). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -150,19 +150,29 @@ def _fit(points: list[tuple[int, float]]) -> np.ndarray:
     return np.array([0.0, y[0] / t[0], 0.0])
 
 
-def _longest_within(coef: np.ndarray, budget: float) -> int:
-    """Largest T (multiple of 256, at most 2^22) whose fitted peak is <= budget."""
+def _longest_within(points: list[tuple[int, float]], budget: float) -> int:
+    """Largest T (multiple of 256, at most 2^22) whose predicted peak is <= budget: the fit a + bT + cT^2
+    from three or more points, else the power law through the last two (a quadratic form's exponent shows
+    from two points, a straight line would understate it)."""
+    if len(points) >= 3:
+        coef = _fit(points)
+
+        def peak(t: float) -> float:
+            return float(coef[0] + coef[1] * t + coef[2] * t * t)
+    else:
+        (t1, y1), (t2, y2) = points[0], points[-1]
+        expo = np.log(max(y2, 1e-9) / max(y1, 1e-9)) / np.log(t2 / t1) if t2 != t1 else 1.0
+
+        def peak(t: float) -> float:
+            return float(y2 * (t / t2) ** expo)
+
     lo, hi = 0, 256
-    while hi < 2**22 and _eval(coef, hi) <= budget:
+    while hi < 2**22 and peak(hi) <= budget:
         lo, hi = hi, hi * 2
     while hi - lo > 256:
         mid = (lo + hi) // 2 // 256 * 256
-        lo, hi = (mid, hi) if _eval(coef, mid) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
     return lo
-
-
-def _eval(coef: np.ndarray, t: float) -> float:
-    return float(coef[0] + coef[1] * t + coef[2] * t * t)
 
 
 def _worker_cmd(impl: str, t: int, argv: list[str]) -> list[str]:
@@ -215,7 +225,6 @@ def summarize(rows: list[dict], budget_mb: float) -> list[dict]:
         if not pts:
             continue
         (t_lo, y_lo), (t_hi, y_hi) = pts[0], pts[-1]
-        coef = _fit(pts)
         out.append(
             {
                 "impl": impl,
@@ -225,7 +234,7 @@ def summarize(rows: list[dict], budget_mb: float) -> list[dict]:
                 if t_lo >= 1024
                 else f"{t_hi}/{t_lo}",
                 "token_ratio": t_hi / t_lo,
-                "longest_T_in_budget": _longest_within(coef, budget_mb),
+                "longest_T_in_budget": _longest_within(pts, budget_mb),
             }
         )
     return out
