@@ -211,12 +211,20 @@ def section_serve(work: Path, args) -> list[dict]:
     plane = "unknown"
     for text in (out, server_log):
         for backend in ("nccl", "gloo"):
-            if f"formed ({backend}" in text or f"backend {backend}" in text or f"'{backend}'" in text:
+            if f"formed ({backend}" in text:
                 plane = backend
+    # A fallback says why (e.g. NCCL refusing two ranks on one GPU): put that line in the row.
+    why = [
+        ln.strip()
+        for ln in (out + server_log).splitlines()
+        if "wire format" in ln or "data plane disabled" in ln
+    ]
+    if why:
+        plane = f"{plane}, then wire" if plane != "unknown" else "wire"
     if "error" in fig:
         return [{"section": "serve", "what": f"serve_target ({device})", "error": fig["error"]}]
     want = "gloo" if args.cpu else "nccl"
-    note = "" if plane == want else f" (expected {want}; see serve_target.log / train_remote.log)"
+    note = "" if plane == want else f" (expected {want}: {why[-1][-160:] if why else 'see serve_target.log'})"
     return [
         {
             "section": "serve",
