@@ -341,12 +341,14 @@ def _one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MODELOPT_EXT_NCCL_PORT": "0"}
 
 
-def _start_serve_target(target: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+def _start_serve_target(
+    target: Path, tmp: Path, device: str = "cpu", dtype: str = "auto"
+) -> tuple[subprocess.Popen, str]:
     url_file = tmp / "serve_target.url"
     with (tmp / "serve_target.log").open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--host", LOOPBACK,
-             "--port", "0", "--device", "cpu", "--url-file", str(url_file), "--threads", "1"],
+             "--port", "0", "--device", device, "--dtype", dtype, "--url-file", str(url_file), "--threads", "1"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env=_one_thread_env(),
         )  # fmt: skip

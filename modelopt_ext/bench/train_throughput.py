@@ -60,9 +60,23 @@ def steady_rates(metrics_file: Path, warmup: int) -> dict[str, float]:
         "seconds": dt,
         "samples_per_s": (last["run_samples"] - first["run_samples"]) / dt,
         "tokens_per_s": (last["run_tokens"] - first["run_tokens"]) / dt,
+        "samples_per_cpu_s": (last["run_samples"] - first["run_samples"])
+        / max(1e-9, last.get("process_cpu_s", 0.0) - first.get("process_cpu_s", 0.0)),
         "final_loss": last.get("loss"),
         "final_sim_accept_len": last.get("sim_accept_len"),
     }
+
+
+def peak_memory() -> dict:
+    """{peak_mb, peak_kind}: torch's peak allocated CUDA bytes, else the process's peak RSS (CPU: includes
+    the interpreter, the libraries and a colocated target)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_kind": "cuda allocated"}
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_kind": "process RSS"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     train(recipe)
     if os.environ.get("RANK", "0") != "0":
         return 0
     figures = steady_rates(Path(recipe.training.output_dir) / "metrics.jsonl", args.warmup)
+    figures.update(peak_memory())
     figures.update(
         device=str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         torch_threads=torch.get_num_threads(),
@@ -121,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"train_throughput: {figures['samples_per_s']:.2f} samples/s, {figures['tokens_per_s']:.0f} tokens/s "
-        f"over {figures['steps']} steps ({figures['seconds']:.1f} s) after {args.warmup} warmup steps; "
+        f"over {figures['steps']} steps ({figures['seconds']:.1f} s) after {args.warmup} warmup steps, "
+        f"peak {figures['peak_mb']:.0f} MB ({figures['peak_kind']}); "
         f"batch {figures['batch_size']} x accum {figures['grad_accum']}, ttt {figures['ttt_steps']}, "
         f"{figures['device']}, {world} rank(s) x {figures['torch_threads']} torch thread(s)"
     )

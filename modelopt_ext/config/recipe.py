@@ -165,6 +165,11 @@ class EagleConfig(_Strict):
     step_loss_decay: float = Field(default=0.8, gt=0, le=1)
     freeze_embeddings: bool = True
     num_layers: int = Field(default=1, ge=1)
+    attention: Literal["auto", "fused", "chunked", "dense"] = Field(
+        default="auto",
+        description="TTT attention backend (models/ttt_attention.py): auto = fused flash kernels where they "
+        "apply, else query chunks; dense = the quadratic reference.",
+    )
 
 
 class TrainingConfig(_Strict):
@@ -187,6 +192,9 @@ class TrainingConfig(_Strict):
         default="auto", description="auto: fp32 on CPU, bf16 autocast on GPU."
     )
     export_at_end: bool = True
+    compile: bool = Field(
+        default=False, description="torch.compile the draft step and loss (first steps pay the compile time)."
+    )
 
 
 class Recipe(_Strict):

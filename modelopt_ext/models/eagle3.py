@@ -32,8 +32,9 @@ TTT step equals an incremental, cache-based inference chain).
 Training-time test (TTT) attention: the step-j query at position t attends to
     - the step-0 keys/values at positions s <= t (causal; padding keys masked), and
     - the keys/values of steps 1..j at the SAME position t (the "diagonal" extra keys).
-It is computed in a compact form: scores against step-0 keys [T, T] plus one column per earlier step
-([T, j]), with an explicit boolean mask from `ttt_attention_mask` (True = may attend).
+It is computed in memory linear in T (models/ttt_attention.py): causal attention over the step-0 keys
+(fused flash kernels or query chunks) merged with the per-step diagonal terms by log-sum-exp; no [T, T]
+score tensor is kept for backward. `attention_impl` ("auto", "fused", "chunked", "dense") picks the backend.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     repeat_kv,
+)
+
+from modelopt_ext.models.ttt_attention import (  # noqa: F401  (ttt_attention_mask: re-exported)
+    is_right_padded,
+    ttt_attention,
+    ttt_attention_mask,
 )
 
 # attend(q [B, nh, q, d], k [B, nkv, q, d], v [B, nkv, q, d]) -> [B, nh, q, d]; owns the K/V cache and mask.
@@ -204,49 +211,6 @@ def _rope_from_dict(g: dict) -> tuple[float, dict | None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def ttt_attention_mask(attention_mask: torch.Tensor, step: int) -> torch.Tensor:
-    """Boolean mask [B, 1, T, T + step] for TTT step `step` (True = may attend).
-
-    Columns 0..T-1 are the step-0 keys at positions 0..T-1: causal, and padding keys are masked (a
-    query always keeps its own position so no row is empty). Column T + i - 1 (i = 1..step) is the key
-    of step i at the query's own position: always visible.
-    """
-    b, t = attention_mask.shape
-    dev = attention_mask.device
-    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-    eye = torch.eye(t, dtype=torch.bool, device=dev)
-    base = causal & (attention_mask.bool()[:, None, None, :] | eye)
-    extra = torch.ones(b, 1, t, step, dtype=torch.bool, device=dev)
-    return torch.cat([base, extra], dim=-1)
-
-
-def ttt_attention(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    mask: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention of the step-j query over step-0 keys (causal) plus the diagonal keys of steps 1..j.
-
-    query [B, nh, T, d]; keys/values: one [B, nkv, T, d] per step 0..j; mask from `ttt_attention_mask`.
-    The diagonal keys only ever meet the query at the same position, so their scores are row-wise dot
-    products ([B, nh, T, 1] each) instead of full [T, T] blocks.
-    """
-    groups = query.shape[1] // keys[0].shape[1]
-    k0, v0 = repeat_kv(keys[0], groups), repeat_kv(values[0], groups)
-    scores = [torch.matmul(query, k0.transpose(2, 3)) * scaling]
-    for k in keys[1:]:
-        scores.append((query * repeat_kv(k, groups)).sum(-1, keepdim=True) * scaling)
-    s = torch.cat(scores, dim=-1).float().masked_fill(~mask, torch.finfo(torch.float32).min)
-    p = torch.softmax(s, dim=-1).to(query.dtype)
-    t = k0.shape[2]
-    out = torch.matmul(p[..., :t], v0)
-    for i, v in enumerate(values[1:]):
-        out = out + p[..., t + i : t + i + 1] * repeat_kv(v, groups)
-    return out
-
-
 def masked_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
@@ -342,6 +306,8 @@ class Eagle3DraftModel(nn.Module):
         if identity:
             t2d[:] = True
         self.register_buffer("t2d", t2d)
+        self.attention_impl = "auto"  # TTT attention backend (models/ttt_attention.py); not in the export
+        self.selects_logits = True  # ttt() takes logits_masks (objective.py asks before passing them)
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -373,14 +339,20 @@ class Eagle3DraftModel(nn.Module):
     # --- one drafting step (shared by training and inference) ----------------------------------------
 
     def step(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor, attend: AttendFn
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attend: AttendFn,
+        logits_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the decoder layer: (token ids [B, q], hidden [B, q, H], positions [B, q]) ->
-        (draft logits [B, q, Vd], pre-norm hidden [B, q, H] fed to the next step)."""
+        (draft logits [B, q, Vd], pre-norm hidden [B, q, H] fed to the next step). With `logits_mask`
+        (bool [B, q]) the logits are only computed where it holds: [N, Vd] in row-major order."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         out = self.layers[0](embeds, hidden, position_embeddings, attend)
-        return self.lm_head(self.norm(out)), out
+        return self.lm_head(self.norm(out if logits_mask is None else out[logits_mask])), out
 
     # --- training: the training-time test ----------------------------------------------------------
 
@@ -390,11 +362,14 @@ class Eagle3DraftModel(nn.Module):
         aux_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         steps: int = 7,
+        logits_masks: list[torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Unroll `steps` TTT steps over an aligned, unshifted batch; yields (logits, hidden) per step.
 
         input_ids [B, T] and aux_hidden_states [B, T, n_aux*H_t] as in `Supervision` (right padding: positions
         are 0..T-1). Step j at position t reads token t+1+j and RoPE position t+j; see the module docstring.
+        `logits_masks[j]` (bool [B, T]): step j's logits only where it holds ([N_j, Vd]): the loss needs
+        them at its valid positions only, and the head over the vocabulary is the largest matmul.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -404,15 +379,18 @@ class Eagle3DraftModel(nn.Module):
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         scaling = self.layers[0].self_attn.scaling
+        right_padded = is_right_padded(attention_mask)  # once for all steps (a device sync on GPU)
         for j in range(steps):
-            mask = ttt_attention_mask(attention_mask, j)
 
-            def attend(q, k, v, mask=mask):
+            def attend(q, k, v):
                 keys.append(k)
                 values.append(v)
-                return ttt_attention(q, keys, values, mask, scaling)
+                return ttt_attention(
+                    q, keys, values, attention_mask, scaling, self.attention_impl, right_padded
+                )
 
-            logits, hidden = self.step(shift_left(input_ids, j + 1), hidden, positions + j, attend)
+            sel = logits_masks[j] if logits_masks is not None else None
+            logits, hidden = self.step(shift_left(input_ids, j + 1), hidden, positions + j, attend, sel)
             yield logits, hidden
 
     def forward(

@@ -198,8 +198,11 @@ def selected_ids(vocab: Any) -> torch.Tensor:
 def probs_from_logits(logits: torch.Tensor, vocab: Any) -> torch.Tensor:
     """Full-vocabulary logits [.., V] -> fp32 softmax over the draft columns [.., Vd]; rows whose target
     argmax is outside the draft vocabulary are all zeros (they carry no usable target)."""
-    sel = selected_ids(vocab).to(logits.device)
     t2d = torch.as_tensor(vocab.t2d, dtype=torch.bool).to(logits.device)
+    if len(t2d) == logits.shape[-1] and bool(t2d.all()):
+        # The full vocabulary in target order (d2t all zeros): no column gather, every argmax is in it.
+        return torch.softmax(logits.float(), dim=-1)
+    sel = selected_ids(vocab).to(logits.device)
     probs = torch.softmax(logits.float().index_select(-1, sel), dim=-1)
     in_vocab = t2d[logits.argmax(-1)]
     return probs * in_vocab.unsqueeze(-1)

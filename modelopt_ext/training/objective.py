@@ -11,6 +11,10 @@ input is real (attention_mask[t]) and position_mask[t+1+j] holds; positions past
              position mask guarantees the target's argmax is in the draft vocabulary)
     sim_accept_len = 1 + sum_{j<k} prod_{i<=j} acc_i
 
+The draft head's logits are only computed at each step's valid positions (`logits_masks` of the model's
+`ttt`, when it offers them): the head over the draft vocabulary and the softmax are the largest part of a
+step, and padding, prompt tokens and the sequence end never enter the loss.
+
 The simulated acceptance length is the expected number of tokens per verification in a greedy chain of
 k drafts: draft j is accepted only if drafts 0..j all were, and the teacher-forced acc_i approximates the
 probability that draft i is right given that the earlier ones were; the 1 is the target's own token.
@@ -57,14 +61,27 @@ def eagle3_loss(
     total = None
     metrics: dict[str, torch.Tensor] = {}
     accs = []
-    steps = model.ttt(sup.input_ids, sup.aux_hidden_states, sup.attention_mask, ttt_steps)
+    with torch.no_grad():
+        target_argmax = probs.argmax(-1)  # once; read at each step's shifted positions below
+    masks = [shift_left(position_mask, j + 1, False) & input_valid for j in range(ttt_steps)]
+    if getattr(model, "selects_logits", False):
+        steps = model.ttt(
+            sup.input_ids, sup.aux_hidden_states, sup.attention_mask, ttt_steps, logits_masks=masks
+        )
+    else:
+        steps = model.ttt(sup.input_ids, sup.aux_hidden_states, sup.attention_mask, ttt_steps)
     for j, (logits, _hidden) in enumerate(steps):
-        target = shift_left(probs, j + 1)
-        mask = shift_left(position_mask, j + 1, False) & input_valid
-        loss_j = soft_cross_entropy(logits, target, mask)
+        mask = masks[j]
+        if logits.dim() == 3:  # a model that returns every position: keep the valid ones
+            logits = logits[mask]
+        # valid (b, t) at step j is trained on the target distribution at (b, t + 1 + j)
+        b_idx, t_idx = mask.nonzero(as_tuple=True)
+        target = probs[b_idx, t_idx + j + 1]
+        ones = torch.ones(len(b_idx), dtype=torch.bool, device=mask.device)
+        loss_j = soft_cross_entropy(logits, target, ones)
         n = mask.sum().clamp(min=1)
         with torch.no_grad():
-            acc_j = ((logits.argmax(-1) == target.argmax(-1)) & mask).sum().float() / n
+            acc_j = (logits.argmax(-1) == target_argmax[b_idx, t_idx + j + 1]).sum().float() / n
         total = step_decay**j * loss_j if total is None else total + step_decay**j * loss_j
         metrics[f"loss_{j}"] = loss_j.detach()
         metrics[f"acc_{j}"] = acc_j

@@ -93,6 +93,7 @@ def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> Train
         hf_config, aux_layer_ids=setup.aux_layer_ids, draft_vocab_size=len(vocab.d2t)
     )
     model = Eagle3DraftModel(config)
+    model.attention_impl = recipe.eagle.attention
     model.set_vocab(vocab)
     if setup.target_embeddings is not None:
         model.load_embeddings(setup.target_embeddings, freeze=recipe.eagle.freeze_embeddings)

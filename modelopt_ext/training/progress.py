@@ -104,6 +104,9 @@ class ProgressTracker:
                     "samples_per_s": sps,
                     "tokens_per_s": tps,
                     "elapsed_s": self.elapsed,
+                    # CPU seconds of this process: on a shared machine, rates by CPU time are not skewed by
+                    # other jobs taking the cores (bench/vs_modelopt.py reports both).
+                    "process_cpu_s": time.process_time(),
                     "run_samples": self.samples,
                     "run_tokens": self.tokens,
                     **metrics,

@@ -122,3 +122,19 @@ def test_resolve_target_three_forms_agree(saved_target):
     assert 0 < int(m1.sum()) < int(expect.numel())
     # rows in the mask are proper distributions over the draft columns
     torch.testing.assert_close(p1[m1].sum(-1), torch.ones(int(m1.sum())))
+
+
+def test_full_vocab_probs_skip_the_gather_and_equal_it():
+    """Full draft vocabulary: the shortcut (no column gather) equals the general path's result."""
+    from types import SimpleNamespace
+
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    full = SimpleNamespace(d2t=torch.zeros(7, dtype=torch.long), t2d=torch.ones(7, dtype=torch.bool))
+    got = probs_from_logits(logits, full)
+    torch.testing.assert_close(got, torch.softmax(logits, -1))
+    # the same vocabulary described with one id missing from t2d takes the general path (zeros rows)
+    partial = SimpleNamespace(d2t=torch.zeros(6, dtype=torch.long), t2d=torch.arange(7) < 6)
+    ref = probs_from_logits(logits, partial)
+    rows = logits.argmax(-1) < 6
+    torch.testing.assert_close(ref[rows], torch.softmax(logits[..., :6], -1)[rows])
+    assert (ref[~rows] == 0).all()
