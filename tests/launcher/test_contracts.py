@@ -235,7 +235,7 @@ def test_training_override_typo_and_missing_recipe_exit_2_with_nothing_written(t
     assert p.stderr.splitlines() == [
         (
             f"error: {spec}: pipeline.task_1.args[1]: training.lrr: unknown key (did you mean 'training.lr'?); "
-            "allowed under training: batch_size, dtype, epochs, export_at_end, grad_accum, log_interval, lr, "
+            "allowed under training: batch_size, compile, dtype, epochs, export_at_end, grad_accum, log_interval, lr, "
             "max_grad_norm, max_steps, output_dir, save_interval, schedule, seed, warmup_steps, weight_decay"
         )
     ]
