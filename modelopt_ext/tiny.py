@@ -251,7 +251,8 @@ def build_tiny_target(
     An existing build with the same parameters is reused (and the reuse is logged); `force` rebuilds.
     Deterministic for a given seed on a given machine. Returns `out_dir`.
     """
-    log = log or (lambda msg: print(msg, flush=True))
+    # Progress is a log, not a result: stderr, so callers that print tables on stdout stay parseable.
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     head_dim = hidden_size // num_heads
     if hidden_size % num_heads or head_dim < 64:
