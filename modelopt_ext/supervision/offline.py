@@ -466,7 +466,7 @@ def _head_and_setup(recipe: Any, env: Any, dataset: Any, pad_id: int, aux: list[
     from functools import partial
 
     from modelopt_ext.supervision.target_head import TargetHead
-    from modelopt_ext.training.sources import SourceSetup
+    from modelopt_ext.supervision.batch import SourceSetup
 
     head = TargetHead.from_pretrained(
         recipe.model.path,

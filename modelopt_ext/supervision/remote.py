@@ -459,7 +459,7 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
 
     from modelopt_ext.config.recipe import default_aux_layer_ids
     from modelopt_ext.data.dataset import collate_padded
-    from modelopt_ext.training.sources import SourceSetup
+    from modelopt_ext.supervision.batch import SourceSetup
 
     data = recipe.data
     if not data.server_urls:

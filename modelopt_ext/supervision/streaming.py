@@ -476,7 +476,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     from modelopt_ext.capture import target_num_layers
     from modelopt_ext.config.recipe import default_aux_layer_ids
     from modelopt_ext.supervision.target_head import TargetHead
-    from modelopt_ext.training.sources import SourceSetup
+    from modelopt_ext.supervision.batch import SourceSetup
 
     data = recipe.data
     if not data.shared_storage_root:

@@ -321,13 +321,14 @@ class TrainMeter:
         return vec
 
     def aggregate(self, env: Any = None) -> Totals:
-        """Cumulative totals summed over ranks (a collective when distributed: call on every rank)."""
-        from modelopt_ext.training.distributed import all_reduce_sum
+        """Cumulative totals summed over ranks (a collective when distributed: call on every rank).
 
+        `env` is the trainer's DistEnv (its `sum_over_ranks` does the all-reduce), or None for one process.
+        """
         vec = self._vector()
         ranks = 1
         if env is not None and getattr(env, "distributed", False):
-            vec = all_reduce_sum(vec, env)
+            vec = env.sum_over_ranks(vec)
             ranks = env.world_size
         head = dict(zip(_RUN_FIELDS, vec[: len(_RUN_FIELDS)]))
         servers, pos, width = {}, len(_RUN_FIELDS), len(SERVER_FIELDS) + N_BINS

@@ -37,6 +37,10 @@ class DistEnv:
         """True when a process group is in use."""
         return self.world_size > 1
 
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """`all_reduce_sum` of `values` (a collective): lets telemetry sum over ranks without importing training."""
+        return all_reduce_sum(values, self)
+
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Initialise the default process group from the launcher's env vars (no-op for a single process)."""

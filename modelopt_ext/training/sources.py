@@ -10,28 +10,13 @@ trainer never knows which one it got. Later sources register themselves with `re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import torch
-
 from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.config.recipe import Recipe
+from modelopt_ext.supervision.batch import SourceSetup
 from modelopt_ext.training.distributed import DistEnv
-
-
-@dataclass
-class SourceSetup:
-    """What a source contributes to training."""
-
-    dataset: Any  # map-style; item i depends only on i (resume = sampler position)
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
-    source: Callable[[dict[str, torch.Tensor]], Any]  # collated batch on the device -> Supervision
-    head: Any  # TargetHead (final norm + lm_head [+ embeddings]) or None when targets arrive as probs
-    aux_layer_ids: list[int]
-    target_embeddings: torch.Tensor | None  # [V, H] to initialise the draft's embeddings
-
 
 # (recipe, env, conversations dataset, pad_id, draft vocab) -> SourceSetup
 SourceBuilder = Callable[[Recipe, DistEnv, Any, int, Any], SourceSetup]
