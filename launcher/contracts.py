@@ -44,37 +44,22 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _fraction(text: str) -> float:
-    """number in (0, 1]"""
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v <= 1:
-        raise ValueError("must be a number in (0, 1]")
-    return v
+def _number(ok: Callable[[float], bool], bound: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not ok(v):  # NaN fails every bound
+            raise ValueError(f"must be a number {bound}")
+        return v
+
+    return parse
 
 
-def _positive_or_zero(text: str) -> float:
-    """number >= 0"""
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v >= 0:
-        raise ValueError("must be a number >= 0")
-    return v
-
-
-def _positive(text: str) -> float:
-    """number > 0"""
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise ValueError("must be a number > 0")
-    return v
+_fraction = _number(lambda v: 0 < v <= 1, "in (0, 1]")
+_positive_or_zero = _number(lambda v: v >= 0, ">= 0")
+_positive = _number(lambda v: v > 0, "> 0")
 
 
 def _choice(*values: str) -> Callable[[str], str]:
