@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from launcher import modelopt_compat as mo
+from modelopt_ext import targets
 from modelopt_ext.config.errors import ConfigError, did_you_mean_word, key_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -214,11 +215,8 @@ class TaskView:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """'org/name' that is not a folder here: a model hub id (not checked); anything else is a path.
-
-    Stricter than modelopt_ext.capture.target_num_layers, which also sends 'a/b/c' to the hub.
-    """
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not (REPO_ROOT / text).exists()
+    """A model hub id (modelopt_ext.targets decides what one looks like) that is not also a repo path here."""
+    return targets.looks_like_hub_id(text) and not (REPO_ROOT / text).exists()
 
 
 # ------------------------------------------------------------------------------------------ scripts
