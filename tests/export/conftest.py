@@ -13,14 +13,6 @@ from modelopt_ext.training.distributed import DistEnv
 VOCAB, DRAFT_VOCAB = 48, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_checkpoint(output_dir, draft_vocab: int = DRAFT_VOCAB, seed: int = 0):
     """(checkpoint folder, the model it holds)."""
     torch.manual_seed(seed)

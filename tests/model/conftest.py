@@ -12,15 +12,6 @@ from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (measured 20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_llama_config(**kw) -> LlamaConfig:
     """The brief's tiny target shape (head_dim 64 like vLLM's CPU build needs)."""
     base = {

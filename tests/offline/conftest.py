@@ -7,19 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "streaming"))  # fake_vllm: the vLLM hidden-state contract on loopback
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared small machine: more intra-op threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
