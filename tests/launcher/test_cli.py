@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 from launcher.spec import REPO_ROOT
 
@@ -26,30 +25,13 @@ def launch(*args, env_extra=None, stdin=subprocess.DEVNULL, timeout=240):
     )
 
 
-def test_kimi_dry_run_prints_plan_and_exact_sbatch_without_importing_torch(tmp_path):
+def test_kimi_dry_run_prints_plan_and_exact_sbatch_without_importing_torch(tmp_path, cli_reporting_torch):
     # Run the CLI's main() in a fresh interpreter and report afterwards whether torch got imported.
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from launcher.cli import main
-        rc = main(["--yaml", "{KIMI}", "--dryrun", "--run-id", "cli1"])
-        print("TORCH_IMPORTED=" + str("torch" in sys.modules or "transformers" in sys.modules))
-        sys.exit(rc)
-        """
-    )
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "MODELOPT_JOB_DIR": str(tmp_path / "jobs"), "HOME": str(home)}
     env.pop("NEMORUN_HOME", None)
-    p = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
-    )
+    p = cli_reporting_torch(["--yaml", KIMI, "--dryrun", "--run-id", "cli1"], env)
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "TORCH_IMPORTED=False" in out

@@ -116,7 +116,7 @@ def _hf_local(tmp_path: Path, layers: int = 36) -> Path:
     return root
 
 
-def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path):
+def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path, cli_reporting_torch):
     src = tmp_path / "mo.yaml"
     src.write_text(MO_SPEC.read_text())
     printed = launch("--migrate", str(src))
@@ -149,25 +149,9 @@ def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path):
     # and the dry-run (recipe, knobs, capture ids against that config) imports no torch.
     jobs = tmp_path / "jobs"
     hf = _hf_local(tmp_path)
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from launcher.cli import main
-        rc = main(["--yaml", {str(out)!r}, "--dryrun", "--job-dir", {str(jobs)!r}, "--run-id", "m1",
-                   "hf_local={hf}"])
-        print("TORCH_IMPORTED=" + str("torch" in sys.modules or "transformers" in sys.modules))
-        sys.exit(rc)
-        """
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    dry = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        check=False,
+    dry = cli_reporting_torch(
+        ["--yaml", str(out), "--dryrun", "--job-dir", str(jobs), "--run-id", "m1", f"hf_local={hf}"], env
     )
     assert dry.returncode == 0, dry.stderr
     assert "TORCH_IMPORTED=False" in dry.stdout
