@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from modelopt_ext.bench.supply import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 _STANDIN = """#!{python}
@@ -39,14 +41,6 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _target(tmp_path: Path, layers: int = 6) -> Path:
     target = tmp_path / "target"
     target.mkdir()
@@ -66,7 +60,7 @@ def _cli(tmp_path: Path, exe: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "MODELOPT_EXT_VLLM_PYTHON": str(exe), "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "modelopt_ext.serve_hidden_states", "--model", str(_target(tmp_path)),
-        "--shared-storage", str(tmp_path / "hs"), "--flavor", "cpu", "--port", str(_free_port()),
+        "--shared-storage", str(tmp_path / "hs"), "--flavor", "cpu", "--port", str(free_port()),
         "--startup-timeout", "120", *args,
     ]  # fmt: skip
     return subprocess.Popen(
