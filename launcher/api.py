@@ -34,7 +34,7 @@ from launcher.follow import JobState, follow, local_runner, tunnel_runner
 from launcher.layout import RunLayout, make_layout
 from launcher.nemo import import_nemo_run
 from launcher.spec import Job, ResolvedTask, load_job
-from modelopt_ext.fileio import write_text_atomic
+from modelopt_ext.util.fileio import write_text_atomic
 
 Mode = Literal["validate", "dryrun", "submit"]
 Printer = Callable[[str], None]

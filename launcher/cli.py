@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
 def _migrate(source: str, write: bool) -> int:
     from launcher.modelopt_compat import migrate, migrated_path, render
     from modelopt_ext.config.overrides import load_yaml_file
-    from modelopt_ext.fileio import write_text_atomic
+    from modelopt_ext.util.fileio import write_text_atomic
 
     try:
         data = load_yaml_file(source)

@@ -9,7 +9,7 @@ pipeline produces them: paths under the run's scratch folder, or an earlier scri
 Scripts not listed here (user scripts) and `inline` tasks are not second-guessed.
 
 No ML import: recipes are validated with the pydantic schema (modelopt_ext.config), target configs read as
-JSON (modelopt_ext.capture).
+JSON (modelopt_ext.targets.layers).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from launcher import modelopt_compat as mo
-from modelopt_ext import targets
+from modelopt_ext.targets import locate as targets
 from modelopt_ext.config.errors import ConfigError, did_you_mean_word, key_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def _text(text: str) -> str:
 
 def parse_ids(text: str) -> list[int]:
     """'[2,18,33,36]' or '2,18,33,36' -> ids (EAGLE_CAPTURE_IDS); ValueError otherwise."""
-    from modelopt_ext.capture import parse_capture_ids
+    from modelopt_ext.targets.layers import parse_capture_ids
 
     inner = text.strip()
     if inner.startswith("[") and inner.endswith("]"):
@@ -215,7 +215,7 @@ class TaskView:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """A model hub id (modelopt_ext.targets decides what one looks like) that is not also a repo path here."""
+    """A model hub id (modelopt_ext.targets.locate decides what one looks like) that is not also a repo path here."""
     return targets.looks_like_hub_id(text) and not (REPO_ROOT / text).exists()
 
 
@@ -398,7 +398,7 @@ def _check_trainer_inputs(
 
     `given` maps override keys to their args index, so a line points at the override that set the value.
     """
-    from modelopt_ext.capture import capture_layer_ids, target_num_layers
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
 
     def at(key: str) -> str:
         return f".args[{given[key]}]" if key in given else ".args"

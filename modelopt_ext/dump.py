@@ -22,9 +22,7 @@ from typing import Any
 
 import torch
 
-from modelopt_ext.supervision import offline as od
-
-
+from modelopt_ext.supply import offline as od
 @dataclass
 class DumpResult:
     """What a dump call did."""
@@ -60,7 +58,7 @@ def colocated_producer(
 ) -> tuple[Producer, list[int]]:
     """The target in this process: aux layers plus layer L (pre-final-norm) in one forward per batch."""
     from modelopt_ext.data.dataset import collate_padded
-    from modelopt_ext.supervision.colocated import ColocatedSource, forward_with_aux
+    from modelopt_ext.supply.colocated import ColocatedSource, forward_with_aux
 
     src = ColocatedSource.from_recipe(recipe, device=device)
     aux, n_layers = list(src.aux_layer_ids), src.num_layers
@@ -100,7 +98,7 @@ def colocated_producer(
 
 def streaming_producer(recipe: Any, dataset: Any, rank: int) -> tuple[Producer, list[int]]:
     """vLLM hidden-state servers, fetched with `data.num_workers` DataLoader workers (retries, failover)."""
-    from modelopt_ext.supervision.streaming import StreamingConfigError, VllmStreamingDataset
+    from modelopt_ext.supply.vllm.source import StreamingConfigError, VllmStreamingDataset
 
     if not recipe.data.shared_storage_root:
         raise StreamingConfigError(
@@ -131,7 +129,7 @@ def remote_producer(
 ) -> tuple[Producer, list[int]]:
     """serve_target: draft-vocabulary probabilities (what the loss needs; the dump records the vocabulary)."""
     from modelopt_ext.data.dataset import collate_padded
-    from modelopt_ext.supervision.remote import build_remote_source
+    from modelopt_ext.supply.target_server.source import build_remote_source
 
     setup = build_remote_source(
         recipe, SimpleNamespace(rank=rank, device=torch.device("cpu")), dataset, pad_id, vocab

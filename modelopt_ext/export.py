@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     # torch is imported only now, so that --help answers at once.
-    from modelopt_ext.checkpoints.export import ExportError, check_export, export_checkpoint
+    from modelopt_ext.deploy.export import ExportError, check_export, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, include_t2d=args.t2d)

@@ -26,9 +26,9 @@ import sys
 
 def job_info(config: str, overrides: list[str]) -> dict[str, str]:
     """The resolved values above for a recipe plus overrides (raises ConfigError / ValueError)."""
-    from modelopt_ext.capture import capture_layer_ids, target_num_layers
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
     from modelopt_ext.config.recipe import default_aux_layer_ids, load_recipe
-    from modelopt_ext.targets import target_config
+    from modelopt_ext.targets.locate import target_config
 
     recipe = load_recipe(config, overrides)
     num_layers = target_num_layers(target_config(recipe.model.path, "model.path"))
@@ -49,7 +49,7 @@ def job_info(config: str, overrides: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """Print the assignments; bad input is one line per problem and exit 2."""
     from modelopt_ext.config.errors import ConfigError, exit_with
-    from modelopt_ext.targets import TargetPathError
+    from modelopt_ext.targets.locate import TargetPathError
     from modelopt_ext.train import parse_args
 
     args = parse_args(argv)

@@ -5,9 +5,9 @@
 
 Reads `OUTPUT/metrics.jsonl` (the trainer's progress records), the export folder `OUTPUT/export/`, the
 benchmark result written by `modelopt_ext.specdec_bench --out`, the serving engines' records
-(`python -m modelopt_ext.bench.engines --json`), and optional notes (one line each, e.g. what a
+(`python -m modelopt_ext.acceptance.engines --json`), and optional notes (one line each, e.g. what a
 preparation step reused). Prints the acceptance lengths side by side (trainer simulation, specdec_bench,
-each engine: modelopt_ext/bench/gate.py) and the gate's verdict, and, with `--write`, also writes the
+each engine: modelopt_ext/acceptance/gate.py) and the gate's verdict, and, with `--write`, also writes the
 summary atomically. Exit 1 when the gate fails (after printing and writing the summary); missing output
 folder or export, or an unreadable record: one line, exit 2.
 """
@@ -20,9 +20,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from modelopt_ext.bench.gate import DEFAULT_THRESHOLD, Verdict, acceptance_lines, gate
-from modelopt_ext.bench.report import sweep_table
-from modelopt_ext.fileio import write_text_atomic
+from modelopt_ext.acceptance.gate import DEFAULT_THRESHOLD, Verdict, acceptance_lines, gate
+from modelopt_ext.acceptance.report import sweep_table
+from modelopt_ext.util.fileio import write_text_atomic
 
 
 def _last_metrics(output: Path) -> dict:

@@ -38,7 +38,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from modelopt_ext.fileio import exclusive_lock, write_json_atomic
+from modelopt_ext.util.fileio import exclusive_lock, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 # Needed only where jobs are launched (login node), never on nodes.

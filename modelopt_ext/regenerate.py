@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 
 from modelopt_ext.data.conversations import parse_conversation
-from modelopt_ext.fileio import write_json_atomic, write_text_atomic
-from modelopt_ext.supervision.server_pool import BreakerPolicy, NoHealthyServerError, ServerPool
+from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
+from modelopt_ext.supply.server_pool import BreakerPolicy, NoHealthyServerError, ServerPool
 
 
 class RegenError(RuntimeError):

@@ -8,7 +8,7 @@ Prints the server URL once `GET /v1/models` answers, then stays in the foregroun
 SIGINT/SIGTERM (also during startup) stop vLLM's process group (SIGKILL after a grace period), log one line
 each, and exit 128 + the signal (143 for SIGTERM). A bad --model or capture ids outside the target's layers:
 one line, exit 2, before vLLM starts. Capture ids default to the drafter's aux layers (the recipe's default
-rule from the target config, or --aux-layer-ids) plus the last layer L (pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.serving.vllm_env`).
+rule from the target config, or --aux-layer-ids) plus the last layer L (pre-final-norm). vLLM runs from its own venv (built on first use; see `modelopt_ext.deploy.vllm_env`).
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _capture_ids(args) -> list[int]:
     """The ids to capture, checked against the target's layer count (ValueError / TargetPathError)."""
-    from modelopt_ext.capture import (
+    from modelopt_ext.targets.layers import (
         capture_layer_ids,
         check_capture_ids,
         parse_capture_ids,
         target_num_layers,
     )
-    from modelopt_ext.targets import target_config
+    from modelopt_ext.targets.locate import target_config
 
     num_layers = target_num_layers(target_config(args.model, "--model"))
     if args.capture_ids and args.aux_layer_ids:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1", file=sys.stderr)
             return EXIT_BAD_INPUT
-    from modelopt_ext.targets import TargetPathError
+    from modelopt_ext.targets.locate import TargetPathError
 
     try:
         capture_ids = _capture_ids(args)
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --capture-ids/--aux-layer-ids: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from modelopt_ext.serving.hidden_states_server import ServerStartError, start_hidden_states_server
-    from modelopt_ext.serving.vllm_env import VllmEnvError
+    from modelopt_ext.supply.vllm.server import ServerStartError, start_hidden_states_server
+    from modelopt_ext.deploy.vllm_env import VllmEnvError
 
     def on_signal(signum, _frame):
         # Only the first signal unwinds main; later ones must not interrupt the bounded stop below.

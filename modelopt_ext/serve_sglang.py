@@ -15,8 +15,8 @@ import os
 import shlex
 import sys
 
-from modelopt_ext.serving.drafter import ServeError
-from modelopt_ext.serving.sglang import INSTALL_HINT, plan_sglang, prepare, sglang_available
+from modelopt_ext.deploy.drafter_ref import ServeError
+from modelopt_ext.deploy.sglang import INSTALL_HINT, plan_sglang, prepare, sglang_available
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

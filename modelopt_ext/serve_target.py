@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from modelopt_ext.fileio import write_text_atomic
+from modelopt_ext.util.fileio import write_text_atomic
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.port < 65536:
         _fail(f"--port {args.port} is not a port number")
 
-    from modelopt_ext.target_server.auth import TokenFileError, read_token_file
+    from modelopt_ext.supply.target_server.auth import TokenFileError, read_token_file
 
     token = None
     if args.token_file:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             token = read_token_file(args.token_file)
         except TokenFileError as e:
             _fail(str(e))
-    from modelopt_ext.targets import TargetPathError, resolve_target
+    from modelopt_ext.targets.locate import TargetPathError, resolve_target
 
     try:
         resolve_target(args.target, "--target")
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from modelopt_ext.supervision.colocated import ColocatedSource, num_target_layers
-    from modelopt_ext.target_server.data_plane import DataPlaneError, DataPlaneServer, store_port
-    from modelopt_ext.target_server.handler import TargetHandler, check_aux_layer_ids
-    from modelopt_ext.target_server.http_server import TargetServer
+    from modelopt_ext.supply.colocated import ColocatedSource, num_target_layers
+    from modelopt_ext.supply.target_server.data_plane import DataPlaneError, DataPlaneServer, store_port
+    from modelopt_ext.supply.target_server.handler import TargetHandler, check_aux_layer_ids
+    from modelopt_ext.supply.target_server.http_server import TargetServer
 
     if args.threads:
         torch.set_num_threads(args.threads)

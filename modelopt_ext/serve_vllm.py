@@ -16,9 +16,9 @@ import os
 import shlex
 import sys
 
-from modelopt_ext.serving import vllm_env
-from modelopt_ext.serving.drafter import ServeError, materialise
-from modelopt_ext.serving.vllm_cmd import plan_vllm
+from modelopt_ext.deploy import vllm_env
+from modelopt_ext.deploy.drafter_ref import ServeError, materialise
+from modelopt_ext.deploy.vllm import plan_vllm
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -6,7 +6,7 @@
 
 T: a local transformers causal LM folder. D: a training checkpoint (`epoch_E_step_S/`), an exported
 drafter folder, or a training output folder (its newest complete checkpoint: the weights the trainer
-wrote, before any export step touched them). FILE: JSONL prompts (see modelopt_ext/bench/prompts.py).
+wrote, before any export step touched them). FILE: JSONL prompts (see modelopt_ext/acceptance/prompts.py).
 Prints the mean acceptance length, acceptance per draft position, a repetition figure of the generated
 text and tokens/s with and without the drafter, greedy and (with --temperature > 0) sampled by rejection
 sampling as the serving engines verify; --sweep K adds a table for k = 1..K. Writes them as JSON (--out)
@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from modelopt_ext.bench.prompts import add_max_prompts_option, decode_options_error
-from modelopt_ext.fileio import write_json_atomic
+from modelopt_ext.acceptance.prompts import add_max_prompts_option, decode_options_error
+from modelopt_ext.util.fileio import write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from modelopt_ext.bench.prompts import PromptFileError, prompt_set_name, read_prompts
-    from modelopt_ext.bench.report import plot_acceptance, sweep_table
-    from modelopt_ext.bench.specdec import Eagle3Proposer, Sampling, run_benchmark, sweep_chain_length
-    from modelopt_ext.models.loading import DrafterLoadError, load_drafter
-    from modelopt_ext.supervision.colocated import num_target_layers
+    from modelopt_ext.acceptance.prompts import PromptFileError, prompt_set_name, read_prompts
+    from modelopt_ext.acceptance.report import plot_acceptance, sweep_table
+    from modelopt_ext.acceptance.specdec import Eagle3Proposer, Sampling, run_benchmark, sweep_chain_length
+    from modelopt_ext.drafters.eagle3.loading import DrafterLoadError, load_drafter
+    from modelopt_ext.supply.colocated import num_target_layers
 
     hf_logging.disable_progress_bar()  # keep stderr to our own lines
     dtype = getattr(torch, args.dtype)

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.recipe import load_recipe, redacted
 
     args = parse_args(argv)
-    from modelopt_ext.targets import TargetPathError, resolve_target
-    from modelopt_ext.training.sources import check_source
+    from modelopt_ext.targets.locate import TargetPathError, resolve_target
+    from modelopt_ext.supply.sources import check_source
 
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(redacted(recipe.model_dump(mode="json")), sort_keys=False).rstrip())
         sys.stdout.flush()
 
-    from modelopt_ext.supervision.offline import OfflineError
+    from modelopt_ext.supply.offline import OfflineError
     from modelopt_ext.training.checkpoint import CheckpointError
     from modelopt_ext.training.trainer import train
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark task of the examples: the drafter's acceptance length measured three ways, side by side in the
-# job summary, and the gate on them (modelopt_ext/bench/gate.py decides; this script only runs the steps):
+# job summary, and the gate on them (modelopt_ext/acceptance/gate.py decides; this script only runs the steps):
 #   1. the trainer's simulated acceptance (OUTPUT/metrics.jsonl, read by the summary);
 #   2. specdec_bench: the newest training checkpoint in our reference decoder;
 #   3. each serving engine (vLLM; SGLang when installed, else a "skipped" line) running OUTPUT/export.
@@ -41,7 +41,7 @@ measure_engines() {
     record="${scratch}/acceptance_${engine}.json"
     log "measuring acceptance in ${engine} (the exported drafter; bounded by ${BENCH_ENGINE_TIMEOUT:-1200} s)"
     rc=0
-    "$py" -m modelopt_ext.bench.engines --engine "$engine" --draft "$export_dir" "${COMMON[@]}" \
+    "$py" -m modelopt_ext.acceptance.engines --engine "$engine" --draft "$export_dir" "${COMMON[@]}" \
       --timeout "${BENCH_ENGINE_TIMEOUT:-1200}" --work-dir "${scratch}/engine_${engine}" --json "$record" || rc=$?
     [[ "$rc" -le 1 ]] || die "measuring acceptance in ${engine} failed on bad input (exit ${rc})"
     ENGINE_ARGS+=(--engine "$record")

@@ -41,7 +41,7 @@ prepare_target() {
 prepare_vllm() {
   local t0=$SECONDS marker="${MODELOPT_EXT_VLLM_ENV:-${PREP_REPO}/.venv-vllm}/modelopt_ext_vllm_env.json" had=0
   [[ -f "$marker" ]] && had=1
-  "$PY" -m modelopt_ext.serving.vllm_env >&2
+  "$PY" -m modelopt_ext.deploy.vllm_env >&2
   if ((had)); then
     note "reused: vLLM environment $(dirname "$marker")"
   else

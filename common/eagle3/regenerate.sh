@@ -35,8 +35,8 @@ on_exit() {
 # start_server TARGET LOGFILE: a vLLM OpenAI-compatible server for TARGET on this node; sets SERVER_URL.
 start_server() {
   local target="$1" logfile="$2" vllm_py flavor port
-  vllm_py="$("$PY" -m modelopt_ext.serving.vllm_env)" || die "vLLM's environment is not available"
-  flavor="$("$PY" -c 'from modelopt_ext.serving.vllm_env import detect_flavor; print(detect_flavor())')"
+  vllm_py="$("$PY" -m modelopt_ext.deploy.vllm_env)" || die "vLLM's environment is not available"
+  flavor="$("$PY" -c 'from modelopt_ext.deploy.vllm_env import detect_flavor; print(detect_flavor())')"
   port="${REGEN_PORT:-8766}"
   proc_port_free "$port" || port="$(proc_free_port)"
   local -a cmd=("$vllm_py" -m vllm.entrypoints.openai.api_server --model "$target" --host 127.0.0.1

@@ -115,8 +115,7 @@ def _mutate_bytes(rng: random.Random, data: bytes, hot: list[int]) -> bytearray:
 
 def _wire_seed_messages() -> list[tuple[bytes, list[int]]]:
     """Valid messages and the offsets of their count/length/dtype/ndim/shape fields."""
-    from modelopt_ext import wire
-
+    from modelopt_ext.supply.target_server import wire
     samples = [
         {"input_ids": torch.arange(12).view(3, 4), "mask": torch.ones(3, 4, dtype=torch.bool)},
         {"h": torch.randn(2, 3, 5).to(torch.bfloat16), "none": None, "e": torch.empty(0, 7)},
@@ -143,8 +142,7 @@ def _wire_seed_messages() -> list[tuple[bytes, list[int]]]:
 
 def _fix_wire(buf: bytearray) -> None:
     """Recompute the payload length and checksum so the structural parser sees the mutation."""
-    from modelopt_ext import wire
-
+    from modelopt_ext.supply.target_server import wire
     if len(buf) < wire.HEADER_SIZE:
         return
     struct.pack_into("<Q", buf, 12, len(buf) - wire.HEADER_SIZE)
@@ -153,8 +151,7 @@ def _fix_wire(buf: bytearray) -> None:
 
 def fuzz_wire(rng: random.Random, deadline: float, out: Outcomes) -> None:
     """wire.decode on mutated messages: a dict, or WireFormatError in one line."""
-    from modelopt_ext import wire
-
+    from modelopt_ext.supply.target_server import wire
     seeds = _wire_seed_messages()
     while time.monotonic() < deadline:
         msg, hot = rng.choice(seeds)
@@ -217,7 +214,7 @@ def _mutate_safetensors(rng: random.Random, blob: bytes) -> bytes:
 def fuzz_hidden_states(rng: random.Random, deadline: float, out: Outcomes) -> None:
     """read_hidden_states_file on mutated files and hostile paths: a result or a HiddenStateFileError,
     and nothing outside the shared-storage root is read, written or deleted."""
-    from modelopt_ext.supervision.vllm_files import HiddenStateFileError, read_hidden_states_file
+    from modelopt_ext.supply.vllm.files import HiddenStateFileError, read_hidden_states_file
 
     seed = _safetensors_seed()
     with tempfile.TemporaryDirectory() as tmp:

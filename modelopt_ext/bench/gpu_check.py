@@ -87,7 +87,7 @@ def attention_check() -> list[dict]:
     """In-process: fused and chunked TTT attention vs the dense form on the device; max abs errors."""
     import torch
 
-    from modelopt_ext.models.ttt_attention import fused_supported, ttt_attention
+    from modelopt_ext.drafters.eagle3.ttt_attention import fused_supported, ttt_attention
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from modelopt_ext.fileio import write_json_atomic, write_text_atomic
+        from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
 
         write_text_atomic(out / "gpu_check.txt", table + "\n")
         write_json_atomic(out / "gpu_check.json", rows)

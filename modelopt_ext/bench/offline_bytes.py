@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from modelopt_ext.config.recipe import default_aux_layer_ids
-from modelopt_ext.supervision.offline import INDEX, token_bytes
+from modelopt_ext.supply.offline import INDEX, token_bytes
 
 # (hidden size, decoder layers, vocabulary) of the targets' text models (their config.json).
 SHAPES = {

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from modelopt_ext.bench.supply import free_port, stop_group
-from modelopt_ext.supervision.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
+from modelopt_ext.supply.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"

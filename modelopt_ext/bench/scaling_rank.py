@@ -75,7 +75,7 @@ def conversations(n: int, tokens: int) -> list[dict[str, torch.Tensor]]:
 def run(cfg: dict[str, Any]) -> None:
     """Train `cfg['steps']` steps on this rank (process group from the env vars)."""
     from modelopt_ext.config.recipe import parse_recipe
-    from modelopt_ext.supervision.server_pool import BreakerPolicy
+    from modelopt_ext.supply.server_pool import BreakerPolicy
     from modelopt_ext.training.distributed import init_distributed, shutdown_distributed
     from modelopt_ext.training.trainer import Trainer, TrainingParts
 
@@ -113,7 +113,7 @@ def run(cfg: dict[str, Any]) -> None:
             from functools import partial
 
             from modelopt_ext.data.dataset import collate_padded
-            from modelopt_ext.supervision.remote import RemoteTargetClient
+            from modelopt_ext.supply.target_server.source import RemoteTargetClient
 
             urls = cfg["urls"]
             source = RemoteTargetClient(urls[env.rank % len(urls)], use_data_plane=False)
@@ -121,7 +121,7 @@ def run(cfg: dict[str, Any]) -> None:
         else:
             from functools import partial
 
-            from modelopt_ext.supervision.streaming import (
+            from modelopt_ext.supply.vllm.source import (
                 StreamedSource,
                 StreamingOptions,
                 VllmStreamingDataset,

@@ -10,9 +10,9 @@ of requests per second cost this machine almost nothing.
 
 - `vllm`: vLLM's hidden-state connector contract (`POST /v1/completions` -> `kv_transfer_params.
   hidden_states_path`; the safetensors file `token_ids` int64 [T] + `hidden_states` bf16 [T, layers, H],
-  written under an exclusive flock on `<file>.lock`), as `supervision/streaming.py` reads it. numpy only:
+  written under an exclusive flock on `<file>.lock`), as `supply/vllm/source.py` reads it. numpy only:
   starts in a fraction of a second.
-- `serve_target`: the real serve_target HTTP server (`target_server/http_server.py`, wire format) around a
+- `serve_target`: the real serve_target HTTP server (`supply/target_server/http_server.py`, wire format) around a
   stand-in handler whose `generate` waits its turn in the queue and returns zero-valued supervision of the
   real shapes (aux [B, T, n_aux*H] + last hidden [B, T, H], bf16). No data plane (answers wire only).
 
@@ -164,7 +164,7 @@ class StandInTargetHandler:
         self.layers, self.hidden, self.vocab = args.layers, args.hidden, args.vocab
 
     def dispatch(self, endpoint, meta=None, tensors=None, client_id=None):
-        from modelopt_ext.target_server.handler import Reply
+        from modelopt_ext.supply.target_server.handler import Reply
 
         torch = self.torch
         if endpoint == "health":
@@ -210,7 +210,7 @@ def serve_target(args: argparse.Namespace):
     """The real serve_target HTTP server around the stand-in handler (served in a daemon thread)."""
     import torch
 
-    from modelopt_ext.target_server.http_server import TargetServer
+    from modelopt_ext.supply.target_server.http_server import TargetServer
 
     torch.set_num_threads(1)
     srv = TargetServer(StandInTargetHandler(args), LOOPBACK, 0)

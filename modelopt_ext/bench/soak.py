@@ -146,7 +146,7 @@ def _drive(
 
 def soak_target(target: Path, seconds: float, clients: int, work: Path) -> SoakRow:
     """serve_target under `clients` concurrent RemoteTargetClients."""
-    from modelopt_ext.supervision.remote import RemoteTargetClient
+    from modelopt_ext.supply.target_server.source import RemoteTargetClient
 
     vocab = int(json.loads((target / "config.json").read_text())["vocab_size"])
     row = SoakRow("serve_target", clients, seconds, note="wire format, batch 2 x 64 tokens")
@@ -170,9 +170,9 @@ def soak_target(target: Path, seconds: float, clients: int, work: Path) -> SoakR
 
 def soak_vllm(target: Path, seconds: float, clients: int, work: Path) -> SoakRow:
     """A vLLM CPU hidden-state server under `clients` concurrent fetchers; counts files left behind."""
-    from modelopt_ext.capture import capture_layer_ids, target_num_layers
-    from modelopt_ext.serving.hidden_states_server import start_hidden_states_server
-    from modelopt_ext.supervision.streaming import VllmStreamingDataset
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
+    from modelopt_ext.supply.vllm.server import start_hidden_states_server
+    from modelopt_ext.supply.vllm.source import VllmStreamingDataset
 
     cfg = json.loads((target / "config.json").read_text())
     vocab, hidden = int(cfg["vocab_size"]), int(cfg["hidden_size"])

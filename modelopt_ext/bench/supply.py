@@ -6,7 +6,7 @@ Prints two tables (and writes them as JSON with --out). A benchmark, not a timed
    (a Supervision-shaped dict: aux hidden states of 3 layers + the last hidden state, bf16, hidden 2048):
    - `memcpy`: clone every tensor in process (the limit of any transport);
    - `wire/http`: a loopback HTTP server in another process encodes the payload in the wire format
-     (modelopt_ext/wire.py) per request; the client reads the body into a bytearray and decodes it
+     (modelopt_ext/supply/target_server/wire.py) per request; the client reads the body into a bytearray and decodes it
      (checksum verified) - what serve_target's wire transport does per batch;
    - `files`: write a safetensors file under an exclusive flock on `<file>.lock` (as vLLM's connector does),
      then read it with `vllm_files.read_hidden_states` (shared lock, parse, delete) - vLLM streaming's path;
@@ -116,8 +116,7 @@ def bench_memcpy(tensors: dict[str, torch.Tensor], iters: int) -> float:
 
 def _http_server_main(port_q, sizes_mb: list[float]) -> None:
     """Child process: serve GET /<index> -> the wire encoding of payload <index>, encoded per request."""
-    from modelopt_ext import wire
-
+    from modelopt_ext.supply.target_server import wire
     torch.set_num_threads(1)
     payloads = [make_payload(s) for s in sizes_mb]
 
@@ -143,8 +142,7 @@ def _http_server_main(port_q, sizes_mb: list[float]) -> None:
 
 def bench_wire_http(sizes_mb: list[float], iters: int, ctx) -> list[float]:
     """Seconds per payload (request, encode, transfer, read into a bytearray, decode) per size."""
-    from modelopt_ext import wire
-
+    from modelopt_ext.supply.target_server import wire
     q = ctx.Queue()
     proc = ctx.Process(target=_http_server_main, args=(q, list(sizes_mb)), daemon=True)
     proc.start()
@@ -191,7 +189,7 @@ def bench_files(tensors: dict[str, torch.Tensor], iters: int, root: Path) -> flo
     """Seconds per payload: serialize + locked write, then the lock-protocol read + parse + delete."""
     from safetensors.torch import save as st_save
 
-    from modelopt_ext.supervision.vllm_files import read_hidden_states
+    from modelopt_ext.supply.vllm.files import read_hidden_states
 
     path = str(root / "bench_payload.safetensors")
 
@@ -399,8 +397,8 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
     if skip_vllm:
         rows.append({"mode": "vllm streaming", "note": "skipped (--skip-vllm)", "skipped": True})
     else:
-        from modelopt_ext.capture import capture_layer_ids, target_num_layers
-        from modelopt_ext.serving.hidden_states_server import start_hidden_states_server
+        from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
+        from modelopt_ext.supply.vllm.server import start_hidden_states_server
 
         root = work / "shared"
         log("[supply] starting a vLLM CPU hidden-state server (minutes) ...", flush=True)

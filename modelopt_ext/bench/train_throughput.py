@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ensure_tiny_inputs(recipe) -> None:
     """Build the recipe's tiny target and conversations if they are missing (the tiny recipe only)."""
-    from modelopt_ext.tiny import build_tiny_target, write_tiny_conversations
+    from modelopt_ext.targets.tiny import build_tiny_target, write_tiny_conversations
 
     if not (Path(recipe.model.path) / "config.json").is_file():
         build_tiny_target(recipe.model.path)

@@ -61,7 +61,7 @@ def run_point(impl: str, t: int, args: argparse.Namespace) -> dict:
     """One forward+backward at length t: {peak_mb (growth over the baseline), seconds}."""
     import torch
 
-    from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +110,7 @@ def run_point(impl: str, t: int, args: argparse.Namespace) -> dict:
         step()
         secs = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    from modelopt_ext.models.ttt_attention import resolve_impl
+    from modelopt_ext.drafters.eagle3.ttt_attention import resolve_impl
 
     probe = torch.empty(
         1, 1, 1, cfg.head_dim, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, args.budget_mb)
     print(format_tables(rows, summary, args, device))
     if args.json:
-        from modelopt_ext.fileio import write_json_atomic
+        from modelopt_ext.util.fileio import write_json_atomic
 
         write_json_atomic(Path(args.json), {"rows": rows, "summary": summary, "budget_mb": args.budget_mb})
     return 0 if rows and all("error" not in r for r in rows) else 1

@@ -68,7 +68,7 @@ def log(msg: str) -> None:
 
 def ensure_venv() -> Path:
     """The comparison venv's python, built once (under a lock) with the pinned packages."""
-    from modelopt_ext.fileio import exclusive_lock
+    from modelopt_ext.util.fileio import exclusive_lock
 
     py = VENV / "bin" / "python"
     stamp = VENV / ".pins"
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, meta)
     print(table)
     if args.json:
-        from modelopt_ext.fileio import write_json_atomic
+        from modelopt_ext.util.fileio import write_json_atomic
 
         write_json_atomic(Path(args.json), {"meta": meta, "rows": rows})
     return 0 if all("samples_per_s" in r for r in rows) else 1

@@ -30,7 +30,7 @@ class ModelConfig(_Strict):
 
     path: str = Field(
         description="Target model: a local folder with config.json, or a hub id in the local HF cache "
-        "(checked by modelopt_ext.targets.resolve_target; nothing is downloaded)."
+        "(checked by modelopt_ext.targets.locate.resolve_target; nothing is downloaded)."
     )
     dtype: Dtype = "bfloat16"
     aux_layer_ids: list[int] | None = Field(
@@ -167,7 +167,7 @@ class EagleConfig(_Strict):
     num_layers: int = Field(default=1, ge=1)
     attention: Literal["auto", "fused", "chunked", "dense"] = Field(
         default="auto",
-        description="TTT attention backend (models/ttt_attention.py): auto = fused flash kernels where they "
+        description="TTT attention backend (drafters/eagle3/ttt_attention.py): auto = fused flash kernels where they "
         "apply, else query chunks; dense = the quadratic reference.",
     )
 

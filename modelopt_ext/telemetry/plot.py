@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.fileio import write_figure_atomic
+from modelopt_ext.util.fileio import write_figure_atomic
 
 PANELS = ("loss", "accuracy per TTT step", "throughput", "data wait / hidden states")
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.fileio import write_json_atomic, write_text_atomic
+from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
 from modelopt_ext.telemetry.sizing import size_servers
 

@@ -19,7 +19,7 @@ import torch
 
 from modelopt_ext.config.recipe import Recipe
 from modelopt_ext.training.distributed import DistEnv, broadcast_tensor
-from modelopt_ext.training.sources import make_source
+from modelopt_ext.supply.sources import make_source
 from modelopt_ext.training.trainer import TrainingParts
 
 
@@ -30,7 +30,7 @@ def _text_config(hf_config: Any) -> Any:
 def _exporter():
     """The [data] exporter, or None when it is not available in this checkout."""
     try:
-        from modelopt_ext.checkpoints import export as export_mod
+        from modelopt_ext.deploy import export as export_mod
     except ImportError:
         return None
     for name in ("export_checkpoint", "export_drafter", "export"):
@@ -77,8 +77,8 @@ def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> Train
     """TrainingParts for the recipe on this rank (see the module docstring for the order)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
-    from modelopt_ext.training.objective import eagle3_loss
+    from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
+    from modelopt_ext.drafters.eagle3.objective import eagle3_loss
 
     trust = recipe.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=trust)

@@ -554,7 +554,7 @@ class Trainer:
         if not self.env.is_main:
             return None
         if self.parts.export_fn is None:
-            print("export: skipped (modelopt_ext.checkpoints.export is not available)", flush=True)
+            print("export: skipped (modelopt_ext.deploy.export is not available)", flush=True)
             return None
         out = self.out / "export"
         path = Path(self.parts.export_fn(self.last_checkpoint, out))

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from modelopt_ext import job_summary
-from modelopt_ext.bench import engines
-from modelopt_ext.bench.gate import acceptance_lines, gate, simulated_acceptance
+from modelopt_ext.acceptance import engines
+from modelopt_ext.acceptance.gate import acceptance_lines, gate, simulated_acceptance
 
 TRAINER = {"step": 80, "acc_0": 0.8, "acc_1": 0.5, "acc_2": 0.5, "acc_3": 0.9}
 BENCH = {
@@ -128,7 +128,7 @@ def test_sglang_not_installed_is_a_skipped_record(tmp_path, capsys):
 def test_limit_is_a_deprecated_alias_of_max_prompts(capsys):
     import argparse
 
-    from modelopt_ext.bench.prompts import add_max_prompts_option
+    from modelopt_ext.acceptance.prompts import add_max_prompts_option
 
     p = argparse.ArgumentParser()
     add_max_prompts_option(p)

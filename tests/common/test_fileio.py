@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from modelopt_ext.fileio import exclusive_lock, replace_dir_atomically, write_json_atomic, write_text_atomic
+from modelopt_ext.util.fileio import exclusive_lock, replace_dir_atomically, write_json_atomic, write_text_atomic
 
 
 def test_text_and_json_writes_leave_no_temp_files(tmp_path):
@@ -66,7 +66,7 @@ def test_exclusive_lock_wait_is_bounded_and_names_what(tmp_path):
 
 
 def test_read_json_object_one_line_errors(tmp_path):
-    from modelopt_ext.fileio import read_json_object
+    from modelopt_ext.util.fileio import read_json_object
 
     (tmp_path / "ok.json").write_text('{"a": 1}')
     assert read_json_object(tmp_path / "ok.json") == {"a": 1}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from modelopt_ext.targets import TargetPathError, resolve_target, target_config
+from modelopt_ext.targets.locate import TargetPathError, resolve_target, target_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """The tiny target's byte-level BPE tokenizer, trained once per session and saved."""
-    from modelopt_ext.tiny import build_tiny_tokenizer
+    from modelopt_ext.targets.tiny import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     build_tiny_tokenizer(out, corpus_size=1000)

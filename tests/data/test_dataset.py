@@ -10,7 +10,7 @@ import torch
 from modelopt_ext.config.recipe import DataConfig
 from modelopt_ext.data import dataset as dataset_mod
 from modelopt_ext.data.dataset import ConversationDataset, collate_padded
-from modelopt_ext.tiny import write_tiny_conversations
+from modelopt_ext.targets.tiny import write_tiny_conversations
 
 
 @pytest.fixture()

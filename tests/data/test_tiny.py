@@ -7,7 +7,7 @@ import json
 import pytest
 
 from modelopt_ext.data.conversations import read_conversations
-from modelopt_ext.tiny import write_tiny_conversations
+from modelopt_ext.targets.tiny import write_tiny_conversations
 
 
 def test_tiny_conversations_are_deterministic_and_in_both_forms(tmp_path):
@@ -25,7 +25,7 @@ def test_build_tiny_target_loads_offline_and_answers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modelopt_ext.tiny import build_tiny_target
+    from modelopt_ext.targets.tiny import build_tiny_target
 
     out = build_tiny_target(tmp_path / "tiny")
     logs = []

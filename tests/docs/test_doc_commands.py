@@ -264,7 +264,7 @@ def _sandbox(tmp: Path) -> Path:
 def tiny_run_last_checkpoint(world_size: int = 1) -> str:
     """The checkpoint a full run of recipes/eagle3/tiny.yaml ends with, named by the trainer's own code."""
     from modelopt_ext.config.recipe import load_recipe
-    from modelopt_ext.tiny import DEFAULT_NUM_CONVERSATIONS
+    from modelopt_ext.targets.tiny import DEFAULT_NUM_CONVERSATIONS
     from modelopt_ext.training.checkpoint import checkpoint_name
     from modelopt_ext.training.sampler import ResumableShardedSampler
 

@@ -152,7 +152,7 @@ def tiny_ready():
         [
             sys.executable,
             "-m",
-            "modelopt_ext.tiny",
+            "modelopt_ext.targets.tiny",
             "--out",
             str(REPO / "outputs/tiny/target"),
             "--data",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modelopt_ext.data.draft_vocab import build_draft_vocab
-from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 from modelopt_ext.training.checkpoint import CheckpointContent, save_checkpoint
 from modelopt_ext.training.distributed import DistEnv
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelopt_ext import serve_sglang, serve_vllm
-from modelopt_ext.checkpoints.export import export_checkpoint
+from modelopt_ext.deploy.export import export_checkpoint
 from modelopt_ext.data.draft_vocab import DraftVocab
 
 from .conftest import DRAFT_VOCAB

@@ -1,7 +1,7 @@
 """The examples and docs agree with what the nodes will run (docs/install.md).
 
 - Every container image is vLLM's, at the release the project installs for GPU machines without an image
-  (modelopt_ext.serving.vllm_env): one vLLM version everywhere.
+  (modelopt_ext.deploy.vllm_env): one vLLM version everywhere.
 - Every environment variable an example sets is read by something the job runs (no dead knobs).
 """
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from modelopt_ext.serving import vllm_env
-
+from modelopt_ext.deploy import vllm_env
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

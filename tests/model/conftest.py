@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modelopt_ext.data.draft_vocab import DraftVocab
-from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 
 VOCAB = 300
 

@@ -1,6 +1,6 @@
 """E2E: the tiny target, a short colocated training run, and specdec_bench on trained vs untrained heads.
 
-Real components throughout (tiny.py target and tokenizer, the trainer CLI, the checkpoint folder the
+Real components throughout (the tiny target and tokenizer, the trainer CLI, the checkpoint folder the
 trainer writes); a few minutes on 2 cores, so marked e2e.
 """
 
@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from modelopt_ext import specdec_bench
-from modelopt_ext.models.eagle3 import Eagle3DraftModel
-from modelopt_ext.models.loading import load_drafter
+from modelopt_ext.drafters.eagle3.modeling import Eagle3DraftModel
+from modelopt_ext.drafters.eagle3.loading import load_drafter
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def _bench(target: Path, draft: Path, prompts: Path, out: Path) -> dict:
 
 
 def test_trained_drafter_beats_untrained(tmp_path):
-    from modelopt_ext.tiny import build_tiny_target, write_tiny_conversations
+    from modelopt_ext.targets.tiny import build_tiny_target, write_tiny_conversations
 
     target = build_tiny_target(tmp_path / "target")
     data = write_tiny_conversations(tmp_path / "train.jsonl", 300, seed=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modelopt_ext.models.eagle3 import (
+from modelopt_ext.drafters.eagle3.modeling import (
     DraftCache,
     Eagle3Config,
     Eagle3DraftModel,

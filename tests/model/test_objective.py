@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelopt_ext.supervision.batch import Supervision
-from modelopt_ext.training.objective import eagle3_loss, simulated_acceptance_length
+from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.drafters.eagle3.objective import eagle3_loss, simulated_acceptance_length
 from tests.model.conftest import VOCAB, IdentityVocab, tiny_draft, tiny_target
 
 
@@ -100,7 +100,7 @@ def test_simulated_acceptance_length_formula():
 
 
 def test_real_head_learns_a_batch():
-    from modelopt_ext.supervision.colocated import ColocatedSource
+    from modelopt_ext.supply.colocated import ColocatedSource
 
     target = tiny_target(seed=7)
     src = ColocatedSource(target, [1, 2, 4])

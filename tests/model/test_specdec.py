@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelopt_ext.bench.specdec import (
+from modelopt_ext.acceptance.specdec import (
     Eagle3Proposer,
     OracleProposer,
     greedy_generate,
@@ -61,7 +61,7 @@ def test_oracle_gives_k_plus_one_and_garbage_gives_one():
         ref = greedy_generate(target, p, n + k + 1)
         assert VOCAB - 1 not in ref
         for prop, tau in ((OracleProposer(ref), k + 1), (_Garbage(), 1)):
-            from modelopt_ext.bench.specdec import DecodeStats
+            from modelopt_ext.acceptance.specdec import DecodeStats
 
             stats = DecodeStats()
             out = speculative_generate(target, prop, p, k, n, stats=stats)
@@ -85,7 +85,7 @@ def test_partially_right_drafter_and_eos():
             out = super().propose(k)
             return out[:1] + [VOCAB - 1] * (k - 1)
 
-    from modelopt_ext.bench.specdec import DecodeStats
+    from modelopt_ext.acceptance.specdec import DecodeStats
 
     stats = DecodeStats()
     assert speculative_generate(target, FirstRight(ref), p, 3, 25, stats=stats) == ref[:25]
@@ -114,7 +114,7 @@ def test_eagle_proposer_with_reduced_vocab_and_prenorm_layer():
 
 
 def test_warp_top_p_keeps_the_smallest_set_reaching_p():
-    from modelopt_ext.bench.specdec import Sampling, warp
+    from modelopt_ext.acceptance.specdec import Sampling, warp
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.allclose(warp(logits, Sampling(1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=1e-6)
@@ -126,7 +126,7 @@ def test_warp_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_verify_sampled_edge_cases():
-    from modelopt_ext.bench.specdec import verify_sampled
+    from modelopt_ext.acceptance.specdec import verify_sampled
 
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
@@ -142,7 +142,7 @@ def test_verify_sampled_edge_cases():
 
 
 def test_sweep_and_repetition():
-    from modelopt_ext.bench.specdec import repeated_ngram_fraction, sweep_chain_length
+    from modelopt_ext.acceptance.specdec import repeated_ngram_fraction, sweep_chain_length
 
     assert repeated_ngram_fraction([[1, 2, 3, 4, 5, 6]]) == 0.0
     assert repeated_ngram_fraction([[1, 2, 3, 4] * 3]) == pytest.approx(5 / 9)  # 9 4-grams, 4 distinct

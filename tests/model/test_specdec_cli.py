@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from modelopt_ext import specdec_bench
-from modelopt_ext.bench.prompts import PromptFileError, read_prompts
-from modelopt_ext.models.loading import DrafterLoadError, load_drafter
+from modelopt_ext.acceptance.prompts import PromptFileError, read_prompts
+from modelopt_ext.drafters.eagle3.loading import DrafterLoadError, load_drafter
 from tests.model.conftest import tiny_draft
 
 
@@ -55,7 +55,7 @@ def test_load_both_layouts_give_the_same_model(saved_target, tmp_path):
         draft.t2d.zero_().index_fill_(0, torch.arange(120) * 2, True)
     _save_checkpoint_layout(draft, tmp_path / "epoch_0_step_5")
     _save_export_layout(draft, tmp_path / "export")
-    from modelopt_ext.checkpoints.export import export_checkpoint
+    from modelopt_ext.deploy.export import export_checkpoint
 
     export_checkpoint(tmp_path / "epoch_0_step_5", tmp_path / "real_export")  # the [data] exporter
     a = load_drafter(tmp_path / "epoch_0_step_5")

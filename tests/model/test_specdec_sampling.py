@@ -1,6 +1,6 @@
 """Speculative sampling keeps the target's output distribution (chi-square on the tiny target).
 
-The target is the fitted tiny Llama of `modelopt_ext.tiny` (built once, cached like the vLLM tests' one).
+The target is the fitted tiny Llama of `modelopt_ext.targets.tiny` (built once, cached like the vLLM tests' one).
 From one chat prompt with an uncertain answer, N sequences of 3 tokens are drawn twice: by plain sampling from the target (batched)
 and by chain speculative decoding with rejection sampling (`speculative_generate` at T > 0). A two-sample
 chi-square test on the joint 3-token outcomes (rare outcomes pooled) must not reject at alpha = 1e-3 (the
@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from modelopt_ext.bench import specdec
-from modelopt_ext.bench.specdec import Sampling, speculative_generate, warp
+from modelopt_ext.acceptance import specdec
+from modelopt_ext.acceptance.specdec import Sampling, speculative_generate, warp
 
 pytestmark = pytest.mark.e2e  # ~1.5 min of CPU: 5 x 1500 speculative samples
 
@@ -31,7 +31,7 @@ ALPHA = 1e-3
 
 @pytest.fixture(scope="module")
 def target():
-    from modelopt_ext.tiny import build_tiny_target
+    from modelopt_ext.targets.tiny import build_tiny_target
 
     cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
     folder = build_tiny_target(cache / "tiny-target")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import modelopt_ext.supervision.target_head as th
-from modelopt_ext.supervision.batch import Supervision
-from modelopt_ext.supervision.target_head import TargetHead, probs_from_logits, resolve_target
+import modelopt_ext.supply.target_head as th
+from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.supply.target_head import TargetHead, probs_from_logits, resolve_target
 from tests.model.conftest import VOCAB, IdentityVocab, tiny_target
 
 

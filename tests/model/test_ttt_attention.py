@@ -1,4 +1,4 @@
-"""Memory-linear TTT attention (models/ttt_attention.py) == the dense brute-force reference, outputs and
+"""Memory-linear TTT attention (drafters/eagle3/ttt_attention.py) == the dense brute-force reference, outputs and
 gradients, for every backend; and the whole head's loss gradients agree between backends."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelopt_ext.models.ttt_attention import (
+from modelopt_ext.drafters.eagle3.ttt_attention import (
     is_right_padded,
     resolve_impl,
     ttt_attention,
@@ -124,7 +124,7 @@ def test_head_loss_gradients_equal_across_backends():
 
 def test_fused_probe_accepts_a_working_backend():
     """The once-per-GPU probe (the guard in front of the private CUDA flash ops) on CPU, where both run."""
-    from modelopt_ext.models.ttt_attention import probe_fused
+    from modelopt_ext.drafters.eagle3.ttt_attention import probe_fused
 
     assert probe_fused(torch.device("cpu"), torch.float32, 16)
     assert probe_fused(torch.device("cpu"), torch.bfloat16, 64)

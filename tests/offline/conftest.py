@@ -16,14 +16,14 @@ sys.path.insert(0, str(REPO / "tests" / "streaming"))  # fake_vllm: the vLLM hid
 def small_target(tmp_path_factory) -> Path:
     """A real Llama target folder (4 layers x 128, vocab 1024, tokenizer with chat template); barely fitted:
     the tests check numbers, not quality."""
-    from modelopt_ext.tiny import build_tiny_target
+    from modelopt_ext.targets.tiny import build_tiny_target
 
     return build_tiny_target(tmp_path_factory.mktemp("target") / "t", fit_steps=2, corpus_size=400)
 
 
 @pytest.fixture(scope="session")
 def conversations(tmp_path_factory) -> Path:
-    from modelopt_ext.tiny import write_tiny_conversations
+    from modelopt_ext.targets.tiny import write_tiny_conversations
 
     return Path(write_tiny_conversations(tmp_path_factory.mktemp("data") / "conv.jsonl", 10, seed=3))
 

@@ -31,7 +31,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_target() -> Path:
     """The tiny Llama target (built once, cached across sessions)."""
-    from modelopt_ext.tiny import build_tiny_target
+    from modelopt_ext.targets.tiny import build_tiny_target
 
     cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
     return build_tiny_target(cache / "tiny-target")
@@ -58,7 +58,7 @@ class VllmPair:
     starts: int = 0
 
     def _start(self, i: int, errors: list[str]) -> None:
-        from modelopt_ext.serving.hidden_states_server import start_hidden_states_server
+        from modelopt_ext.supply.vllm.server import start_hidden_states_server
 
         self.starts += 1
         try:
@@ -99,8 +99,8 @@ class VllmPair:
 @pytest.fixture(scope="session")
 def vllm_pair(tiny_target, aux_ids, tmp_path_factory):
     """The session's two vLLM servers (started on first use, stopped at session end)."""
-    from modelopt_ext.capture import capture_layer_ids, target_num_layers
-    from modelopt_ext.serving.vllm_env import ensure_vllm_env
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
+    from modelopt_ext.deploy.vllm_env import ensure_vllm_env
 
     pair = VllmPair(
         target=tiny_target,

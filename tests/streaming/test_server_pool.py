@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelopt_ext.supervision.server_pool import (
+from modelopt_ext.supply.server_pool import (
     CLOSED,
     HALF_OPEN,
     LEAST_OUTSTANDING,

@@ -17,9 +17,9 @@ import torch
 from fake_vllm import MODEL_ID, FakeVllmServer, expected_hidden, spawn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from modelopt_ext.supervision.batch import Supervision
-from modelopt_ext.supervision.server_pool import BreakerPolicy
-from modelopt_ext.supervision.streaming import (
+from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.supply.server_pool import BreakerPolicy
+from modelopt_ext.supply.vllm.source import (
     StreamingError,
     StreamingOptions,
     VllmStreamingDataset,

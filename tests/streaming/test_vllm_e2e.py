@@ -35,7 +35,7 @@ def samples(tiny_target) -> list[dict[str, torch.Tensor]]:
     """Tokenized tiny conversations (distinct prompts), as the conversation dataset yields them."""
     from transformers import AutoTokenizer
 
-    from modelopt_ext.tiny import make_conversation
+    from modelopt_ext.targets.tiny import make_conversation
 
     tok = AutoTokenizer.from_pretrained(tiny_target)
     rng = random.Random(7)
@@ -53,8 +53,8 @@ def samples(tiny_target) -> list[dict[str, torch.Tensor]]:
 
 
 def _dataset(samples, root, urls, handles, aux_ids, **kw):
-    from modelopt_ext.supervision.server_pool import BreakerPolicy
-    from modelopt_ext.supervision.streaming import StreamingOptions, VllmStreamingDataset
+    from modelopt_ext.supply.server_pool import BreakerPolicy
+    from modelopt_ext.supply.vllm.source import StreamingOptions, VllmStreamingDataset
 
     opts = StreamingOptions(
         request_timeout_s=60,
@@ -76,8 +76,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_vllm_supervision_matches_colocated(servers, samples, tiny_target, aux_ids):
     from transformers import AutoModelForCausalLM
 
-    from modelopt_ext.supervision.colocated import ColocatedSource
-    from modelopt_ext.supervision.target_head import TargetHead
+    from modelopt_ext.supply.colocated import ColocatedSource
+    from modelopt_ext.supply.target_head import TargetHead
 
     root, handles = servers
     ds = _dataset(samples, root, [h.url for h in handles], handles, aux_ids)
@@ -116,7 +116,7 @@ def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
     import json
 
     from modelopt_ext.config.recipe import load_recipe
-    from modelopt_ext.tiny import write_tiny_conversations
+    from modelopt_ext.targets.tiny import write_tiny_conversations
     from modelopt_ext.training.trainer import train
 
     root, handles = servers
@@ -166,7 +166,7 @@ def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
 
 
 def test_kill_one_server_mid_epoch_every_sample_once(servers, samples, aux_ids):
-    from modelopt_ext.supervision.streaming import collate_supervision
+    from modelopt_ext.supply.vllm.source import collate_supervision
 
     root, handles = servers
     a, b = handles

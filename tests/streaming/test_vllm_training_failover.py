@@ -65,7 +65,7 @@ def _expected_tokens(overrides: list[str]) -> tuple[int, int]:
 
 
 def test_training_survives_killing_one_vllm_server(servers, tiny_target, tmp_path):
-    from modelopt_ext.tiny import write_tiny_conversations
+    from modelopt_ext.targets.tiny import write_tiny_conversations
 
     root, handles = servers
     a, b = handles

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modelopt_ext.supervision.colocated import ColocatedSource
-from modelopt_ext.target_server.data_plane import DataPlaneServer
-from modelopt_ext.target_server.handler import TargetHandler
-from modelopt_ext.target_server.http_server import TargetServer
+from modelopt_ext.supply.colocated import ColocatedSource
+from modelopt_ext.supply.target_server.data_plane import DataPlaneServer
+from modelopt_ext.supply.target_server.handler import TargetHandler
+from modelopt_ext.supply.target_server.http_server import TargetServer
 
 VOCAB = 256
 LAYERS = 4

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from modelopt_ext.target_server import data_plane as dp
-from modelopt_ext.wire import SUPPORTED_DTYPES
+from modelopt_ext.supply.target_server import data_plane as dp
+from modelopt_ext.supply.target_server.wire import SUPPORTED_DTYPES
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import httpx
 import pytest
 import torch
 
-from modelopt_ext.supervision.remote import RemoteTargetClient, RemoteTargetError
-from modelopt_ext.target_server.auth import read_token_file
-from modelopt_ext.target_server.data_plane import DataPlaneServer
-from modelopt_ext.target_server.handler import TargetHandler
-from modelopt_ext.target_server.http_server import TargetServer
-from modelopt_ext.wire import CONTENT_TYPE, encode
+from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
+from modelopt_ext.supply.target_server.auth import read_token_file
+from modelopt_ext.supply.target_server.data_plane import DataPlaneServer
+from modelopt_ext.supply.target_server.handler import TargetHandler
+from modelopt_ext.supply.target_server.http_server import TargetServer
+from modelopt_ext.supply.target_server.wire import CONTENT_TYPE, encode
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
 
@@ -55,7 +55,7 @@ def test_parity_with_colocated_bit_for_bit(server, colocated, use_data_plane):
 def test_probs_form_and_embeddings_through_both_paths(server, colocated, tiny_model, use_data_plane):
     from types import SimpleNamespace
 
-    from modelopt_ext.supervision.target_head import probs_from_logits
+    from modelopt_ext.supply.target_head import probs_from_logits
 
     ids = torch.arange(VOCAB - 1, -1, -3)
     t2d = torch.zeros(VOCAB, dtype=torch.bool)
@@ -236,7 +236,7 @@ def test_fallback_to_wire_when_the_store_port_is_taken(tiny_model, colocated, ca
 def test_fallback_to_wire_when_the_group_cannot_form(server, colocated, caplog, monkeypatch):
     """The server's store answers but the client cannot reach it (a firewalled port): the client times out
     forming the group, logs, closes the half-open session on the server, and uses the wire format."""
-    import modelopt_ext.target_server.data_plane as dp
+    import modelopt_ext.supply.target_server.data_plane as dp
 
     real = dp.ClientSession.__init__
 

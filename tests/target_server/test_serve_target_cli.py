@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from modelopt_ext.supervision.remote import RemoteTargetClient, RemoteTargetError
+from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
 
@@ -108,7 +108,7 @@ def test_serve_target_process_equals_colocated_bit_for_bit(served, colocated, us
 _GHOST = textwrap.dedent(
     """
     import sys, time, torch
-    from modelopt_ext.supervision.remote import RemoteTargetClient
+    from modelopt_ext.supply.target_server.source import RemoteTargetClient
     c = RemoteTargetClient(sys.argv[1], use_data_plane=True)
     c._ensure_data_plane()
     assert c.transport == "data_plane", c.transport

@@ -1,4 +1,4 @@
-"""Round trips and refusals of the tensor wire format (modelopt_ext.wire)."""
+"""Round trips and refusals of the tensor wire format (modelopt_ext.supply.target_server.wire)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelopt_ext import wire
-from modelopt_ext.wire import WireFormatError, decode, encode
+from modelopt_ext.supply.target_server import wire
+from modelopt_ext.supply.target_server.wire import WireFormatError, decode, encode
 
 ALL_DTYPES = list(wire.SUPPORTED_DTYPES)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modelopt_ext.supervision.remote import RemoteTargetClient
-from modelopt_ext.target_server.handler import TargetHandler
-from modelopt_ext.target_server.http_server import TargetServer
+from modelopt_ext.supply.target_server.source import RemoteTargetClient
+from modelopt_ext.supply.target_server.handler import TargetHandler
+from modelopt_ext.supply.target_server.http_server import TargetServer
 from modelopt_ext.telemetry.meter import REMOTE, TrainMeter, classify_source
 
 

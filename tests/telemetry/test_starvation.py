@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelopt_ext.config.recipe import parse_recipe
-from modelopt_ext.supervision.streaming import build_streaming_source
+from modelopt_ext.supply.vllm.source import build_streaming_source
 from modelopt_ext.training.trainer import Trainer, TrainingParts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streaming"))

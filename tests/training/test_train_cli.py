@@ -39,8 +39,7 @@ def test_bad_recipe_exits_2_with_field_paths(tmp_path, capsys):
 
 
 def test_unbuilt_source_mode_is_one_line(tmp_path, capsys, monkeypatch):
-    from modelopt_ext.training import sources
-
+    from modelopt_ext.supply import sources
     monkeypatch.delitem(sources._BUILDERS, "offline")
     path = _write(tmp_path, _recipe(tmp_path))
     with pytest.raises(SystemExit) as e:
@@ -79,7 +78,7 @@ def test_a_folder_of_incomplete_checkpoints_is_refused_in_one_line(tmp_path):
     bad = tmp_path / "out" / "epoch_0_step_5"
     bad.mkdir(parents=True)
     (bad / "model.safetensors").write_bytes(b"")
-    # A target folder (checked first, by modelopt_ext.targets) so that the resume decision is what refuses.
+    # A target folder (checked first, by modelopt_ext.targets.locate) so that the resume decision is what refuses.
     (tmp_path / "target").mkdir(exist_ok=True)
     (tmp_path / "target" / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
     path = _write(tmp_path, _recipe(tmp_path))

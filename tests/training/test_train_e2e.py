@@ -40,7 +40,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    from modelopt_ext.tiny import build_tiny_target, write_tiny_conversations
+    from modelopt_ext.targets.tiny import build_tiny_target, write_tiny_conversations
 
     cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
     target = build_tiny_target(cache / "tiny-target")

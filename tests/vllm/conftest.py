@@ -34,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     """vLLM's own interpreter, created on first use (a failure is a test failure, never a skip)."""
-    from modelopt_ext.serving.vllm_env import VllmEnvError, ensure_vllm_env
+    from modelopt_ext.deploy.vllm_env import VllmEnvError, ensure_vllm_env
 
     t0 = time.monotonic()
     try:
@@ -48,7 +48,7 @@ def vllm_python() -> Path:
 @pytest.fixture(scope="session")
 def tiny_target() -> Path:
     """The shared tiny Llama target (head_dim 64), built once and cached across sessions."""
-    from modelopt_ext.tiny import build_tiny_target
+    from modelopt_ext.targets.tiny import build_tiny_target
 
     cache = Path(os.environ.get("MODELOPT_EXT_TEST_CACHE", REPO / ".cache"))
     return build_tiny_target(cache / "tiny-target")
@@ -87,7 +87,7 @@ def _read_line(proc: subprocess.Popen, stream, deadline: float) -> str:
 @pytest.fixture(scope="module")
 def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
     """A real vLLM hidden-state server on the tiny target (fp32), started through the CLI."""
-    from modelopt_ext.serving.hidden_states_server import models_ready
+    from modelopt_ext.supply.vllm.server import models_ready
 
     storage = tmp_path_factory.mktemp("shared_storage")
     log = tmp_path_factory.mktemp("logs") / "vllm_server.log"

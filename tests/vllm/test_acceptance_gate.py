@@ -40,8 +40,8 @@ THRESHOLD = 0.05
 def trained(tiny_target, tmp_path_factory):
     """(training output folder, correct export, eval prompts, specdec_bench result of the checkpoint)."""
     from modelopt_ext import specdec_bench
-    from modelopt_ext.checkpoints.export import export_checkpoint
-    from modelopt_ext.tiny import write_tiny_conversations
+    from modelopt_ext.deploy.export import export_checkpoint
+    from modelopt_ext.targets.tiny import write_tiny_conversations
 
     tmp = tmp_path_factory.mktemp("gate")
     data = write_tiny_conversations(tmp / "train.jsonl", 300, seed=0)
@@ -88,8 +88,8 @@ def _break(export: Path, how: str, dst: Path) -> Path:
 
 @pytest.mark.parametrize("how", ["correct", "aux_ids_shifted", "wrong_d2t"])
 def test_gate_on_the_real_vllm_engine(trained, vllm_python, tiny_target, tmp_path, how):
-    from modelopt_ext.bench.gate import acceptance_lines, gate
-    from modelopt_ext.bench.vllm_acceptance import run_vllm_acceptance
+    from modelopt_ext.acceptance.gate import acceptance_lines, gate
+    from modelopt_ext.acceptance.vllm_acceptance import run_vllm_acceptance
 
     out, export, prompts, bench = trained
     draft = export if how == "correct" else _break(export, how, tmp_path / how)

@@ -37,7 +37,7 @@ def prompts(tiny_target) -> list[list[int]]:
     """A chat-rendered prompt and random-token prompts of several lengths (1 token up to 700)."""
     from transformers import AutoTokenizer
 
-    from modelopt_ext.tiny import make_conversation
+    from modelopt_ext.targets.tiny import make_conversation
 
     tok = AutoTokenizer.from_pretrained(tiny_target)
     chat = tok.apply_chat_template(make_conversation(random.Random(3)), tokenize=True)
@@ -68,8 +68,8 @@ def _rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fetch(server, ids: list[int]):
-    from modelopt_ext.serving.hidden_states_server import request_hidden_states
-    from modelopt_ext.supervision.vllm_files import read_hidden_states_file
+    from modelopt_ext.supply.vllm.server import request_hidden_states
+    from modelopt_ext.supply.vllm.files import read_hidden_states_file
 
     resp = request_hidden_states(server.url, server.model_id, ids)
     path = resp["kv_transfer_params"]["hidden_states_path"]

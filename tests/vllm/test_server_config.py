@@ -17,11 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelopt_ext.capture import capture_layer_ids, parse_capture_ids, split_captured, target_num_layers
-from modelopt_ext.serving import hidden_states_server as hss
-from modelopt_ext.serving import vllm_env
-from modelopt_ext.supervision import vllm_files
-
+from modelopt_ext.targets.layers import capture_layer_ids, parse_capture_ids, split_captured, target_num_layers
+from modelopt_ext.supply.vllm import server as hss
+from modelopt_ext.deploy import vllm_env
+from modelopt_ext.supply.vllm import files as vllm_files
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -89,7 +88,7 @@ def test_cpu_command_uses_project_connector_and_required_flags(tmp_path):
     }
     kv = json.loads(_opt(cmd, "--kv-transfer-config"))
     assert kv["kv_connector"] == "CpuHiddenStatesConnector"
-    assert kv["kv_connector_module_path"] == "modelopt_ext.serving.cpu_hidden_states_connector"
+    assert kv["kv_connector_module_path"] == "modelopt_ext.supply.vllm.connector"
     assert kv["kv_connector_extra_config"]["shared_storage_path"] == str(tmp_path.resolve())
     for flag in ("--enforce-eager", "--no-enable-chunked-prefill", "--no-enable-prefix-caching"):
         assert flag in cmd
@@ -254,7 +253,7 @@ def test_die_with_parent_takes_the_server_down_when_the_launcher_is_killed(tmp_p
     fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 300\n")
     fake.chmod(0o755)
     launcher = (
-        "from modelopt_ext.serving.hidden_states_server import start_hidden_states_server as s\n"
+        "from modelopt_ext.supply.vllm.server import start_hidden_states_server as s\n"
         f"s('m', shared_storage={str(tmp_path / 's')!r}, capture_ids=[1, 2], python={str(fake)!r}, flavor='cpu',"
         " port=1, startup_timeout=120, die_with_parent=True)\n"
     )

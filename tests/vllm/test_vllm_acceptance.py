@@ -37,9 +37,9 @@ def write_untrained_export(target_dir, out_dir, draft_vocab_size: int, seed: int
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from modelopt_ext.checkpoints.export import export_checkpoint
+    from modelopt_ext.deploy.export import export_checkpoint
     from modelopt_ext.data.draft_vocab import build_draft_vocab
-    from modelopt_ext.models.eagle3 import Eagle3Config, Eagle3DraftModel
+    from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 
     torch.manual_seed(seed)
     target_cfg = AutoConfig.from_pretrained(target_dir)
@@ -60,8 +60,8 @@ def write_untrained_export(target_dir, out_dir, draft_vocab_size: int, seed: int
 def test_untrained_drafter_in_vllm(vllm_python, tiny_target, tmp_path, draft_vocab_size):
     from transformers import AutoModelForCausalLM
 
-    from modelopt_ext.bench.vllm_acceptance import run_vllm_acceptance
-    from modelopt_ext.tiny import make_conversation
+    from modelopt_ext.acceptance.vllm_acceptance import run_vllm_acceptance
+    from modelopt_ext.targets.tiny import make_conversation
 
     export = write_untrained_export(tiny_target, tmp_path / "export", draft_vocab_size)
     rng = random.Random(5)

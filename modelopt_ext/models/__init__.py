@@ -1,1 +1,0 @@
-"""Drafter models (EAGLE-3)."""

@@ -1,1 +1,0 @@
-"""Serving: vLLM/SGLang launchers, vLLM environment and hidden-state servers."""

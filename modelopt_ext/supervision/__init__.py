@@ -1,1 +1,0 @@
-"""Supervision sources: everything the trainer consumes is one `Supervision` batch, whatever its source."""

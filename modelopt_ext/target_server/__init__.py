@@ -1,4 +1,0 @@
-"""serve_target: the transformers target server (request handler, HTTP plumbing, NCCL/gloo data plane).
-
-See docs/target-server.md. The trainer-side client is `modelopt_ext.supervision.remote.RemoteTargetClient`.
-"""
