@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from launcher import modelopt_compat as mo
 from modelopt_ext.targets import locate as targets
-from modelopt_ext.config.errors import ConfigError, did_you_mean_word, key_problem
+from modelopt_ext.config.errors import ConfigError, did_you_mean_word
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_SCRATCH = "/scratchspace"
@@ -79,16 +79,11 @@ def _text(text: str) -> str:
 
 def parse_ids(text: str) -> list[int]:
     """'[2,18,33,36]' or '2,18,33,36' -> ids (EAGLE_CAPTURE_IDS); ValueError otherwise."""
-    from modelopt_ext.targets.layers import parse_capture_ids
+    from modelopt_ext.targets.layers import check_id_list, parse_capture_ids
 
-    inner = text.strip()
-    if inner.startswith("[") and inner.endswith("]"):
-        inner = inner[1:-1]
-    ids = parse_capture_ids(inner)
+    ids = check_id_list(parse_capture_ids(text))
     if len(ids) < 2:
-        raise ValueError("needs the aux layer ids followed by the target's layer count L (at least 2 ids)")
-    if len(set(ids)) != len(ids):
-        raise ValueError("ids must be distinct")
+        raise ValueError("needs the drafter's layer ids followed by the target's layer count L (at least 2 ids)")
     return ids
 
 
@@ -298,7 +293,7 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
     if parsed is None:
         return
     config, cfg_index, overrides, resume = parsed
-    from modelopt_ext.config.recipe import Recipe, load_recipe
+    from modelopt_ext.config.recipe import load_recipe, recipe_key_problem
 
     where_cfg = f".args[{cfg_index}]" if cfg_index is not None else ".args"
     recipe_file: Path | None = None
@@ -342,11 +337,11 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
                 "SERVE_ENGINE=target makes it remote): remove it",
             )
             continue
-        hint = mo.recipe_key_hint(key) if key_problem(Recipe, key) else None
+        hint = mo.recipe_key_hint(key) if recipe_key_problem(key) else None
         if hint:
             view.problem(f".args[{i}]", f"{key}: {hint}")
             continue
-        bad = key_problem(Recipe, key)
+        bad = recipe_key_problem(key)
         if bad:
             view.problem(f".args[{i}]", f"{key}: {bad}")
             continue
@@ -398,7 +393,7 @@ def _check_trainer_inputs(
 
     `given` maps override keys to their args index, so a line points at the override that set the value.
     """
-    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
+    from modelopt_ext.targets.layers import capture_layer_ids, check_capture_ids, target_num_layers
 
     def at(key: str) -> str:
         return f".args[{given[key]}]" if key in given else ".args"
@@ -426,18 +421,13 @@ def _check_trainer_inputs(
     if num_layers is None:
         return
     if capture_ids is not None:
-        where = ".environment.EAGLE_CAPTURE_IDS"
-        if capture_ids[-1] != num_layers:
+        try:
+            check_capture_ids(num_layers, capture_ids)
+        except ValueError as e:
             view.problem(
-                where,
-                f"{capture_ids} must end with the target's layer count {num_layers} ({target} has "
-                f"{num_layers} decoder layers); e.g. {capture_layer_ids(num_layers)}",
+                ".environment.EAGLE_CAPTURE_IDS",
+                f"{e} ({target} has {num_layers} decoder layers; e.g. {capture_layer_ids(num_layers)})",
             )
-        else:
-            try:
-                capture_layer_ids(num_layers, capture_ids[:-1])
-            except ValueError as e:
-                view.problem(where, str(e))
     elif recipe.model.aux_layer_ids is not None:
         try:
             capture_layer_ids(num_layers, recipe.model.aux_layer_ids)

@@ -30,7 +30,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--target", required=True, help="Target model: a folder or a hub id.")
     p.add_argument("--draft", required=True, help="Checkpoint folder, exported drafter folder, or hub id.")
-    p.add_argument("--algorithm", default="EAGLE3", choices=["EAGLE3", "EAGLE"])
+    p.add_argument(
+        "--algorithm", choices=["EAGLE3", "EAGLE"], help="SGLang algorithm (default: the drafter's own)"
+    )
     p.add_argument("--num-steps", type=int, default=3)
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--num-draft-tokens", type=int, default=4)

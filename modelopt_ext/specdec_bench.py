@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from modelopt_ext.acceptance.prompts import PromptFileError, prompt_set_name, read_prompts
     from modelopt_ext.acceptance.report import plot_acceptance, sweep_table
-    from modelopt_ext.acceptance.specdec import Eagle3Proposer, Sampling, run_benchmark, sweep_chain_length
-    from modelopt_ext.drafters.eagle3.loading import DrafterLoadError, load_drafter
-    from modelopt_ext.supply.colocated import num_target_layers
+    from modelopt_ext.acceptance.specdec import Sampling, run_benchmark, sweep_chain_length
+    from modelopt_ext.deploy.export import ExportError, drafter_of
+    from modelopt_ext.drafters.hf_folder import read_json
+    from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
 
     hf_logging.disable_progress_bar()  # keep stderr to our own lines
     dtype = getattr(torch, args.dtype)
@@ -127,25 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(target_dir)
     except (OSError, ValueError):
         tokenizer = None  # prompts given as input_ids still work
+    embeddings = target.get_input_embeddings().weight
     try:
-        draft = load_drafter(draft_dir, target.get_input_embeddings().weight)
+        drafter = drafter_of(draft_dir)
+        cfg = read_json(draft_dir / "config.json")
+        draft = drafter.load(draft_dir, embeddings)
         prompts = read_prompts(args.prompts, tokenizer, args.max_prompts)
-    except (DrafterLoadError, PromptFileError) as e:
-        return _fail(str(e))
-    cfg = draft.config
-    layers = num_target_layers(target)
-    if cfg.vocab_size != target.get_input_embeddings().weight.shape[0]:
-        return _fail(f"--draft {draft_dir}: vocab_size {cfg.vocab_size} != the target's")
-    if cfg.target_hidden_size != target.get_input_embeddings().weight.shape[1]:
-        return _fail(
-            f"--draft {draft_dir}: target_hidden_size {cfg.target_hidden_size} != the target's hidden size"
-        )
-    if any(not 0 <= i <= layers for i in cfg.aux_layer_ids):
-        return _fail(f"--draft {draft_dir}: aux layer ids {cfg.aux_layer_ids} outside 0..{layers}")
+        check_layer_ids(target_num_layers(target.config), drafter.layer_ids_of(cfg))
+    except (ExportError, PromptFileError, ValueError) as e:
+        return _fail(f"--draft {draft_dir}: {e}" if not str(e).startswith(str(draft_dir)) else str(e))
+    for field, have in (("vocab_size", embeddings.shape[0]), ("target_hidden_size", embeddings.shape[1])):
+        if field in cfg and int(cfg[field]) != have:
+            return _fail(f"--draft {draft_dir}: {field} {cfg[field]} != the target's ({have})")
     draft = draft.to(device=args.device, dtype=dtype)
     eos = set() if args.ignore_eos else _eos_ids(target, tokenizer)
 
-    proposer = Eagle3Proposer(draft)
+    proposer = drafter.proposer(draft, target)
     result, _ = run_benchmark(target, proposer, prompts, args.num_steps, args.max_new_tokens, eos)
     r = result.to_dict()
     r.update(

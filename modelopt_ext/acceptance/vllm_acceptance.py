@@ -7,8 +7,8 @@ Two halves in one file:
   (speculation must not change greedy output) and writes one JSON report;
 - the worker (this file run BY PATH with vLLM's python, `--worker`): imports only vLLM and the standard
   library (never `modelopt_ext`, which is not installed in vLLM's venv), builds
-  `LLM(model=target, speculative_config={"method": "eagle3", "model": draft, "num_speculative_tokens": k},
-  dtype="float32", enforce_eager=True)`, generates, and reports the differences of vLLM's counters
+  `LLM(model=target, speculative_config=<the drafter's vLLM config, e.g. {"method": "eagle3", "model": draft,
+  "num_speculative_tokens": k}>, dtype="float32", enforce_eager=True)`, generates, and reports the differences of vLLM's counters
   `vllm:spec_decode_num_drafts`, `..._num_draft_tokens`, `..._num_accepted_tokens` and the per-position vector
   `..._num_accepted_tokens_per_pos` around each generate call: greedy, then (with a temperature > 0) sampled
   in the same engine, where vLLM verifies by rejection sampling. Mean acceptance length = 1 + accepted /
@@ -125,11 +125,7 @@ def _worker(args: argparse.Namespace) -> int:
         "max_model_len": args.max_model_len,
     }
     if args.draft:
-        kw["speculative_config"] = {
-            "method": "eagle3",
-            "model": args.draft,
-            "num_speculative_tokens": args.num_steps,
-        }
+        kw["speculative_config"] = json.loads(args.speculative_config)
     t0 = time.perf_counter()
     llm = LLM(**kw, disable_log_stats=False)
     startup = time.perf_counter() - t0
@@ -153,23 +149,21 @@ def _worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_draft(draft: Path) -> list[int]:
-    cfg_path = draft / "config.json"
-    if not cfg_path.is_file():
+def _check_draft(draft: Path, num_steps: int) -> tuple[list[int], dict]:
+    """(target layers the drafter reads, vLLM's speculative config) for an exported folder, strictly checked
+    by its drafter's format (a missing or misnamed field would make vLLM silently use defaults)."""
+    from modelopt_ext.deploy.export import ExportError, check_export, drafter_of
+
+    if not (draft / "config.json").is_file():
         raise BenchInputError(
             f"--draft {draft}: no config.json (export the checkpoint with modelopt_ext.export)"
         )
-    cfg = json.loads(cfg_path.read_text())
-    if "LlamaForCausalLMEagle3" not in (cfg.get("architectures") or []):
-        raise BenchInputError(
-            f"{cfg_path}: architectures {cfg.get('architectures')} is not LlamaForCausalLMEagle3"
-        )
-    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
-    if not ids:
-        raise BenchInputError(
-            f"{cfg_path}: no top-level eagle_aux_hidden_state_layer_ids (vLLM would silently use other layers)"
-        )
-    return ids
+    try:
+        drafter = drafter_of(draft)
+        cfg = check_export(draft)
+    except ExportError as e:
+        raise BenchInputError(str(e)) from None
+    return drafter.layer_ids_of(cfg), drafter.vllm_speculative_config(str(draft), num_steps, draft)
 
 
 def _root_cause(lines: list[str]) -> str:
@@ -256,7 +250,7 @@ def run_vllm_acceptance(
     from modelopt_ext.deploy.vllm_env import detect_flavor, ensure_vllm_env
 
     draft = Path(draft)
-    aux_ids = _check_draft(draft)
+    aux_ids, spec_config = _check_draft(draft, num_steps)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(target))
     except (OSError, ValueError):
@@ -269,7 +263,7 @@ def run_vllm_acceptance(
     pj.write_text(json.dumps(prompts))
     common = ["--target", str(target), "--prompts-json", str(pj), "--max-new-tokens", str(max_new_tokens),
               "--dtype", dtype, "--max-model-len", str(max_model_len)]  # fmt: skip
-    spec_args = ["--draft", str(draft), "--num-steps", str(num_steps), "--temperature", str(temperature),
+    spec_args = ["--draft", str(draft), "--speculative-config", json.dumps(spec_config), "--num-steps", str(num_steps), "--temperature", str(temperature),
                  "--top-p", str(top_p), "--seed", str(seed)]  # fmt: skip
     spec = _run_worker(python, [*common, *spec_args], work / "spec.log", timeout)
     result = {k: v for k, v in spec.items() if k not in ("outputs", "speculative")}
@@ -317,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompts-json", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--speculative-config", help=argparse.SUPPRESS)
     if "--worker" in (sys.argv[1:] if argv is None else argv):  # vLLM's venv: no modelopt_ext to import
         p.add_argument("--max-prompts", type=int)
     else:

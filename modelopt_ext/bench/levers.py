@@ -62,14 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     model = parts.model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    ttt, decay = recipe.eagle.ttt_steps, recipe.eagle.step_loss_decay
 
     def run(variant: dict) -> float:
         for k, v in variant.items():
             setattr(model, k, v)
         t0 = time.process_time()  # one thread: CPU time is not skewed by other jobs taking the cores
         for sup in sups:
-            loss, _ = parts.loss_fn(model, sup, parts.vocab, parts.head, ttt, decay)
+            loss, _ = parts.loss_fn(model, sup, parts.vocab, parts.head)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

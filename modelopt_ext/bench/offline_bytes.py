@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from modelopt_ext.config.recipe import default_aux_layer_ids
+from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
 from modelopt_ext.supply.offline import INDEX, token_bytes
 
 # (hidden size, decoder layers, vocabulary) of the targets' text models (their config.json).

@@ -49,7 +49,7 @@ class CalibratedStep:
         m = self.meter
         return (m.wait_s + m.startup_s) if m is not None else 0.0
 
-    def __call__(self, model, sup, vocab, head, ttt_steps, step_decay):
+    def __call__(self, model, sup, vocab, head):
         now = time.monotonic()
         if self._prev_end is not None:
             self._overheads.append(max(0.0, (now - self._prev_end) - (self._waited() - self._prev_wait)))

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=torch.get_num_threads(),
         batch_size=recipe.training.batch_size,
         grad_accum=recipe.training.grad_accum,
-        ttt_steps=recipe.eagle.ttt_steps,
+        ttt_steps=recipe.drafter_settings.ttt_steps,
         world_size=world,
     )
     print(

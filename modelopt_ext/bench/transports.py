@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from modelopt_ext.config.recipe import default_aux_layer_ids
+    from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
     from modelopt_ext.supply.colocated import ColocatedSource, num_target_layers
     from modelopt_ext.supply.target_server.source import RemoteTargetClient
 

@@ -187,7 +187,7 @@ def run_modelopt(
         "warmup": warmup,
         "ttt_steps": args.ttt_steps,
         "lr": setup["recipe"].training.lr,
-        "step_decay": setup["recipe"].eagle.step_loss_decay,
+        "step_decay": setup["recipe"].drafter_settings.step_loss_decay,
         # modelopt numbers aux layers as 0-based decoder-layer outputs: our (vLLM) id k is its k - 1.
         "aux_ids_0based": [i - 1 for i in setup["aux_ids"]],
         "arch": setup["arch"],

@@ -9,7 +9,7 @@ import difflib
 import sys
 import types
 import typing
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
@@ -89,11 +89,8 @@ def model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | No
 
 
 def allowed_keys(model: type[BaseModel]) -> list[str]:
-    """Field names (and aliases) a model accepts."""
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(field.alias or name)
-    return keys
+    """Field names (and aliases) a model accepts from a user (fields marked `exclude=True` are internal)."""
+    return [field.alias or name for name, field in model.model_fields.items() if not field.exclude]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -155,23 +152,33 @@ def problems_from_validation(
     return lines
 
 
-def key_problem(model: type[BaseModel], dotted: str) -> str | None:
+def key_problem(
+    model: type[BaseModel], dotted: str, *, prefix: Sequence[str] = (), extra_keys: Iterable[str] = ()
+) -> str | None:
     """Why `dotted` (e.g. 'training.lrr') names no field of `model`, or None when it does.
 
     Walks nested models; a path that enters a non-model field (a list, a scalar) is left to validation.
+    `prefix`: where `model` sits in a larger document (for the messages); `extra_keys`: keys the top level
+    also accepts that `model` does not declare (they are checked by their own owners).
     """
     current: Any = model
-    parts = dotted.split(".")
+    parts = [*prefix, *dotted.split(".")]
     for i, part in enumerate(parts):
+        if i < len(prefix):
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
-        keys = allowed_keys(current)
+        keys = allowed_keys(current) + (list(extra_keys) if i == len(prefix) else [])
         if part not in keys:
             where = ".".join(parts[:i])
             close = did_you_mean_word(part, keys)
             hint = f" (did you mean '{'.'.join([*parts[:i], close])}'?)" if close else ""
             return f"unknown key{hint}; allowed{' under ' + where if where else ''}: {', '.join(sorted(keys))}"
-        field = current.model_fields.get(part) or next(f for f in current.model_fields.values() if f.alias == part)
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
+        if field is None:  # one of `extra_keys`: its owner checks below it
+            return None
         nxt = [c for c in _unwrap(field.annotation) if isinstance(c, type) and issubclass(c, BaseModel)]
         current = nxt[0] if nxt else None
     return None

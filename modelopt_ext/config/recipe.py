@@ -12,10 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from modelopt_ext.config.errors import ConfigError, problems_from_validation
+from modelopt_ext.config.errors import ConfigError, key_problem, problems_from_validation
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
+from modelopt_ext.drafters import BUILTIN, DEFAULT_DRAFTER, UnknownDrafter, builtin_drafters, resolve_drafter
+from modelopt_ext.targets.layers import check_id_list
 
 DataMode = Literal["colocated", "offline", "hybrid", "streaming", "remote"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -37,7 +48,7 @@ class ModelConfig(_Strict):
         default=None,
         description=(
             "Target layers whose hidden states feed the drafter, in vLLM's numbering: id k is the residual "
-            "stream after k decoder layers (0 = embeddings). Default: default_aux_layer_ids(num_layers)."
+            "stream after k decoder layers (0 = embeddings). Default: the drafter's rule (targets/layers.py)."
         ),
     )
     trust_remote_code: bool = False
@@ -45,30 +56,7 @@ class ModelConfig(_Strict):
     @field_validator("aux_layer_ids")
     @classmethod
     def _check_aux(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must list at least one layer id (or be null for the default)")
-        if any(i < 0 for i in v):
-            raise ValueError("layer ids must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("layer ids must be distinct")
-        return v
-
-
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """Low, middle and high layers (vLLM numbering), the common EAGLE-3 choice: [2, L//2, L-3].
-
-    For shallow targets (tests) the ids are clamped into [1, L-1]; when that leaves fewer than three
-    distinct ids, [1, L//2, L-1] is used instead, because vLLM's and SGLang's EAGLE-3 heads size `fc`
-    for three aux layers.
-    """
-    if num_layers < 2:
-        raise ValueError(f"target has {num_layers} layers; EAGLE-3 needs at least 2")
-    ids = sorted({min(max(i, 1), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
-    if len(ids) < 3:
-        ids = sorted({1, num_layers // 2, num_layers - 1})
-    return ids
+        return v if v is None else check_id_list(v)
 
 
 class DataConfig(_Strict):
@@ -157,21 +145,6 @@ class DataConfig(_Strict):
         return self
 
 
-class EagleConfig(_Strict):
-    """The EAGLE-3 draft head and its training-time test."""
-
-    ttt_steps: int = Field(default=7, ge=1, le=16, description="Training-time-test unroll length.")
-    draft_vocab_size: int = Field(default=32000, gt=0)
-    step_loss_decay: float = Field(default=0.8, gt=0, le=1)
-    freeze_embeddings: bool = True
-    num_layers: int = Field(default=1, ge=1)
-    attention: Literal["auto", "fused", "chunked", "dense"] = Field(
-        default="auto",
-        description="TTT attention backend (drafters/eagle3/ttt_attention.py): auto = fused flash kernels where they "
-        "apply, else query chunks; dense = the quadratic reference.",
-    )
-
-
 class TrainingConfig(_Strict):
     """Optimisation, checkpoints and logging."""
 
@@ -198,12 +171,26 @@ class TrainingConfig(_Strict):
 
 
 class Recipe(_Strict):
-    """A whole recipe."""
+    """A whole recipe. The drafter's own settings live under its section key (e.g. `eagle:` for EAGLE-3)
+    and arrive here validated as `drafter_settings` (see `parse_recipe`)."""
 
     model: ModelConfig
     data: DataConfig
-    eagle: EagleConfig = Field(default_factory=EagleConfig)
+    drafter: str = Field(
+        default=DEFAULT_DRAFTER,
+        description=f"Which drafter to train: {', '.join(sorted(BUILTIN))}, or package.module:Attribute "
+        "(docs/drafters.md). Its settings go under its own section.",
+    )
+    drafter_settings: Any = Field(default=None, exclude=True)
     training: TrainingConfig
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        out = handler(self)
+        section = resolve_drafter(self.drafter).section
+        settings = self.drafter_settings
+        out[section] = settings.model_dump(mode="json") if isinstance(settings, BaseModel) else settings
+        return out
 
 
 _SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
@@ -225,13 +212,63 @@ def redacted(obj: Any) -> Any:
 
 
 def parse_recipe(data: dict, source: str | None = None) -> Recipe:
-    """Validate a recipe mapping; raise ConfigError with every problem at once."""
+    """Validate a recipe mapping; raise ConfigError with every problem at once.
+
+    The `drafter:` value picks the drafter; its section (e.g. `eagle:`) is validated by the drafter's own
+    schema; another built-in drafter's section is a mistake worth a line (a recipe copied across kinds).
+    """
+    data = dict(data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"recipe: expected a mapping, got {type(data).__name__}"], source=source)
+    problems: list[str] = []
+    try:
+        drafter = resolve_drafter(data.get("drafter"))
+    except UnknownDrafter as e:
+        raise ConfigError([f"drafter: {e}"], source=source) from None
+    if "drafter_settings" in data:
+        problems.append(f"drafter_settings: not a recipe key; the drafter's settings go under `{drafter.section}:`")
+        data.pop("drafter_settings")
+    for other in builtin_drafters():
+        if other.section != drafter.section and other.section in data:
+            data.pop(other.section)
+            problems.append(
+                f"{other.section}: settings of the {other.name} drafter, but drafter is {drafter.name} "
+                f"(its settings go under `{drafter.section}:`)"
+            )
+    section = data.pop(drafter.section, None)
     with warnings.catch_warnings():
         warnings.simplefilter("always", DeprecationWarning)
         try:
-            return Recipe.model_validate(data)
+            data["drafter_settings"] = drafter.Settings.model_validate(section or {})
         except ValidationError as e:
-            raise ConfigError(problems_from_validation(e, Recipe), source=source) from None
+            problems += problems_from_validation(e, drafter.Settings, prefix=drafter.section)
+        try:
+            recipe = Recipe.model_validate(data)
+        except ValidationError as e:
+            problems += problems_from_validation(
+                e, Recipe, extra_choices=lambda owner: ([drafter.section], [drafter.section]) if owner is Recipe else ([], [])
+            )
+    if problems:
+        raise ConfigError(problems, source=source)
+    return recipe
+
+
+def recipe_key_problem(dotted: str, drafter: str | None = None) -> str | None:
+    """Why a dotted override key (`training.lrr`, `eagle.ttt_step`) names nothing in a recipe, or None.
+
+    Keys under a drafter's section are checked against that drafter's schema (`drafter`: the recipe's
+    drafter, default the default one; every built-in drafter's section is known).
+    """
+    try:
+        chosen = resolve_drafter(drafter)
+    except UnknownDrafter:
+        chosen = resolve_drafter(None)
+    sections = {d.section: d for d in builtin_drafters()}
+    sections[chosen.section] = chosen
+    head, _, rest = dotted.partition(".")
+    if head in sections:
+        return key_problem(sections[head].Settings, rest, prefix=[head]) if rest else None
+    return key_problem(Recipe, dotted, extra_keys=[chosen.section])
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelopt_ext.deploy import is_training_checkpoint
+from modelopt_ext.drafters.hf_folder import weight_keys  # noqa: F401 (re-exported for the serve commands)
 from modelopt_ext.util.fileio import read_json_object
 from modelopt_ext.targets.locate import looks_like_hub_id
 
@@ -72,6 +73,21 @@ def plan_draft(draft: str) -> DraftPlan:
     raise ServeError(f"--draft {draft}: no such folder (and not a hub id like org/name)")
 
 
+def drafter_of_plan(plan: DraftPlan, name: str | None = None):
+    """The drafter the plan's folder belongs to (its config.json says); `name` (or the default) for a hub id."""
+    from modelopt_ext.drafters import UnknownDrafter, drafter_for_config, resolve_drafter
+
+    try:
+        if plan.kind == "hub":
+            return resolve_drafter(name)
+        folder = plan.export_from if plan.export_from is not None else Path(plan.path)
+        if plan.kind == "checkpoint" and plan.export_from is None:
+            folder = Path(plan.source)
+        return drafter_for_config(read_config(folder), str(folder / "config.json"))
+    except UnknownDrafter as e:
+        raise ServeError(f"--draft {plan.source}: {e}") from None
+
+
 def materialise(plan: DraftPlan) -> str:
     """Write what the plan needs (the export of a checkpoint); returns the path the engine loads."""
     if plan.export_from is not None:
@@ -86,45 +102,12 @@ def materialise(plan: DraftPlan) -> str:
 
 # --- inspection of a local drafter folder ----------------------------------------------------------------
 
-_PARALLEL_KEYS = ("parallel_drafting", "ptd", "use_parallel_drafting", "parallel_draft")
-_PARALLEL_COUNT_KEYS = ("num_parallel_heads", "parallel_draft_heads", "num_parallel_tokens", "ptd_num_tokens")
-
-
 def read_config(folder: Path) -> dict:
     """The drafter's config.json as a dict (ServeError naming the file when unreadable)."""
     try:
         return read_json_object(folder / "config.json")
     except ValueError as e:
         raise ServeError(str(e)) from None
-
-
-def weight_keys(folder: Path) -> list[str]:
-    """Tensor names of the folder's safetensors files, read from the headers only."""
-    from safetensors import safe_open
-
-    keys: list[str] = []
-    for f in sorted(folder.glob("*.safetensors")):
-        if f.name == "vocab_mapping.safetensors":
-            continue
-        with safe_open(str(f), framework="pt") as h:
-            keys.extend(h.keys())
-    return keys
-
-
-def parallel_drafting_reason(cfg: dict, keys: list[str]) -> str | None:
-    """Why this looks like a parallel-drafting (P-EAGLE) head, or None."""
-    for scope, d in (("config", cfg), ("config.eagle_config", cfg.get("eagle_config") or {})):
-        if not isinstance(d, dict):
-            continue
-        for k in _PARALLEL_KEYS:
-            if d.get(k):
-                return f"{scope} has {k}: {d[k]!r}"
-        for k in _PARALLEL_COUNT_KEYS:
-            if isinstance(d.get(k), int) and d[k] > 1:
-                return f"{scope} has {k}: {d[k]}"
-    if any(k.split(".")[-1] == "mask_hidden" or k.startswith("mask_hidden") for k in keys):
-        return "its weights hold mask_hidden (the parallel-drafting mask state)"
-    return None
 
 
 def infer_num_layers(keys: list[str]) -> int:

@@ -31,18 +31,18 @@ from modelopt_ext.util.fileio import replace_dir_atomically
 from modelopt_ext.deploy.drafter_ref import (
     DraftPlan,
     ServeError,
+    drafter_of_plan,
     infer_num_layers,
     materialise,
-    parallel_drafting_reason,
     plan_draft,
     read_config,
     weight_keys,
 )
+from modelopt_ext.drafters.eagle3 import ARCHITECTURE, parallel_drafting_reason
 
 if TYPE_CHECKING:
     import torch
 
-ARCHITECTURE = "LlamaForCausalLMEagle3"
 TOKEN_MAP = "sglang_token_map.pt"
 INSTALL_HINT = (
     "sglang is not installed for {python}. SGLang is CUDA-only and brings its own torch: install it on a GPU "
@@ -154,7 +154,7 @@ def plan_sglang(
     target: str,
     draft: str,
     *,
-    algorithm: str = "EAGLE3",
+    algorithm: str | None = None,
     num_steps: int = 3,
     topk: int = 1,
     num_draft_tokens: int = 4,
@@ -201,15 +201,12 @@ def plan_sglang(
         plan.draft_path = str(plan.copy_from.parent / f"{plan.copy_from.name}-sglang")
     if plan.token_map_pending or plan.token_ids is not None:
         plan.token_map = Path(plan.draft_path) / TOKEN_MAP
-    argv = [
-        python, "-m", "sglang.launch_server",
-        "--model-path", target,
-        "--speculative-algorithm", algorithm,
-        "--speculative-draft-model-path", plan.draft_path,
-        "--speculative-num-steps", str(num_steps),
-        "--speculative-eagle-topk", str(topk),
-        "--speculative-num-draft-tokens", str(num_draft_tokens),
-    ]  # fmt: skip
+    spec = drafter_of_plan(dp).sglang_args(
+        plan.draft_path, num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens
+    )
+    if algorithm is not None:  # e.g. EAGLE for an EAGLE-3 head SGLang should run the EAGLE-2 way
+        spec[spec.index("--speculative-algorithm") + 1] = algorithm
+    argv = [python, "-m", "sglang.launch_server", "--model-path", target, *spec]
     if plan.token_map is not None:
         argv += ["--speculative-token-map", str(plan.token_map)]
     argv += ["--host", host, "--port", str(port), "--tp-size", str(tp_size)]

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
 
 
 def num_target_layers(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(cfg.num_hidden_layers)
+    """Decoder layers of a loaded target (targets/layers.py reads the config)."""
+    return target_num_layers(model.config)
 
 
 def forward_with_aux(
@@ -55,13 +56,8 @@ class ColocatedSource:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.num_layers = num_target_layers(target_model)
-        bad = [i for i in aux_layer_ids if not 0 <= int(i) <= self.num_layers]
-        if bad:
-            raise ValueError(
-                f"aux layer ids {bad} are outside 0..{self.num_layers} (vLLM numbering for a "
-                f"{self.num_layers}-layer target)"
-            )
-        self.aux_layer_ids = [int(i) for i in aux_layer_ids]
+        # Any layer 0..L can be captured (id L = pre-final-norm output: dumps and servers ship it).
+        self.aux_layer_ids = check_layer_ids(self.num_layers, aux_layer_ids)
 
     @property
     def device(self) -> torch.device:
@@ -93,11 +89,11 @@ class ColocatedSource:
         recipe's, or the default rule)."""
         from transformers import AutoModelForCausalLM
 
-        from modelopt_ext.config.recipe import default_aux_layer_ids
+        from modelopt_ext.targets.layers import recipe_layer_ids
 
         dtype = getattr(torch, recipe.model.dtype)
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model.path, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code
         ).to(device)
-        ids = recipe.model.aux_layer_ids or default_aux_layer_ids(num_target_layers(model))
+        ids = recipe_layer_ids(recipe, num_target_layers(model))
         return cls(model, ids)

@@ -456,10 +456,9 @@ class DumpedSource:
 
 
 def _recipe_aux(recipe: Any) -> list[int]:
-    from modelopt_ext.config.recipe import default_aux_layer_ids
+    from modelopt_ext.targets.layers import recipe_layer_ids
 
-    n = target_identity(recipe.model.path)["num_layers"]
-    return list(recipe.model.aux_layer_ids or default_aux_layer_ids(n))
+    return recipe_layer_ids(recipe, target_identity(recipe.model.path)["num_layers"])
 
 
 def _head_and_setup(recipe: Any, env: Any, dataset: Any, pad_id: int, aux: list[int], form: str) -> Any:

@@ -1,10 +1,14 @@
-"""Which target layers a hidden-state server captures, and how the captured stack splits for the trainer.
+"""Target layers: how many a target has, which ones a drafter reads, whether ids are valid, parsing them.
+
+This module is THE owner of target-layer ids; every source, server, CLI, `job_info` and the exporter call
+it, and the entry scripts forward what it decided. No torch import.
 
 vLLM numbering (the one `eagle_aux_hidden_state_layer_ids` uses): id k < L is the residual stream after k
 decoder layers (0 = embeddings), equal to transformers' `hidden_states[k]`; id L is the last decoder layer's
-output BEFORE the final norm (transformers' `hidden_states[L]` is after it). A server captures the drafter's
-aux layers plus L; the trainer concatenates the aux ones and turns L into target logits through the target's
-final norm + lm_head (`TargetHead`).
+output BEFORE the final norm (transformers' `hidden_states[L]` is after it). A drafter reads layers in
+[0, L] (its "aux" layers, from the recipe's `model.aux_layer_ids` or the drafter's default rule); a server
+captures those plus L, which the trainer turns into the target's next-token distribution (`TargetHead`).
+(A colocated drafter may read L itself too; a server's drafter ids stay below L, see `capture_layer_ids`.)
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from modelopt_ext.config.recipe import default_aux_layer_ids
 from modelopt_ext.targets.locate import target_config
 
 
@@ -35,53 +38,102 @@ def target_num_layers(target: str | os.PathLike | dict | Any) -> int:
     return n
 
 
-def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> list[int]:
-    """The ids a server captures: the drafter's aux layers (default rule if None) followed by L.
+def check_id_list(ids: Sequence[Any]) -> list[int]:
+    """The checks that need no target: a non-empty list of distinct integers >= 0. ValueError otherwise."""
+    ids = list(ids)
+    if not ids:
+        raise ValueError("must list at least one layer id")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"layer ids {ids} must be integers")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"layer ids {ids} must be >= 0")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"layer ids {ids} must be distinct")
+    return ids
 
-    Raises ValueError for ids outside [0, L) or duplicates (L itself is appended here, never an aux id).
-    """
-    aux = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(num_layers)
-    if not aux:
-        raise ValueError("aux_layer_ids is empty")
-    bad = [i for i in aux if not isinstance(i, int) or not 0 <= i < num_layers]
+
+def check_layer_ids(num_layers: int, ids: Sequence[Any]) -> list[int]:
+    """Layer ids a drafter may read from an L-layer target: distinct, in [0, L] (vLLM numbering; L = the last
+    layer's pre-final-norm output)."""
+    ids = check_id_list(ids)
+    bad = [i for i in ids if i > num_layers]
     if bad:
-        raise ValueError(f"aux_layer_ids {bad} outside [0, {num_layers}) for a {num_layers}-layer target")
-    if len(set(aux)) != len(aux):
-        raise ValueError(f"aux_layer_ids {aux} has duplicates")
-    return [*aux, num_layers]
+        raise ValueError(
+            f"layer ids {bad} outside [0, {num_layers}] for a {num_layers}-layer target (vLLM numbering)"
+        )
+    return ids
+
+
+def drafter_layer_ids(
+    num_layers: int, explicit: Sequence[int] | None = None, drafter: Any = None, settings: Any = None
+) -> list[int]:
+    """The layers the drafter reads: `explicit` (the recipe's `model.aux_layer_ids`) or the drafter's
+    default rule for this target (default drafter and settings when None), validated."""
+    if explicit is not None:
+        return check_layer_ids(num_layers, explicit)
+    if drafter is None:
+        from modelopt_ext.drafters import resolve_drafter
+
+        drafter = resolve_drafter(None)
+    settings = settings if settings is not None else drafter.Settings()
+    return check_layer_ids(num_layers, drafter.default_layer_ids(num_layers, settings))
+
+
+def recipe_layer_ids(recipe: Any, num_layers: int | None = None) -> list[int]:
+    """The layers a recipe's drafter reads from its target (`num_layers` read from model.path when None)."""
+    if num_layers is None:
+        num_layers = target_num_layers(target_config(recipe.model.path, "model.path"))
+    from modelopt_ext.drafters import resolve_drafter
+
+    return drafter_layer_ids(
+        num_layers, recipe.model.aux_layer_ids, resolve_drafter(recipe.drafter), recipe.drafter_settings
+    )
+
+
+def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> list[int]:
+    """The ids a server captures: the drafter's layers (the default drafter's rule if None) followed by L.
+
+    A server always appends L (it becomes the target's distribution), so the drafter's own ids must be < L
+    here: a layer list that already holds L would ship it twice and shift every split.
+    """
+    ids = drafter_layer_ids(num_layers, aux_layer_ids)
+    if num_layers in ids:
+        raise ValueError(
+            f"layer ids {ids}: {num_layers} (the last layer) is captured anyway as the target's distribution; "
+            f"a server's drafter layers must be in [0, {num_layers})"
+        )
+    return [*ids, num_layers]
 
 
 def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
-    """Explicit capture ids (`--capture-ids`) valid for an L-layer target: the aux ids, then L itself.
+    """Explicit capture ids (`--capture-ids`) valid for an L-layer target: the drafter's ids, then L itself.
 
-    The same rule as `capture_layer_ids` (aux ids in [0, L), no duplicates), plus: the last id must be L,
-    since the trainer turns the last captured layer into the target's logits. ValueError names the bad ids.
+    The last id must be L, since the trainer turns the last captured layer into the target's next-token
+    distribution. ValueError names the bad ids.
     """
-    ids = list(ids)
-    bad = [i for i in ids if not 0 <= i <= num_layers]
-    if bad:
+    ids = check_layer_ids(num_layers, ids)
+    if ids[-1] != num_layers:
         raise ValueError(
-            f"capture ids {bad} outside [0, {num_layers}] for a {num_layers}-layer target (vLLM numbering)"
+            f"{ids} must end with the target's layer count {num_layers} (the last layer, pre-final-norm), "
+            "after the drafter's layer ids"
         )
-    if not ids or ids[-1] != num_layers:
-        raise ValueError(
-            f"capture ids {ids}: the last must be L = {num_layers} (the last layer, pre-final-norm), "
-            "after the drafter's aux ids"
-        )
+    if len(ids) < 2:
+        raise ValueError(f"{ids}: needs the drafter's layer ids before the last id {num_layers}")
     try:
         return capture_layer_ids(num_layers, ids[:-1])
-    except ValueError as e:  # the aux part (all ids but the last): duplicates
-        raise ValueError(f"capture ids {ids}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{ids}: {e}") from None
 
 
 def parse_capture_ids(text: str) -> list[int]:
-    """'2,4, 8' -> [2, 4, 8] (the --capture-ids / EAGLE_CAPTURE_IDS form); ValueError on anything else."""
+    """'2,4, 8' or '[2, 4, 8]' -> [2, 4, 8] (every command-line and env form of layer ids); ValueError else."""
+    inner = text.strip().removeprefix("[").removesuffix("]")
     try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+        ids = [int(x) for x in inner.replace(" ", "").split(",") if x]
     except ValueError:
-        raise ValueError(f"capture ids {text!r}: expected comma-separated integers") from None
+        raise ValueError(f"layer ids {text!r}: expected comma-separated integers") from None
     if not ids:
-        raise ValueError("capture ids: empty list")
+        raise ValueError("layer ids: empty list")
     return ids
 
 

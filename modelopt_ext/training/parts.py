@@ -1,4 +1,4 @@
-"""Build the real training parts from a recipe: tokenised data, draft vocabulary, source, draft head.
+"""Build the real training parts from a recipe: tokenised data, draft vocabulary, source, drafter.
 
 Order matters and is the same on every rank:
 1. tokenizer + `ConversationDataset` (every rank; the tokenisation cache is shared and written atomically);
@@ -6,8 +6,8 @@ Order matters and is the same on every rank:
    tokens on rank 0 and broadcast, so every rank builds the identical mapping;
 3. the supervision source for `data.mode` (sources.make_source), which also yields the TargetHead and the
    target's input embeddings;
-4. the EAGLE-3 draft head, its vocabulary buffers (d2t/t2d) installed, embeddings copied from the target
-   (frozen unless `eagle.freeze_embeddings: false`).
+4. the drafter the recipe names (`drafter:`; modelopt_ext/drafters/), built by the drafter itself from the
+   target's config, the layers the source captures, the vocabulary and the target's embeddings.
 """
 
 from __future__ import annotations
@@ -25,19 +25,6 @@ from modelopt_ext.training.trainer import TrainingParts
 
 def _text_config(hf_config: Any) -> Any:
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
-def _exporter():
-    """The [data] exporter, or None when it is not available in this checkout."""
-    try:
-        from modelopt_ext.deploy import export as export_mod
-    except ImportError:
-        return None
-    for name in ("export_checkpoint", "export_drafter", "export"):
-        fn = getattr(export_mod, name, None)
-        if callable(fn):
-            return lambda ckpt_dir, out_dir: fn(ckpt_dir, out_dir)
-    return None
 
 
 def load_dataset(recipe: Recipe, env: DistEnv, tokenizer: Any) -> Any:
@@ -70,15 +57,17 @@ def build_vocab(
         counts[: min(len(c), vocab_size)] = c[:vocab_size]
     counts = broadcast_tensor(counts, env)
     special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab_size]
-    return build_draft_vocab(counts, vocab_size, recipe.eagle.draft_vocab_size, special_ids=special)
+    from modelopt_ext.drafters import resolve_drafter
+
+    size = resolve_drafter(recipe.drafter).draft_vocab_size(recipe.drafter_settings, vocab_size)
+    return build_draft_vocab(counts, vocab_size, size, special_ids=special)
 
 
 def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> TrainingParts:
     """TrainingParts for the recipe on this rank (see the module docstring for the order)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
-    from modelopt_ext.drafters.eagle3.objective import eagle3_loss
+    from modelopt_ext.drafters import resolve_drafter
 
     trust = recipe.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=trust)
@@ -89,32 +78,29 @@ def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> Train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     setup = make_source(recipe, env, dataset, pad_id, vocab)
 
-    config = Eagle3Config.from_target_config(
-        hf_config, aux_layer_ids=setup.aux_layer_ids, draft_vocab_size=len(vocab.d2t)
+    drafter = resolve_drafter(recipe.drafter)
+    built = drafter.build(
+        recipe.drafter_settings, hf_config, list(setup.aux_layer_ids), vocab, setup.target_embeddings
     )
-    model = Eagle3DraftModel(config)
-    model.attention_impl = recipe.eagle.attention
-    model.set_vocab(vocab)
-    if setup.target_embeddings is not None:
-        model.load_embeddings(setup.target_embeddings, freeze=recipe.eagle.freeze_embeddings)
-    else:
-        model.embed_tokens.weight.requires_grad_(not recipe.eagle.freeze_embeddings)
     notes = [
         f"data: {len(dataset)} conversations from {recipe.data.path} (mode {recipe.data.mode})",
         f"draft: vocab {len(vocab.d2t)}/{vocab_size}"
         + (" (restored from the checkpoint)" if resume_from else " (from supervised-token counts)")
-        + f", aux layers {setup.aux_layer_ids} (vLLM numbering), ttt steps {recipe.eagle.ttt_steps}",
+        + f", target layers {setup.aux_layer_ids} (vLLM numbering)",
+        *built.notes,
     ]
-    export_fn = _exporter() if recipe.training.export_at_end else None
+    from modelopt_ext.deploy.export import export_checkpoint
+
+    export_fn = export_checkpoint if recipe.training.export_at_end else None
     return TrainingParts(
         dataset=setup.dataset,
         collate=setup.collate,
         source=setup.source,
-        model=model,
-        model_config=config.to_dict(),
+        model=built.model,
+        model_config=built.config,
         vocab=vocab,
         head=setup.head,
-        loss_fn=eagle3_loss,
+        loss_fn=built.loss_fn,
         export_fn=export_fn,
         notes=notes,
     )

@@ -1,4 +1,4 @@
-"""The training loop: batches -> supervision -> EAGLE-3 loss -> data-parallel optimizer steps, with exact resume.
+"""The training loop: batches -> supervision -> the drafter's loss -> data-parallel optimizer steps, with exact resume.
 
 Per optimizer step, on every rank: `grad_accum` micro-batches from this rank's shard (ResumableShardedSampler)
 are collated, turned into `Supervision` by the source, scored by the loss, and back-propagated; then the
@@ -65,7 +65,7 @@ class TrainingParts:
     model_config: JSON-ready dict written as the checkpoint's config.json
     vocab: the draft vocabulary (`.save(dir)` writes vocab_mapping.safetensors)
     head: what the loss needs to turn supervision into target probabilities (TargetHead)
-    loss_fn: eagle3_loss(model, sup, vocab, head, ttt_steps, step_decay) -> (loss, metrics)
+    loss_fn: (model, sup, vocab, head) -> (loss, metrics), the drafter's objective (drafters/base.py)
     export_fn: (checkpoint_dir, out_dir) -> Path, or None when no exporter is available
     """
 
@@ -333,8 +333,6 @@ class Trainer:
                 sup,
                 self.parts.vocab,
                 self.parts.head,
-                self.recipe.eagle.ttt_steps,
-                self.recipe.eagle.step_loss_decay,
             )
         (loss / self.cfg.grad_accum).backward()
         out = {"loss": _scalar(loss)}

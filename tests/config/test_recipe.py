@@ -10,7 +10,8 @@ import pytest
 
 from modelopt_ext.config.errors import ConfigError, format_loc
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file, parse_override
-from modelopt_ext.config.recipe import default_aux_layer_ids, load_recipe, parse_recipe, redacted
+from modelopt_ext.config.recipe import load_recipe, parse_recipe, redacted
+from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
 
 BASE = {"model": {"path": "m"}, "data": {"path": "d.jsonl"}, "training": {"output_dir": "out"}}
 
@@ -24,7 +25,7 @@ def problems(data: dict) -> list[str]:
 def test_minimal_recipe_defaults():
     r = parse_recipe(BASE)
     assert r.data.mode == "colocated"
-    assert r.eagle.ttt_steps == 7 and r.training.schedule == "cosine"
+    assert r.drafter_settings.ttt_steps == 7 and r.training.schedule == "cosine"
 
 
 def test_every_problem_reported_at_once_with_field_paths():
@@ -105,7 +106,7 @@ def test_overrides_typed_and_nested():
         BASE, ["training.lr=3e-4", "eagle.ttt_steps=3", "data.server_urls=[http://a, http://b]"]
     )
     r = parse_recipe(data)
-    assert r.training.lr == 3e-4 and r.eagle.ttt_steps == 3 and r.data.server_urls == ["http://a", "http://b"]
+    assert r.training.lr == 3e-4 and r.drafter_settings.ttt_steps == 3 and r.data.server_urls == ["http://a", "http://b"]
     assert BASE["training"] == {"output_dir": "out"}  # input not mutated
 
 
@@ -175,4 +176,11 @@ def test_key_problem_names_the_unknown_part_and_the_closest_key():
 
     assert key_problem(Recipe, "training.lr") is None and key_problem(Recipe, "data.server_urls") is None
     assert key_problem(Recipe, "training.lrr").startswith("unknown key (did you mean 'training.lr'?); allowed under training: ")
-    assert key_problem(Recipe, "modle.path") == "unknown key (did you mean 'model'?); allowed: data, eagle, model, training"
+    assert key_problem(Recipe, "modle.path").startswith("unknown key (did you mean 'model'?); allowed: data, drafter, model")
+    from modelopt_ext.config.recipe import recipe_key_problem
+
+    assert recipe_key_problem("modle.path") == (
+        "unknown key (did you mean 'model'?); allowed: data, drafter, eagle, model, training"
+    )
+    assert recipe_key_problem("eagle.ttt_steps") is None and recipe_key_problem("drafter") is None
+    assert recipe_key_problem("eagle.ttt_step").startswith("unknown key (did you mean 'eagle.ttt_steps'?); allowed under eagle:")

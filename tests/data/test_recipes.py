@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.config.recipe import default_aux_layer_ids, load_recipe
+from modelopt_ext.config.recipe import load_recipe
+from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "eagle3"
 ALL = sorted(RECIPES.glob("*.yaml"))
@@ -33,13 +34,13 @@ def test_recipe_validates(path):
 def test_real_recipes_use_reference_hyper_parameters(name, layers):
     r = load_recipe(RECIPES / name)
     assert r.model.aux_layer_ids == default_aux_layer_ids(layers)
-    assert r.eagle.ttt_steps == 7 and r.eagle.draft_vocab_size == 32000
+    assert r.drafter_settings.ttt_steps == 7 and r.drafter_settings.draft_vocab_size == 32000
     assert r.training.lr == 1e-4 and r.model.dtype == "bfloat16"
     assert r.data.max_length in (2048, 4096) and r.data.shared_storage_root
 
 
 def test_tiny_recipe_is_small_and_local():
     r = load_recipe(RECIPES / "tiny.yaml")
-    assert r.eagle.ttt_steps == 3 and r.eagle.draft_vocab_size < 1024
+    assert r.drafter_settings.ttt_steps == 3 and r.drafter_settings.draft_vocab_size < 1024
     assert r.training.max_steps and r.training.max_steps <= 500
     assert r.training.output_dir.startswith("outputs/") and r.model.dtype == "float32"

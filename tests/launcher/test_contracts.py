@@ -165,7 +165,8 @@ def test_migrate_prints_and_writes_a_spec_that_dry_runs_cleanly(tmp_path, cli_re
     assert bad.stderr.splitlines() == [
         (
             f"error: {out}: pipeline.task_1.environment.EAGLE_CAPTURE_IDS: [2, 18, 33, 35] must end with the "
-            "target's layer count 36 (/hf-local/Qwen/Qwen3-8B has 36 decoder layers); e.g. [2, 18, 33, 36]"
+            "target's layer count 36 (the last layer, pre-final-norm), after the drafter's layer ids "
+            "(/hf-local/Qwen/Qwen3-8B has 36 decoder layers; e.g. [2, 18, 33, 36])"
         )
     ]
 
@@ -281,7 +282,7 @@ def test_typed_knobs_parse_and_the_natural_environment_override_form(tmp_path):
         "pipeline.task_1.environment.SERVE_TP: must be a whole number >= 1 (got 'two')",
         "pipeline.task_1.environment.SERVE_GPU_MEM_UTIL: must be a number in (0, 1] (got '1.5')",
         (
-            "pipeline.task_1.environment.EAGLE_CAPTURE_IDS: capture ids '2,x': expected comma-separated integers "
+            "pipeline.task_1.environment.EAGLE_CAPTURE_IDS: layer ids '2,x': expected comma-separated integers "
             "(got '2,x')"
         ),
         "pipeline.task_1.environment.STREAMING_NUM_WORKERS: must be a whole number >= 0 (got '-1')",
@@ -348,15 +349,16 @@ def test_capture_ids_against_a_local_target(tmp_path, write_spec):
     }
     assert problems(write_spec(spec)) == [
         (
-            "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: [1, 2, 9] must end with the target's layer count 6 "
-            f"({target} has 6 decoder layers); e.g. [1, 3, 5, 6]"
+            "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: layer ids [9] outside [0, 6] for a 6-layer target (vLLM numbering) "
+            f"({target} has 6 decoder layers; e.g. [1, 3, 5, 6])"
         )
     ]
     spec["pipeline"]["task_0"]["environment"]["EAGLE_CAPTURE_IDS"] = "[1,2,3,6]"
     assert load_job(write_spec(spec), environ={}).tasks[0].env["EAGLE_CAPTURE_IDS"] == "[1,2,3,6]"
     spec["pipeline"]["task_0"]["environment"]["EAGLE_CAPTURE_IDS"] = "[1,7,6]"
     assert problems(write_spec(spec)) == [
-        "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: aux_layer_ids [7] outside [0, 6) for a 6-layer target"
+        "pipeline.task_0.environment.EAGLE_CAPTURE_IDS: layer ids [7] outside [0, 6] for a 6-layer "
+        f"target (vLLM numbering) ({target} has 6 decoder layers; e.g. [1, 3, 5, 6])"
     ]
 
 

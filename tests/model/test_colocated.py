@@ -47,7 +47,7 @@ def test_deterministic_and_no_grad():
 
 
 def test_bad_layer_id():
-    with pytest.raises(ValueError, match="outside 0..4"):
+    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
         ColocatedSource(tiny_target(), [1, 5])
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from modelopt_ext.acceptance.specdec import (
-    Eagle3Proposer,
     OracleProposer,
     greedy_generate,
     run_benchmark,
     speculative_generate,
 )
+from modelopt_ext.drafters.eagle3.proposer import Eagle3Proposer
 from tests.model.conftest import VOCAB, tiny_draft, tiny_target
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modelopt_ext.config.recipe import default_aux_layer_ids
+from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.target_head import probs_from_logits
 from modelopt_ext.supply.target_server.handler import TargetHandler
@@ -166,7 +166,7 @@ def test_forward_is_serialised_across_threads(tiny_model, colocated, batch):
 
 
 def test_aux_layer_ids_are_validated(tiny_model):
-    with pytest.raises(ValueError, match="outside 0..4"):
+    with pytest.raises(ValueError, match=r"outside \[0, 4\]"):
         TargetHandler(tiny_model, [1, 9], compute=lambda b: None)
     assert TargetHandler(tiny_model, None, compute=lambda b: None).aux_layer_ids == default_aux_layer_ids(
         LAYERS

@@ -37,7 +37,7 @@ class Vocab:
         save_file({"d2t": self.d2t, "t2d": self.t2d}, str(Path(folder) / "vocab_mapping.safetensors"))
 
 
-def _loss(model, sup, vocab, head, ttt_steps, step_decay):
+def _loss(model, sup, vocab, head):
     time.sleep(COMPUTE_S)  # a real drafter's forward/backward takes a while; this one is tiny
     target = torch.softmax(head.logits(sup.target_last_hidden).float(), -1)
     logits = model(sup.aux_hidden_states.float())

@@ -81,7 +81,7 @@ class StandinTarget:
         )
 
 
-def standin_loss(model, sup: Supervision, vocab, head, ttt_steps: int, step_decay: float):
+def standin_loss(model, sup: Supervision, vocab, head):
     """Soft cross-entropy against the target distribution on supervised positions, plus metrics."""
     logits = model(sup.input_ids, sup.aux_hidden_states).float()
     target = torch.softmax(sup.target_logits.float(), dim=-1)

@@ -87,9 +87,9 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 @pytest.mark.parametrize(
     ("ids", "message"),
     [
-        ("1,2,9", "capture ids [9] outside [0, 6] for a 6-layer target (vLLM numbering)"),
-        ("1,2,5", "capture ids [1, 2, 5]: the last must be L = 6 (the last layer, pre-final-norm), after the drafter's aux ids"),
-        ("1,1,6", "capture ids [1, 1, 6]: aux_layer_ids [1, 1] has duplicates"),
+        ("1,2,9", "layer ids [9] outside [0, 6] for a 6-layer target (vLLM numbering)"),
+        ("1,2,5", "[1, 2, 5] must end with the target's layer count 6 (the last layer, pre-final-norm), after the drafter's layer ids"),
+        ("1,1,6", "layer ids [1, 1, 6] must be distinct"),
     ],
 )  # fmt: skip
 def test_capture_ids_outside_the_target_are_refused_before_vllm_starts(tmp_path, ids, message):

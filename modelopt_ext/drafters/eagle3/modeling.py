@@ -105,10 +105,10 @@ class Eagle3Config:
     ) -> Eagle3Config:
         """The draft head for a target: same width, heads, RoPE and vocabulary as the target's decoder.
 
-        `aux_layer_ids` default to `default_aux_layer_ids(num_layers)` (vLLM numbering); `draft_vocab_size`
-        defaults to the full target vocabulary.
+        `aux_layer_ids` default to EAGLE-3's rule for the target (targets/layers.py; vLLM numbering);
+        `draft_vocab_size` defaults to the full target vocabulary.
         """
-        from modelopt_ext.config.recipe import default_aux_layer_ids
+        from modelopt_ext.targets.layers import drafter_layer_ids
 
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config()
@@ -116,7 +116,7 @@ class Eagle3Config:
         hidden = int(g["hidden_size"])
         heads = int(g["num_attention_heads"])
         theta, scaling = _rope_from_dict(g)
-        ids = list(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(int(g["num_hidden_layers"]))
+        ids = drafter_layer_ids(int(g["num_hidden_layers"]), aux_layer_ids or None)
         vocab = int(g["vocab_size"])
         return cls(
             hidden_size=hidden,

@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import torch
 
-from modelopt_ext.config.recipe import default_aux_layer_ids
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.target_head import probs_from_logits
 from modelopt_ext.supply.target_server.data_plane import DataPlaneError, DataPlaneServer, ServerSession, tensor_specs
@@ -65,18 +64,10 @@ class Reply:
 
 
 def check_aux_layer_ids(num_layers: int, aux_layer_ids: list[int] | None) -> list[int]:
-    """The aux layer ids to capture (vLLM numbering, 0..L like ColocatedSource; default rule if None)."""
-    if aux_layer_ids is None:
-        return default_aux_layer_ids(num_layers)
-    ids = [int(i) for i in aux_layer_ids]
-    if not ids:
-        raise ValueError("aux_layer_ids is empty")
-    bad = [i for i in ids if not 0 <= i <= num_layers]
-    if bad:
-        raise ValueError(f"aux_layer_ids {bad} outside 0..{num_layers} for a {num_layers}-layer target")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"aux_layer_ids {ids} has duplicates")
-    return ids
+    """The drafter layer ids the server captures (targets/layers.py decides; default drafter's rule if None)."""
+    from modelopt_ext.targets.layers import drafter_layer_ids
+
+    return drafter_layer_ids(num_layers, aux_layer_ids)
 
 
 @dataclass

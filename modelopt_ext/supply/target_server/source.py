@@ -457,17 +457,19 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
     from functools import partial
     from pathlib import Path
 
-    from modelopt_ext.config.recipe import default_aux_layer_ids
     from modelopt_ext.data.dataset import collate_padded
     from modelopt_ext.supply.batch import SourceSetup
 
     data = recipe.data
     if not data.server_urls:
         raise ValueError("data.server_urls is empty: data.mode 'remote' needs serve_target URLs")
-    cfg = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    from modelopt_ext.targets.layers import recipe_layer_ids, target_num_layers
+    from modelopt_ext.targets.locate import target_config
+
+    cfg = target_config(recipe.model.path, "model.path")
     cfg = cfg.get("text_config") or cfg
-    num_layers = int(cfg["num_hidden_layers"])
-    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(num_layers))
+    num_layers = target_num_layers(cfg)
+    aux = recipe_layer_ids(recipe, num_layers)
     expect = {
         "num_layers": num_layers,
         "hidden_size": int(cfg["hidden_size"]),

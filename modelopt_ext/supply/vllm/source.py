@@ -473,8 +473,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     """
     from functools import partial
 
-    from modelopt_ext.targets.layers import target_num_layers
-    from modelopt_ext.config.recipe import default_aux_layer_ids
+    from modelopt_ext.targets.layers import recipe_layer_ids
     from modelopt_ext.supply.target_head import TargetHead
     from modelopt_ext.supply.batch import SourceSetup
 
@@ -486,7 +485,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     head = TargetHead.from_pretrained(
         recipe.model.path, dtype=getattr(torch, recipe.model.dtype), device=env.device
     )
-    aux = list(recipe.model.aux_layer_ids or default_aux_layer_ids(target_num_layers(recipe.model.path)))
+    aux = recipe_layer_ids(recipe)
     ds = VllmStreamingDataset.from_config(
         dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), rank=env.rank
     )
