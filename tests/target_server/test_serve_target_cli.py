@@ -206,5 +206,5 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
 def test_bad_aux_layer_ids_exit_2(tiny_model_dir):
     r = _run_bad("--target", str(tiny_model_dir), "--aux-layer-ids", "1,99", "--device", "cpu")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        "serve_target: --aux-layer-ids: aux_layer_ids [99] outside 0..4 for a 4-layer target"
+        "serve_target: --aux-layer-ids: layer ids [99] outside [0, 4] for a 4-layer target (vLLM numbering)"
     )
