@@ -175,23 +175,11 @@ def _root_cause(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
-def _reap_group(pgid: int, grace_s: float = 10.0) -> None:
-    """Give the engine processes in the worker's group a moment to exit (and flush their logs), then SIGKILL."""
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, 9)
-    except ProcessLookupError:
-        pass
-
-
 def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dict:
+    import signal
+
     from modelopt_ext.deploy.vllm_env import detect_flavor
+    from modelopt_ext.util.proc import reap_group, signal_group
 
     out = log.with_suffix(".json")
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", *args, "--out", str(out)]
@@ -206,11 +194,11 @@ def _run_worker(python: Path, args: list[str], log: Path, timeout: float) -> dic
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait(10)
             raise RuntimeError(f"vLLM worker did not finish within {timeout:.0f} s (log {log})") from None
         finally:
-            _reap_group(proc.pid)
+            reap_group(proc.pid)
     if rc != 0 or not out.is_file():
         lines = log.read_text(errors="replace").splitlines()
         raise RuntimeError(f"vLLM worker failed (exit {rc}, log {log}): {_root_cause(lines)}")

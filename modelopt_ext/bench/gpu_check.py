@@ -17,7 +17,6 @@ serve, modelopt: the recipe loader); no network.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -52,6 +51,8 @@ def _have(mod: str) -> bool:
 
 def _run(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -> tuple[int, str]:
     """Run a section's process (its own session, so a timeout stops its children too); (rc, output)."""
+    from modelopt_ext.util.proc import stop_group
+
     with log.open("w") as f:
         proc = subprocess.Popen(
             cmd,
@@ -64,13 +65,10 @@ def _run(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            stop_group(proc, signal.SIGKILL)
             rc = 124
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, signal.SIGKILL)
             raise
     return rc, log.read_text(errors="replace")
 
@@ -189,9 +187,10 @@ def section_serve(work: Path, args) -> list[dict]:
         return [
             {"section": "serve", "what": "serve_target", "error": "needs pydantic and pyyaml (see WHEELS)"}
         ]
-    from modelopt_ext.bench.supply import _start_serve_target, stop_group
+    from modelopt_ext.bench.supply import _start_serve_target
     from modelopt_ext.bench.train_throughput import DEFAULT_RECIPE, ensure_tiny_inputs
     from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.util.proc import stop_group
 
     recipe = load_recipe(str(DEFAULT_RECIPE), [])
     ensure_tiny_inputs(recipe)

@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.bench.supply import free_port, stop_group
 from modelopt_ext.supply.server_pool import LEAST_OUTSTANDING, ROUND_ROBIN
+from modelopt_ext.util.proc import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"

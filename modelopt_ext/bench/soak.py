@@ -35,9 +35,8 @@ from modelopt_ext.bench.supply import (
     TINY_RECIPE,
     _one_thread_env,
     _start_serve_target,
-    free_port,
-    stop_group,
 )
+from modelopt_ext.util.proc import free_port, stop_group
 
 
 @dataclass

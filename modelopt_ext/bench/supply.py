@@ -34,7 +34,6 @@ import os
 import platform
 import queue
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,13 +43,14 @@ from pathlib import Path
 
 import torch
 
+from modelopt_ext.util.proc import LOOPBACK, free_port, stop_group
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "eagle3" / "tiny.yaml"
 HIDDEN = 2048  # a ~1B-class target: payload bytes per token = (3 + 1) * 2048 * 2 + ids/masks
 N_AUX = 3
 FULL_SIZES_MB = (1.0, 8.0, 32.0)
 QUICK_SIZES_MB = (1.0, 8.0)
-LOOPBACK = "127.0.0.1"
 TRANSPORTS = ("memcpy", "wire/http", "files", "gloo")
 
 
@@ -79,13 +79,6 @@ def make_payload(size_mb: float) -> dict[str, torch.Tensor]:
 def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Raw tensor bytes of a payload."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface (for a server started right after)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _time_per_call(fn, iters: int) -> float:
@@ -359,20 +352,6 @@ def _start_serve_target(
     return proc, url_file.read_text().strip()
 
 
-def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> None:
-    """Stop a process started with start_new_session=True, and its children: `sig` to its group, then SIGKILL
-    after `wait_s` (bounded waits)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(wait_s)
-
-
 def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[dict]:
     """One row per supply mode on the tiny target: samples/s, data-wait fraction, bytes/sample (or an error)."""
     from modelopt_ext.bench.train_throughput import ensure_tiny_inputs
@@ -397,8 +376,8 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
     if skip_vllm:
         rows.append({"mode": "vllm streaming", "note": "skipped (--skip-vllm)", "skipped": True})
     else:
-        from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
         from modelopt_ext.supply.vllm.server import start_hidden_states_server
+        from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
 
         root = work / "shared"
         log("[supply] starting a vLLM CPU hidden-state server (minutes) ...", flush=True)

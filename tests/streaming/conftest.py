@@ -9,7 +9,6 @@ two live servers and only a kill costs a restart.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,15 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from modelopt_ext.util.proc import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "eagle3" / "tiny.yaml"
 STARTUP_TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +58,7 @@ class VllmPair:
         self.starts += 1
         try:
             self.handles[i] = start_hidden_states_server(
-                str(self.target), shared_storage=self.root, capture_ids=self.capture, port=_free_port(),
+                str(self.target), shared_storage=self.root, capture_ids=self.capture, port=free_port(),
                 dtype="float32", max_model_len=512, python=self.python,
                 log_path=self.logs / f"vllm_{i}_{self.starts}.log", startup_timeout=STARTUP_TIMEOUT_S,
             )  # fmt: skip
@@ -99,8 +94,8 @@ class VllmPair:
 @pytest.fixture(scope="session")
 def vllm_pair(tiny_target, aux_ids, tmp_path_factory):
     """The session's two vLLM servers (started on first use, stopped at session end)."""
-    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
     from modelopt_ext.deploy.vllm_env import ensure_vllm_env
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
 
     pair = VllmPair(
         target=tiny_target,

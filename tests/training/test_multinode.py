@@ -5,7 +5,6 @@ data-parallel job: equal (up to float summation order) to one rank accumulating 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from standin import standin_parts
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.training.trainer import train
+from modelopt_ext.util.proc import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -45,15 +45,9 @@ def _recipe(out: Path, **training) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_machines_train_as_one_job(tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe(tmp_path / "mn")))
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STANDIN_DROPOUT": "0"}
     procs = []
     for machine_rank in (0, 1):

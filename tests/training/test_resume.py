@@ -8,7 +8,6 @@ The stand-in draft has dropout: without restored RNG states the resumed run woul
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from standin import standin_parts
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.training.trainer import STOP_ENV, train
+from modelopt_ext.util.proc import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -108,12 +108,6 @@ def test_without_rng_restore_the_resume_diverges(tmp_path, monkeypatch):
     assert not torch.equal(wa["fc.weight"], wb["fc.weight"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(recipe_path: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -129,7 +123,7 @@ def _launch_two(recipe_path: Path, *extra: str, env_extra: dict | None = None) -
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from modelopt_ext.config.recipe import load_recipe
 from modelopt_ext.training.trainer import STOP_ENV, train
+from modelopt_ext.util.proc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "eagle3" / "tiny.yaml"
@@ -66,12 +66,6 @@ def _overrides(target: Path, data: Path, out: Path, **training) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_colocated_run_writes_checkpoint_and_export(tiny_inputs, tmp_path):
     target, data = tiny_inputs
     out = tmp_path / "run"
@@ -89,7 +83,7 @@ def test_two_process_colocated_run_writes_checkpoint_and_export(tiny_inputs, tmp
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from modelopt_ext.util.proc import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CAPTURE_IDS = [0, 1, 2, 3, 4]  # every layer of the 4-layer tiny target, 4 = L (pre-final-norm)
 STARTUP_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

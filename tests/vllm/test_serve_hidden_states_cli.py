@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.bench.supply import free_port
+from modelopt_ext.util.proc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelopt_ext.deploy.vllm_env import detect_flavor, ensure_vllm_env, repo_root
+from modelopt_ext.util.proc import stop_group
 
 CPU_CONNECTOR_MODULE = "modelopt_ext.supply.vllm.connector"
 CPU_CONNECTOR_CLASS = "CpuHiddenStatesConnector"
@@ -139,16 +140,7 @@ class VllmServerHandle:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the whole process group (vLLM spawns engine processes), SIGKILL after `timeout` s."""
-        if self.process.poll() is None:
-            _signal_group(self.process, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process, signal.SIGKILL)
-                self.process.wait(10)
-        # Engine children may outlive the API process; make sure the group is gone.
-        _signal_group(self.process, signal.SIGKILL)
-        return self.process.returncode
+        return stop_group(self.process, signal.SIGTERM, timeout)
 
     def log_tail(self, n: int = 30) -> str:
         """The last `n` lines of the server log."""
@@ -170,13 +162,6 @@ def _term_when_parent_dies() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def start_hidden_states_server(
