@@ -77,7 +77,8 @@ def run(cfg: dict[str, Any]) -> None:
     from modelopt_ext.config.recipe import parse_recipe
     from modelopt_ext.supply.server_pool import BreakerPolicy
     from modelopt_ext.training.distributed import init_distributed, shutdown_distributed
-    from modelopt_ext.training.trainer import Trainer, TrainingParts
+    from modelopt_ext.training.parts import TrainingParts
+    from modelopt_ext.training.trainer import Trainer
 
     torch.set_num_threads(1)
     out = Path(cfg["out"])

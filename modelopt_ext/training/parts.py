@@ -12,15 +12,48 @@ Order matters and is the same on every rank:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from modelopt_ext.config.recipe import Recipe
-from modelopt_ext.training.distributed import DistEnv, broadcast_tensor
+from modelopt_ext.drafters.base import LossFn
 from modelopt_ext.supply.sources import make_source
-from modelopt_ext.training.trainer import TrainingParts
+from modelopt_ext.training.distributed import DistEnv, broadcast_tensor
+
+
+@dataclass
+class TrainingParts:
+    """Everything the loop needs besides the recipe.
+
+    dataset: map-style, item -> {"input_ids": LongTensor[T], "loss_mask": BoolTensor[T]}
+    collate: list of items -> collated batch dict (input_ids, attention_mask, loss_mask)
+    source: collated batch (on the training device) -> Supervision
+    model: the draft nn.Module (its state_dict is what checkpoints hold, d2t/t2d included)
+    model_config: JSON-ready dict written as the checkpoint's config.json
+    vocab: the draft vocabulary (`.save(dir)` writes vocab_mapping.safetensors)
+    head: what the loss needs to turn supervision into target probabilities (TargetHead)
+    loss_fn: (model, sup, vocab, head) -> (loss, metrics), the drafter's objective (drafters/base.py)
+    export_fn: (checkpoint_dir, out_dir) -> Path, or None when no exporter is available
+    """
+
+    dataset: Any
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    source: Callable[[dict[str, torch.Tensor]], Any]
+    model: torch.nn.Module
+    model_config: dict[str, Any]
+    vocab: Any
+    head: Any
+    loss_fn: LossFn
+    export_fn: Callable[[Path, Path], Path] | None = None
+    notes: list[str] = field(default_factory=list)  # lines to print once at start (rank 0)
+
+
+# (recipe, this rank, checkpoint to resume from) -> the parts; build_parts, or a test's stand-in
+PartsFactory = Callable[[Recipe, DistEnv, "Path | None"], TrainingParts]
 
 
 def _text_config(hf_config: Any) -> Any:

@@ -5,7 +5,7 @@ are collated, turned into `Supervision` by the source, scored by the loss, and b
 gradients are averaged over ranks (one bucketed all-reduce per step, which is what DDP does, but
 independent of how the loss calls the model), clipped, and AdamW plus the LR schedule step.
 
-What the loop trains on comes from `TrainingParts` (built from the recipe by `parts.build_parts`, or by a
+What the loop trains on comes from `TrainingParts` (parts.py: built from the recipe by `build_parts`, or by a
 test), so the loop itself knows nothing about targets, tokenizers or where supervision comes from.
 
 Stopping: SIGTERM or SIGUSR1 on any rank makes every rank finish the current optimizer step, write a
@@ -24,9 +24,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,44 +44,12 @@ from modelopt_ext.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from modelopt_ext.training.parts import PartsFactory, build_parts
 from modelopt_ext.training.progress import ProgressTracker
 from modelopt_ext.training.sampler import ResumableShardedSampler
 from modelopt_ext.training.schedule import build_scheduler
 
 STOP_ENV = "MODELOPT_EXT_STOP_AFTER_STEPS"
-
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
-
-
-@dataclass
-class TrainingParts:
-    """Everything the loop needs besides the recipe.
-
-    dataset: map-style, item -> {"input_ids": LongTensor[T], "loss_mask": BoolTensor[T]}
-    collate: list of items -> collated batch dict (input_ids, attention_mask, loss_mask)
-    source: collated batch (on the training device) -> Supervision
-    model: the draft nn.Module (its state_dict is what checkpoints hold, d2t/t2d included)
-    model_config: JSON-ready dict written as the checkpoint's config.json
-    vocab: the draft vocabulary (`.save(dir)` writes vocab_mapping.safetensors)
-    head: what the loss needs to turn supervision into target probabilities (TargetHead)
-    loss_fn: (model, sup, vocab, head) -> (loss, metrics), the drafter's objective (drafters/base.py)
-    export_fn: (checkpoint_dir, out_dir) -> Path, or None when no exporter is available
-    """
-
-    dataset: Any
-    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
-    source: Callable[[dict[str, torch.Tensor]], Any]
-    model: torch.nn.Module
-    model_config: dict[str, Any]
-    vocab: Any
-    head: Any
-    loss_fn: LossFn
-    export_fn: Callable[[Path, Path], Path] | None = None
-    notes: list[str] = field(default_factory=list)  # lines to print once at start (rank 0)
-
-
-PartsFactory = Callable[[Recipe, DistEnv, "Path | None"], TrainingParts]
-
 
 @dataclass
 class TrainResult:
@@ -565,8 +532,6 @@ def train(
 ) -> TrainResult:
     """Train a drafter for `recipe` on this process (and its process group, when launched with several)."""
     if parts_factory is None:
-        from modelopt_ext.training.parts import build_parts
-
         parts_factory = build_parts
     env = init_distributed()
     try:

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.supply.vllm.source import build_streaming_source
-from modelopt_ext.training.trainer import Trainer, TrainingParts
+from modelopt_ext.training.parts import TrainingParts
+from modelopt_ext.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "streaming"))
 from fake_vllm import spawn

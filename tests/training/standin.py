@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.training.trainer import TrainingParts
+from modelopt_ext.training.parts import TrainingParts
 
 VOCAB = 48
 HIDDEN = 16

@@ -1,0 +1,117 @@
+"""No import cycles between the project's modules (launcher/ and modelopt_ext/).
+
+The graph is built from the source with `ast`, counting every import, including those inside functions
+(a lazy import still ties two modules together; it only hides the cycle until run time). A cycle fails the
+test with the modules that form it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("launcher", "modelopt_ext")
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            mods[".".join(parts)] = f
+    return mods
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """module -> the project modules it imports (a name imported from a package counts as that submodule
+    when it is one, else as the package)."""
+    mods = _modules(root)
+
+    def known(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        deps: set[str] = set()
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(filter(None, (known(a.name) for a in node.names)))
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                deps.update(filter(None, (known(f"{base}.{a.name}") for a in node.names)))
+        deps.discard(mod)
+        graph[mod] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.append(m)
+                    if m == node:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_the_cycle_finder_finds_a_planted_cycle(tmp_path):
+    pkg = tmp_path / "modelopt_ext"
+    pkg.mkdir()
+    (tmp_path / "launcher").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from modelopt_ext.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from . import c\n")
+    (pkg / "c.py").write_text("import modelopt_ext.a\n")
+    (pkg / "d.py").write_text("from modelopt_ext import a\n")
+    assert cycles(import_graph(tmp_path)) == [["modelopt_ext.a", "modelopt_ext.b", "modelopt_ext.c"]]
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    assert len(graph) > 100 and "modelopt_ext.training.parts" in graph["modelopt_ext.training.trainer"]
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
