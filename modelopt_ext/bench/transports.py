@@ -25,22 +25,12 @@ import torch
 
 
 def _tiny_random_target(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from modelopt_ext.targets.tiny import tiny_llama_config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=4,
-        intermediate_size=256,
-        vocab_size=1024,
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    cfg = tiny_llama_config()
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 

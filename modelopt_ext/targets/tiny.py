@@ -228,6 +228,43 @@ def _build_params(**kw) -> dict:
     return {"version": _BUILD_VERSION, **kw}
 
 
+def tiny_llama_config(
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 2,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 2048,
+    **extra,
+):
+    """The tiny Llama's transformers `LlamaConfig`: head_dim = hidden_size / num_heads, untied embeddings, no
+    special tokens unless `extra` sets them (`extra`: any other LlamaConfig field, applied last).
+
+    The one definition of the tiny shape: the fitted target (`build_tiny_target`), random targets in tests
+    and benchmarks (e.g. `LlamaForCausalLM(tiny_llama_config(hidden_size=64))`).
+    """
+    from transformers import LlamaConfig
+
+    kw = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    kw.update(extra)
+    return LlamaConfig(**kw)
+
+
 def build_tiny_target(
     out_dir: str | Path,
     *,
@@ -304,7 +341,7 @@ def _build(out_dir: Path, params: dict, log) -> Path:
     fit_seq_len, fit_lr, corpus_size = params["fit_seq_len"], params["fit_lr"], params["corpus_size"]
     head_dim = hidden_size // num_heads
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     t0 = time.monotonic()
     rng = random.Random(seed)
@@ -315,20 +352,17 @@ def _build(out_dir: Path, params: dict, log) -> Path:
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.pad_token_id
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,  # may exceed the tokenizer's size: padded rows, as real targets have
+    config = tiny_llama_config(
+        num_layers=num_layers,
         hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
+        vocab_size=vocab_size,  # may exceed the tokenizer's size: padded rows, as real targets have
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         hidden_act="silu",
-        tie_word_embeddings=False,
-        bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         torch_dtype="float32",

@@ -65,7 +65,8 @@ def _check_run(out: Path, steps: int) -> list[dict]:
     curve = _curve(out)
     assert curve and curve[-1]["step"] == steps
     assert curve[-1]["loss"] < 0.9 * curve[0]["loss"], [r["loss"] for r in curve]
-    config = json.loads((out / f"epoch_0_step_{steps}" / "config.json").read_text())
+    (checkpoint,) = out.glob(f"epoch_*_step_{steps}")
+    config = json.loads((checkpoint / "config.json").read_text())
     assert config["drafter"] == TOY and config["aux_layer_ids"] == TOY_LAYERS
     export = json.loads((out / "export" / "config.json").read_text())
     assert export["architectures"] == ["ToyLinearDrafter"] and export["aux_layer_ids"] == TOY_LAYERS

@@ -8,27 +8,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
+from modelopt_ext.targets.tiny import tiny_llama_config as tiny_shape
 
 VOCAB = 300
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
-    """The brief's tiny target shape (head_dim 64 like vLLM's CPU build needs)."""
-    base = {
-        "hidden_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "num_hidden_layers": 4,
-        "vocab_size": VOCAB,
-        "intermediate_size": 256,
-        "max_position_embeddings": 512,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-    }
-    base.update(kw)
-    return LlamaConfig(**base)
+    """The shared tiny shape (head_dim 64 like vLLM's CPU build needs) at this suite's vocabulary."""
+    return tiny_shape(**{"vocab_size": VOCAB, "max_position_embeddings": 512, **kw})
 
 
 def tiny_target(seed: int = 0, **kw) -> LlamaForCausalLM:

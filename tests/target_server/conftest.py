@@ -14,6 +14,7 @@ from modelopt_ext.supply.colocated import ColocatedSource
 from modelopt_ext.supply.target_server.data_plane import DataPlaneServer
 from modelopt_ext.supply.target_server.handler import TargetHandler
 from modelopt_ext.supply.target_server.http_server import TargetServer
+from modelopt_ext.targets.tiny import tiny_llama_config
 
 VOCAB = 256
 LAYERS = 4
@@ -23,19 +24,8 @@ AUX = [1, 2, 3]
 
 def tiny_config() -> LlamaConfig:
     """Small enough for a 2-core machine (a forward is a few ms), head_dim 32, fp32."""
-    return LlamaConfig(
-        hidden_size=HIDDEN,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_hidden_layers=LAYERS,
-        vocab_size=VOCAB,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
+    return tiny_llama_config(hidden_size=HIDDEN, num_layers=LAYERS, vocab_size=VOCAB, intermediate_size=128,
+                             max_position_embeddings=256)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

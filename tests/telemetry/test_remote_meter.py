@@ -4,26 +4,18 @@ classified remote, its calls count as data wait, and its requests, latency and b
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from modelopt_ext.supply.target_server.source import RemoteTargetClient
 from modelopt_ext.supply.target_server.handler import TargetHandler
 from modelopt_ext.supply.target_server.http_server import TargetServer
+from modelopt_ext.supply.target_server.source import RemoteTargetClient
+from modelopt_ext.targets.tiny import tiny_llama_config
 from modelopt_ext.telemetry.meter import REMOTE, TrainMeter, classify_source
 
 
 def test_remote_client_is_metered_per_server():
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_hidden_layers=4,
-        vocab_size=96,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(hidden_size=64, vocab_size=96, intermediate_size=128, max_position_embeddings=64)
     handler = TargetHandler(LlamaForCausalLM(cfg).eval(), [1, 2, 3], model_name="tiny")
     server = TargetServer(handler, "127.0.0.1", 0)
     server.start_in_thread()
