@@ -126,10 +126,10 @@ def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
 
 
 def parse_capture_ids(text: str) -> list[int]:
-    """'2,4, 8' or '[2, 4, 8]' -> [2, 4, 8] (every command-line and env form of layer ids); ValueError else."""
+    """'2,4, 8', '2 4 8' or '[2, 4, 8]' -> [2, 4, 8] (every command-line and env form of layer ids); ValueError else."""
     inner = text.strip().removeprefix("[").removesuffix("]")
     try:
-        ids = [int(x) for x in inner.replace(" ", "").split(",") if x]
+        ids = [int(x) for x in inner.replace(",", " ").split()]
     except ValueError:
         raise ValueError(f"layer ids {text!r}: expected comma-separated integers") from None
     if not ids:

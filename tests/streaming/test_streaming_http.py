@@ -288,6 +288,7 @@ def test_bearer_token(root, servers, tmp_path):
     s = servers(root, token="s3cret")
     tok = tmp_path / "token"
     tok.write_text("s3cret\n")
+    tok.chmod(0o600)  # the one token-file reader refuses a token other users can read
     base = conversations(1)
     check_item(dataset(base, [s.url], root, auth_token_file=tok)[0], base[0])
     with pytest.raises(StreamingError, match="HTTP 401"):

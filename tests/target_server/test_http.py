@@ -13,11 +13,11 @@ import httpx
 import pytest
 import torch
 
-from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 from modelopt_ext.supply.target_server.auth import read_token_file
 from modelopt_ext.supply.target_server.data_plane import DataPlaneServer
 from modelopt_ext.supply.target_server.handler import TargetHandler
 from modelopt_ext.supply.target_server.http_server import TargetServer
+from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 from modelopt_ext.supply.target_server.wire import CONTENT_TYPE, encode
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch

@@ -41,6 +41,7 @@ def test_capture_ids_reject_bad_aux(aux):
 
 def test_parse_capture_ids():
     assert parse_capture_ids("2, 16,29,32") == [2, 16, 29, 32]
+    assert parse_capture_ids("2 16 29") == parse_capture_ids("[2, 16, 29]") == [2, 16, 29]  # serve_target's forms
     for bad in ("", "a,b", "1;2"):
         with pytest.raises(ValueError):
             parse_capture_ids(bad)

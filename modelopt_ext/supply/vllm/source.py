@@ -35,7 +35,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,7 +42,6 @@ import torch
 from torch.utils.data import Dataset
 
 from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.supply.vllm import files as hs_file
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.server_pool import (
     LEAST_OUTSTANDING,
@@ -52,6 +50,8 @@ from modelopt_ext.supply.server_pool import (
     ServerPool,
     SharedServerStats,
 )
+from modelopt_ext.supply.target_server.auth import TokenFileError, read_token_file
+from modelopt_ext.supply.vllm import files as hs_file
 from modelopt_ext.telemetry.latency import LatencyHistogram
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,12 @@ class VllmStreamingDataset(Dataset):
         self.num_workers = num_workers
         self.rank = _default_rank() if rank is None else rank
         self.options = options or StreamingOptions()
-        self._token = _read_token(auth_token_file) if auth_token_file else None
+        self._token = None
+        if auth_token_file:
+            try:
+                self._token = read_token_file(auth_token_file, what="data.auth_token_file")
+            except TokenFileError as e:
+                raise StreamingConfigError(str(e)) from None
         # Created here, in the parent, so DataLoader workers add to the same counters (telemetry).
         self.stats = SharedServerStats(urls, slots=max(num_workers, 1))
         self.latency = LatencyHistogram(urls, shared=True)  # per-request latency of successes, for p50/p95
@@ -473,9 +478,9 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     """
     from functools import partial
 
-    from modelopt_ext.targets.layers import recipe_layer_ids
-    from modelopt_ext.supply.target_head import TargetHead
     from modelopt_ext.supply.batch import SourceSetup
+    from modelopt_ext.supply.target_head import TargetHead
+    from modelopt_ext.targets.layers import recipe_layer_ids
 
     data = recipe.data
     if not data.shared_storage_root:
@@ -497,15 +502,3 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
         aux_layer_ids=aux,
         target_embeddings=head.embed_tokens,
     )
-
-
-def _read_token(path: str | os.PathLike) -> str:
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise StreamingConfigError(
-            f"data.auth_token_file {str(path)!r} cannot be read: {e.strerror}"
-        ) from None
-    if not token:
-        raise StreamingConfigError(f"data.auth_token_file {str(path)!r} is empty")
-    return token
