@@ -136,12 +136,3 @@ def parse_capture_ids(text: str) -> list[int]:
         raise ValueError("layer ids: empty list")
     return ids
 
-
-def split_captured(hidden_states, num_aux: int):
-    """[T, n_aux + 1, H] captured stack -> (aux [T, n_aux * H] in capture order, last [T, H] pre-norm)."""
-    if hidden_states.dim() != 3 or hidden_states.shape[1] != num_aux + 1:
-        raise ValueError(
-            f"captured hidden states have shape {tuple(hidden_states.shape)}, expected [T, {num_aux + 1}, H]"
-        )
-    t = hidden_states.shape[0]
-    return hidden_states[:, :num_aux].reshape(t, -1), hidden_states[:, num_aux]

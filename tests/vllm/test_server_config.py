@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelopt_ext.targets.layers import capture_layer_ids, parse_capture_ids, split_captured, target_num_layers
-from modelopt_ext.supply.vllm import server as hss
 from modelopt_ext.deploy import vllm_env
 from modelopt_ext.supply.vllm import files as vllm_files
+from modelopt_ext.supply.vllm import server as hss
+from modelopt_ext.targets.layers import capture_layer_ids, parse_capture_ids, target_num_layers
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -57,11 +59,20 @@ def test_target_num_layers_from_folder_dict_and_text_config(tmp_path):
 
 def test_split_captured_order_and_shape():
     hs = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    aux, last = split_captured(hs, 2)
+    f = vllm_files.check_hidden_states({"token_ids": torch.tensor([7, 8]), "hidden_states": hs}, expected_num_layers=3)
+    aux, last = vllm_files.split_aux_last(f.hidden_states)
     assert aux.shape == (2, 8) and torch.equal(aux[0], hs[0, :2].flatten())
     assert torch.equal(last, hs[:, 2])
-    with pytest.raises(ValueError):
-        split_captured(hs, 3)
+    bad = [
+        ({"token_ids": torch.tensor([7, 8]), "hidden_states": hs}, {"expected_num_layers": 4}, "3 captured layers"),
+        ({"token_ids": torch.tensor([7, 8]), "hidden_states": hs}, {"hidden_size": 5}, "hidden size 4"),
+        ({"token_ids": torch.tensor([7, 8]), "hidden_states": hs[:, :1]}, {}, "1 captured layer"),
+        ({"token_ids": torch.tensor([7]), "hidden_states": hs}, {}, "expected [T=1"),
+        ({"hidden_states": hs}, {}, "missing tensors ['token_ids']"),
+    ]
+    for tensors, kw, msg in bad:
+        with pytest.raises(vllm_files.MalformedFile, match=re.escape(msg)):
+            vllm_files.check_hidden_states(tensors, "f", **kw)
 
 
 # ---- server command ----------------------------------------------------------------------------------------

@@ -190,6 +190,56 @@ class MalformedFile(HiddenStateFileError):
     """The file parsed but its content is wrong: missing keys, inconsistent shapes, or other token ids."""
 
 
+def check_hidden_states(
+    tensors: dict[str, torch.Tensor],
+    path: str = "<file>",
+    *,
+    expected_token_ids: Sequence[int] | torch.Tensor | None = None,
+    expected_num_layers: int | None = None,
+    hidden_size: int | None = None,
+) -> HiddenStatesFile:
+    """THE content check of a hidden-state file (every reader calls it): `token_ids` int [T] equal to the
+    prompt, `hidden_states` floating [T, n, H] with n >= 2 (drafter layers, then the last layer), n and H as
+    expected. MalformedFile names the file and what is wrong."""
+    missing = {"token_ids", "hidden_states"} - tensors.keys()
+    if missing:
+        raise MalformedFile(f"{path}: missing tensors {sorted(missing)} (has {sorted(tensors)})")
+    ids, hs = tensors["token_ids"], tensors["hidden_states"]
+    if ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise MalformedFile(f"{path}: token_ids has shape {tuple(ids.shape)} dtype {ids.dtype}, expected int [T]")
+    if hs.dim() != 3 or hs.shape[0] != ids.shape[0] or not hs.dtype.is_floating_point:
+        raise MalformedFile(
+            f"{path}: hidden_states has shape {tuple(hs.shape)} dtype {hs.dtype}, expected [T={ids.shape[0]}, n, H]"
+        )
+    if expected_token_ids is not None:
+        want = torch.as_tensor(expected_token_ids, dtype=torch.long).flatten()
+        if ids.shape != want.shape or not torch.equal(ids.long(), want):
+            overlap = min(len(ids), len(want))
+            n_diff = int((ids.long()[:overlap] != want[:overlap]).sum())
+            raise MalformedFile(
+                f"{path}: token ids differ from the prompt (server {len(ids)} tokens, prompt {len(want)}, "
+                f"{n_diff} differing in the overlap): wrong tokenizer, truncation or a mixed-up file"
+            )
+    n, h = hs.shape[1], hs.shape[2]
+    if expected_num_layers is not None and n != expected_num_layers:
+        raise MalformedFile(
+            f"{path}: {n} captured layers, expected {expected_num_layers} (the drafter's layers + the last); "
+            "check the server's capture ids"
+        )
+    if n < 2:
+        raise MalformedFile(f"{path}: {n} captured layer(s); need the drafter's layers plus the last layer")
+    if hidden_size is not None and h != hidden_size:
+        raise MalformedFile(f"{path}: hidden size {h}, expected {hidden_size} (a different target model?)")
+    return HiddenStatesFile(token_ids=ids.long(), hidden_states=hs)
+
+
+def split_aux_last(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checked [T, n, H] stack -> (the drafter's layers concatenated in capture order [T, (n-1)*H],
+    the last layer, pre-final-norm [T, H])."""
+    t, n, h = hidden_states.shape
+    return hidden_states[:, : n - 1].reshape(t, (n - 1) * h).contiguous(), hidden_states[:, n - 1].contiguous()
+
+
 def read_hidden_states_file(
     path: str,
     root: str | os.PathLike,
@@ -199,25 +249,11 @@ def read_hidden_states_file(
     lock_timeout_s: float = 60.0,
     delete: bool = True,
 ) -> HiddenStatesFile:
-    """`read_hidden_states` plus content checks: keys, shapes, layer count, token ids == the prompt.
+    """`read_hidden_states` plus `check_hidden_states`.
 
     Raises PathRejected, FileIncomplete (transient) or MalformedFile (the server answered for something else).
     """
     tensors, _ = read_hidden_states(path, root, lock_timeout_s=lock_timeout_s, delete=delete)
-    missing = {"token_ids", "hidden_states"} - tensors.keys()
-    if missing:
-        raise MalformedFile(f"{path}: missing tensors {sorted(missing)} (has {sorted(tensors)})")
-    ids, hs = tensors["token_ids"], tensors["hidden_states"]
-    if ids.dim() != 1 or ids.dtype.is_floating_point or hs.dim() != 3 or hs.shape[0] != ids.shape[0]:
-        raise MalformedFile(
-            f"{path}: token_ids {tuple(ids.shape)} {ids.dtype} and hidden_states {tuple(hs.shape)} are inconsistent"
-        )
-    if expected_num_layers is not None and hs.shape[1] != expected_num_layers:
-        raise MalformedFile(f"{path}: {hs.shape[1]} captured layers, expected {expected_num_layers}")
-    if expected_token_ids is not None:
-        want = torch.as_tensor(expected_token_ids, dtype=torch.long).flatten()
-        if ids.shape != want.shape or not torch.equal(ids.long(), want):
-            raise MalformedFile(
-                f"{path}: server token ids ({ids.numel()}) differ from the prompt ({want.numel()})"
-            )
-    return HiddenStatesFile(token_ids=ids.long(), hidden_states=hs)
+    return check_hidden_states(
+        tensors, path, expected_token_ids=expected_token_ids, expected_num_layers=expected_num_layers
+    )

@@ -386,38 +386,16 @@ def split_captured(
     hidden_size: int | None,
     path: str = "<file>",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate one file's tensors against the prompt; split [T, n, H] into (aux [T, (n-1)*H], last [T, H])."""
-    missing = {"token_ids", "hidden_states"} - set(tensors)
-    if missing:
-        raise _ServerFault(f"{path}: missing tensors {sorted(missing)} (has {sorted(tensors)})")
-    ids, hs = tensors["token_ids"], tensors["hidden_states"]
-    if ids.dim() != 1 or ids.dtype.is_floating_point:
-        raise _ServerFault(
-            f"{path}: token_ids has shape {tuple(ids.shape)} dtype {ids.dtype}, expected int [T]"
-        )
-    want = torch.as_tensor(list(token_ids), dtype=torch.long)
-    if ids.shape != want.shape or not torch.equal(ids.long(), want):
-        n_diff = int((ids.long()[: len(want)] != want[: len(ids)]).sum()) if len(ids) and len(want) else -1
-        raise _ServerFault(
-            f"{path}: token ids differ from the prompt (server {len(ids)} tokens, prompt {len(want)}, "
-            f"{n_diff} differing in the overlap): wrong tokenizer, truncation or a mixed-up file"
-        )
-    if hs.dim() != 3 or hs.shape[0] != len(want) or not hs.dtype.is_floating_point:
-        raise _ServerFault(
-            f"{path}: hidden_states has shape {tuple(hs.shape)} dtype {hs.dtype}, expected [T, n, H]"
-        )
-    n, h = hs.shape[1], hs.shape[2]
-    if num_aux_layers is not None and n != num_aux_layers + 1:
-        raise _ServerFault(
-            f"{path}: {n} captured layers, expected {num_aux_layers} aux + 1 last; check the server's capture ids"
-        )
-    if n < 2:
-        raise _ServerFault(f"{path}: {n} captured layer(s); need the aux layers plus the last layer")
-    if hidden_size is not None and h != hidden_size:
-        raise _ServerFault(f"{path}: hidden size {h}, expected {hidden_size} (a different target model?)")
-    aux = hs[:, : n - 1, :].reshape(hs.shape[0], (n - 1) * h).contiguous()
-    last = hs[:, n - 1, :].contiguous()
-    return aux, last
+    """One file's tensors, checked against the prompt (`files.check_hidden_states`), split into
+    (aux [T, n_aux*H], last [T, H]); a malformed file is the server's fault."""
+    try:
+        f = hs_file.check_hidden_states(
+            tensors, path, expected_token_ids=token_ids, hidden_size=hidden_size,
+            expected_num_layers=None if num_aux_layers is None else num_aux_layers + 1,
+        )  # fmt: skip
+    except hs_file.MalformedFile as e:
+        raise _ServerFault(str(e)) from None
+    return hs_file.split_aux_last(f.hidden_states)
 
 
 def collate_streamed(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
