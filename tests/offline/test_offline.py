@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.dump import dump_supervision
+from modelopt_ext.supply.dump import dump_supervision
 from modelopt_ext.supply import offline as od
 from modelopt_ext.supply.target_head import resolve_target
 from modelopt_ext.training.distributed import DistEnv
