@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--job-dir", help="where runs, logs and scratch go (default: $MODELOPT_JOB_DIR, spec, runs/)"
     )
+    p.add_argument(
+        "--measured",
+        metavar="METRICS.json",
+        help="with --dryrun: a finished run's metrics.json; print how many serve nodes keep each streaming "
+        "task's trainers fed at its measured rates (docs/scaling.md)",
+    )
     p.add_argument("--run-id", help="name of this run's folder (default: a UTC timestamp)")
     return p
 
@@ -49,6 +55,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     if args.migrate:
         return _migrate(args.migrate, args.write)
+    if args.measured and not args.dryrun:
+        print("error: --measured goes with --dryrun (sizing advice for the spec's plan)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     bad_overrides = [o for o in args.overrides if "=" not in o]
     if bad_overrides:
         for o in bad_overrides:
@@ -65,11 +74,22 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
             args.yaml, args.overrides, mode="validate", job_dir=args.job_dir, run_id=args.run_id
         )
         job = checked.job
+        rates = None
+        if args.measured:
+            from launcher.sizing import load_rates
+
+            rates = load_rates(args.measured)
         if args.dryrun:
             result = run_job(
                 args.yaml, args.overrides, mode="dryrun", job_dir=args.job_dir, run_id=checked.run_id
             )
             _print_dryrun(result)
+            if rates is not None:
+                from launcher.sizing import advice_lines
+
+                print()
+                for line in advice_lines(job, rates, args.measured):
+                    print(line)
             return 0
         if job.kind == "slurm" and not args.yes:
             _print_plan(checked)

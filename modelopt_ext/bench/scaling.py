@@ -61,10 +61,11 @@ class Point:
     kill: bool = False  # SIGKILL the last server at `kill_frac` of the steps
     bursty: bool = False  # exponential service times (mean 1/S) instead of constant ones
     rate_scale: float = 1.0  # servers at rate_scale x S ("control": 100x, the trainers alone set the pace)
+    call_ahead: int = 1  # remote mode: batches fetched ahead of the step (data.call_ahead); 0 = in the step
 
     @property
     def label(self) -> str:
-        return f"{self.scenario} {self.protocol} {self.balance} N={self.servers} M={self.ranks}"
+        return f"{self.scenario} {self.protocol} {choice(asdict(self))} N={self.servers} M={self.ranks}"
 
 
 @dataclass
@@ -101,6 +102,13 @@ def point_steps(point: Point, st: Settings) -> int:
     return max(min(st.steps, fit), min(st.steps, 30))
 
 
+def choice(row: dict) -> str:
+    """The client behaviour a row measures: the server choice (streaming) or the call-ahead depth (remote)."""
+    if row.get("protocol") == "serve_target":
+        return f"call_ahead={row.get('call_ahead', 1)}"
+    return row["balance"]
+
+
 def quick_points() -> list[Point]:
     """A few points covering every scenario (minutes on a 2-core machine)."""
     return [
@@ -111,6 +119,7 @@ def quick_points() -> list[Point]:
         Point("heterogeneous", 2, 2, ROUND_ROBIN, slow_server=True),
         Point("heterogeneous", 2, 2, LEAST_OUTSTANDING, slow_server=True),
         Point("kill", 2, 1, kill=True),
+        Point("remote", 1, 1, protocol="serve_target", call_ahead=0),
         Point("remote", 1, 1, protocol="serve_target"),
     ]
 
@@ -130,7 +139,8 @@ def full_points(servers: list[int], ranks: list[int]) -> list[Point]:
     for bal in (ROUND_ROBIN, LEAST_OUTSTANDING):
         pts.append(Point("kill", 4, 2, bal, kill=True))
     for n, m in [(1, 1), (2, 2), (4, 4)]:
-        pts.append(Point("remote", n, m, protocol="serve_target"))
+        for ahead in (0, 1):  # before / after the call-ahead fetch
+            pts.append(Point("remote", n, m, protocol="serve_target", call_ahead=ahead))
     # Control: servers 100x faster than S, so the trainers alone (their step, all-reduce, DataLoader) set the
     # pace: what this machine lets M simulated ranks reach, the ceiling of every point with M ranks.
     for m in ranks:
@@ -205,6 +215,7 @@ def _start_ranks(
                 "root": str(root),
                 "protocol": point.protocol,
                 "balance": point.balance,
+                "call_ahead": point.call_ahead,
                 "demand": st.demand,
                 "batch_size": st.batch_size,
                 "workers": st.workers,
@@ -409,18 +420,18 @@ def _share(x: float) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per point, then the kill figures."""
     head = (
-        f"{'scenario':<13} {'proto':<12} {'balance':<17} {'N':>2} {'M':>2} {'N*S':>6} {'M*D':>6} {'ideal':>6} "
+        f"{'scenario':<13} {'proto':<12} {'choice':<17} {'N':>2} {'M':>2} {'N*S':>6} {'M*D':>6} {'ideal':>6} "
         f"{'measured':>8} {'eff':>6} {'wait':>6} {'a-r':>6} {'share':>5} {'MB/s':>7}"
     )
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2}  FAILED: {r['error']}"
+                f"{r['scenario']:<13} {r['protocol']:<12} {choice(r):<17} {r['servers']:>2} {r['ranks']:>2}  FAILED: {r['error']}"
             )
             continue
         lines.append(
-            f"{r['scenario']:<13} {r['protocol']:<12} {r['balance']:<17} {r['servers']:>2} {r['ranks']:>2} "
+            f"{r['scenario']:<13} {r['protocol']:<12} {choice(r):<17} {r['servers']:>2} {r['ranks']:>2} "
             f"{r['supply']:>6.1f} {r['demand']:>6.1f} {r['ideal']:>6.1f} {r['measured']:>8.2f} "
             f"{_pct(r['efficiency']):>6} {_pct(r['data_wait']):>6} {_pct(r['all_reduce']):>6} "
             f"{_share(r['share_max_min']):>5} {r['mb_per_s']:>7.2f}"
@@ -433,11 +444,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         for r in kills:
             if "kill_error" in r:
-                lines.append(f"{r['balance']:<17} {r['servers']:>2} {r['ranks']:>2}  {r['kill_error']}")
+                lines.append(f"{choice(r):<17} {r['servers']:>2} {r['ranks']:>2}  {r['kill_error']}")
                 continue
             rec = f"{r['recovery_s']:.0f}s" if r["recovery_s"] is not None else "never"
             lines.append(
-                f"{r['balance']:<17} {r['servers']:>2} {r['ranks']:>2} {r['rate_before']:>7.2f} {r['ideal_after']:>11.1f} "
+                f"{choice(r):<17} {r['servers']:>2} {r['ranks']:>2} {r['rate_before']:>7.2f} {r['ideal_after']:>11.1f} "
                 f"{r['worst_bin_after']:>8.1f} {_pct(r['drop']):>6} {rec:>8} {r['lost_s']:>5.1f}s"
             )
     return "\n".join(lines)
@@ -456,11 +467,11 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['scenario']} | {r['protocol']} | {r['balance']} | {r['servers']} | {r['ranks']} | FAILED |"
+                f"| {r['scenario']} | {r['protocol']} | {choice(r)} | {r['servers']} | {r['ranks']} | FAILED |"
             )
             continue
         lines.append(
-            f"| {r['scenario']} | {r['protocol']} | {r['balance']} | {r['servers']} | {r['ranks']} | {r['supply']:g} "
+            f"| {r['scenario']} | {r['protocol']} | {choice(r)} | {r['servers']} | {r['ranks']} | {r['supply']:g} "
             f"| {r['demand']:g} | {r['ideal']:g} | {r['measured']:.2f} | {_pct(r['efficiency'])} "
             f"| {_pct(r.get('eff_ctrl', float('nan')))} | {_pct(r['data_wait'])} "
             f"| {_pct(r['all_reduce'])} | {_share(r['share_max_min'])} | {r['mb_per_s']:.2f} |"
@@ -475,7 +486,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         for r in kills:
             rec = f"{r['recovery_s']:.0f} s" if r["recovery_s"] is not None else "never"
             lines.append(
-                f"| {r['balance']} | {r['servers']} | {r['ranks']} | {r['rate_before']:.2f} | {r['ideal_after']:g} "
+                f"| {choice(r)} | {r['servers']} | {r['ranks']} | {r['rate_before']:.2f} | {r['ideal_after']:g} "
                 f"| {r['worst_bin_after']:.1f} | {_pct(r['drop'])} | {rec} | {r['lost_s']:.1f} s |"
             )
     return "\n".join(lines)

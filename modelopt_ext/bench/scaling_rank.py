@@ -92,6 +92,7 @@ def run(cfg: dict[str, Any]) -> None:
                 "shared_storage_root": cfg.get("root"),
                 "num_workers": cfg["workers"],
                 "mode": "remote" if cfg["protocol"] == "serve_target" else "streaming",
+                "call_ahead": cfg.get("call_ahead", 1),
             },
             "training": {
                 "output_dir": str(out),

@@ -91,6 +91,13 @@ class DataConfig(_Strict):
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader workers (fetch concurrency when streaming)."
     )
+    call_ahead: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description="Remote mode: batches whose supervision is fetched while the step before trains (their "
+        "hidden states wait in the trainer's memory); 0 fetches inside the step.",
+    )
     server_grace_s: float = Field(
         default=120.0,
         ge=0,

@@ -273,19 +273,25 @@ class TrainMeter:
             self.supply_s += dt
         else:
             self.wait_s += dt
+        self.account(batch, sup, dt, getattr(source, "url", None))
+        return sup
+
+    def account(self, batch: dict[str, torch.Tensor], sup: Any, call_s: float, url: str | None) -> None:
+        """Count a batch's supervision (bytes, samples, tokens; for server `url`: a request, latency `call_s`).
+
+        `fetch` calls it; a source called ahead in a thread (supply/call_ahead.py) is timed there, and the
+        trainer's wait for it is data wait counted by `timed`."""
         nbytes = _nbytes(sup)
         self.sup_bytes += nbytes
         mask = batch.get("attention_mask")
         self.samples += int(batch["input_ids"].shape[0])
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        url = getattr(source, "url", None)
         if self.kind == REMOTE and url in self._local:
             s = self._local[url]
             s["requests"] += 1
-            s["latency_s"] += dt
+            s["latency_s"] += call_s
             s["bytes"] += nbytes
-            self._local_latency.observe(url, dt)
-        return sup
+            self._local_latency.observe(url, call_s)
 
     def synced(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` (the gradient all-reduce), timed as peer wait (on GPU up to the collective's end)."""

@@ -82,3 +82,42 @@ def size_servers(
         headroom=headroom,
         upper_bound=upper_bound,
     )
+
+
+@dataclass(frozen=True)
+class MeasuredRates:
+    """A run's figures the rule needs, read from its metrics.json (`rates_from_metrics`)."""
+
+    supply_per_server: float  # tok/s one server delivered
+    demand_per_rank: float  # tok/s one trainer rank could consume with no wait
+    servers: int
+    ranks: int
+    saturated: bool  # the run was starved, so its servers were busy and supply is their capacity
+
+
+def rates_from_metrics(m: dict, saturated: bool) -> MeasuredRates | None:
+    """Supply per server and demand per trainer rank of a run (its metrics.json as a dict), or None when the
+    run had no hidden-state servers or no figures. `saturated`: the run was starved (summary.is_starved)."""
+    servers, ranks = len(m.get("servers") or {}), int(m.get("world_size") or 1)
+    supply, demand = m.get("supply_tokens_per_s"), m.get("demand_tokens_per_s")
+    real = [isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (supply, demand)]
+    if not servers or not all(real) or supply <= 0 or demand < 0:
+        return None
+    return MeasuredRates(supply / servers, demand / ranks, servers, ranks, bool(saturated))
+
+
+def size_for_plan(rates: MeasuredRates, trainer_ranks: int, *, headroom: float = HEADROOM) -> SizingAdvice:
+    """The rule for `trainer_ranks` ranks (another job's shape) from a measured run's rates.
+
+    A run that kept up bounds its servers' capacity from below: the advice is then capped at the servers per
+    rank that demonstrably kept up, scaled to `trainer_ranks`.
+    """
+    cap = None if rates.saturated else math.ceil(round(trainer_ranks * rates.servers / rates.ranks, 9))
+    return size_servers(
+        rates.supply_per_server,
+        rates.demand_per_rank,
+        trainer_ranks,
+        headroom=headroom,
+        upper_bound=not rates.saturated,
+        servers_now=cap,
+    )

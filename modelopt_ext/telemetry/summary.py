@@ -15,7 +15,7 @@ from typing import Any
 
 from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
-from modelopt_ext.telemetry.sizing import size_servers
+from modelopt_ext.telemetry.sizing import rates_from_metrics, size_for_plan
 
 STARVED_FRAC = 0.30  # data wait above this share of step time: the trainers are starved
 TARGET_HEAVY_FRAC = 0.50  # in-process target forward above this share: worth offloading to serve nodes
@@ -140,15 +140,10 @@ def sizing(m: dict[str, Any]):
     None without servers or figures. A run that was not starved did not saturate its servers: its supply per
     server is a lower bound, and the advice an upper bound.
     """
-    n_servers, ranks = len(m.get("servers") or {}), int(m.get("world_size") or 1)
-    supply, demand = m.get("supply_tokens_per_s"), m.get("demand_tokens_per_s")
-    if m.get("source") not in (REMOTE, PREFETCHED) or not n_servers:
+    if m.get("source") not in (REMOTE, PREFETCHED):
         return None
-    if not (_real(supply) and supply > 0 and _real(demand)):
-        return None
-    return size_servers(
-        supply / n_servers, demand / ranks, ranks, upper_bound=not is_starved(m), servers_now=n_servers
-    )
+    rates = rates_from_metrics(m, saturated=is_starved(m))
+    return None if rates is None else size_for_plan(rates, rates.ranks)
 
 
 def summary_lines(m: dict[str, Any]) -> list[str]:

@@ -24,7 +24,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from modelopt_ext.config.recipe import Recipe
-from modelopt_ext.telemetry.meter import TrainMeter, format_window
+from modelopt_ext.supply.call_ahead import CallAhead
+from modelopt_ext.telemetry.meter import REMOTE, TrainMeter, format_window
 from modelopt_ext.telemetry.summary import build_metrics, summary_lines, write_report
 from modelopt_ext.training import checkpoint as ckpt
 from modelopt_ext.training.distributed import (
@@ -289,11 +291,13 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------------------
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], int, int]:
-        batch = _to_device(batch, self.env.device)
+    def _micro_step(self, batch: dict[str, torch.Tensor], sup: Any = None) -> tuple[dict[str, float], int, int]:
+        """One forward/backward; `sup`: the batch's supervision when it was fetched ahead (already on device)."""
         ctx = torch.autocast(self.env.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-        # The source runs outside autocast: it must compute exactly what a remote server would.
-        sup = self.meter.fetch(self.parts.source, batch)
+        if sup is None:
+            batch = _to_device(batch, self.env.device)
+            # The source runs outside autocast: it must compute exactly what a remote server would.
+            sup = self.meter.fetch(self.parts.source, batch)
         with ctx:
             loss, metrics = self.loss_fn(
                 self.model,
@@ -342,6 +346,26 @@ class Trainer:
             generator=gen,
         )
 
+    def _supervised_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+        """(batch, supervision or None) in the loader's order. A remote source is called ahead in a thread
+        (`data.call_ahead` batches; supply/call_ahead.py) so its fetch overlaps the step; the trainer's wait
+        for it is data wait. Other sources are called in the step (None here)."""
+        depth = self.recipe.data.call_ahead
+        if self.meter.kind != REMOTE or depth < 1:
+            for batch in self.meter.timed(self._loader()):
+                yield batch, None
+            return
+        ahead = CallAhead(
+            self._loader(),
+            self.parts.source,
+            prepare=lambda b: _to_device(b, self.env.device),
+            depth=depth,
+        )
+        with closing(self.meter.timed(ahead)) as stream:
+            for batch, sup, call_s, url in stream:
+                self.meter.account(batch, sup, call_s, url)
+                yield batch, sup
+
     def train(self) -> TrainResult:
         """Run to `total_steps`, or until a stop signal / the stop hook; checkpoint, export and summarise."""
         with _StopSignals() as signals:
@@ -377,8 +401,9 @@ class Trainer:
             micro = 0
             step_metrics: dict[str, float] = {}
             step_samples = step_tokens = 0
-            for batch in self.meter.timed(self._loader()):
-                m, ns, nt = self._micro_step(batch)
+            batches = self._supervised_batches()
+            for batch, sup in batches:
+                m, ns, nt = self._micro_step(batch, sup)
                 for k, v in m.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.grad_accum
                 step_samples += ns
@@ -425,6 +450,7 @@ class Trainer:
                         stop_reason = stop_reason or f"{STOP_ENV}={stop_after}"
                         stopped = True
                 if last or stopped:
+                    batches.close()  # stops a fetch running ahead
                     break
             else:
                 self.epoch, self.position = self.epoch + 1, 0

@@ -108,10 +108,12 @@ def test_tables_have_a_line_per_point_and_the_kill_table(tmp_path, capsys):
         {**Point("remote", 1, 1, protocol="serve_target").__dict__, "error": "boom"},
     ]  # fmt: skip
     text = scaling.format_table(rows).splitlines()
-    assert text[0].split()[:5] == ["scenario", "proto", "balance", "N", "M"]
+    assert text[0].split()[:5] == ["scenario", "proto", "choice", "N", "M"]
     assert [line.split()[0] for line in text[1:4]] == ["homogeneous", "kill", "remote"] and "FAILED" in text[
         3
     ]
+    # Streaming rows name the server choice; remote rows the call-ahead depth they ran with.
+    assert text[1].split()[2] == "least_outstanding" and text[3].split()[2] == "call_ahead=1"
     assert any(line.startswith("one server killed") for line in text)
     md = scaling.format_markdown(rows).splitlines()
     assert md[0].startswith("| scenario") and len([x for x in md if x.startswith("| kill")]) == 1
