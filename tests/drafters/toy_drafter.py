@@ -104,7 +104,8 @@ class ToyDrafter(Drafter):
         raise NotImplementedError("the toy drafter has no vLLM format")
 
     def sglang_args(self, draft_path: str, *, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
-        raise NotImplementedError("the toy drafter has no SGLang format")
+        # No SGLang model exists for it; the flags only let tests see that the serve commands asked this drafter.
+        return ["--speculative-algorithm", "TOY", "--speculative-draft-model-path", draft_path]
 
     def build(self, settings, target_config, layer_ids, vocab, target_embeddings) -> Built:
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
@@ -131,7 +132,7 @@ class ToyDrafter(Drafter):
         cfg = read_json(Path(checkpoint_dir) / CONFIG_FILE)
         weights = load_tensors(Path(checkpoint_dir) / MODEL_FILE)
         keep = {k: weights[k] for k in ("proj.weight", "proj.bias", "d2t")}
-        config = {"architectures": [ARCHITECTURE], **{k: cfg[k] for k in ("aux_layer_ids", "hidden_size", "draft_vocab_size")}}
+        config = {"architectures": [ARCHITECTURE], "drafter": NAME, **{k: cfg[k] for k in ("aux_layer_ids", "hidden_size", "draft_vocab_size")}}
         return write_folder(Path(out_dir), keep, config)
 
     def check_export(self, out_dir: Path) -> dict:
