@@ -3,18 +3,8 @@
     python -m modelopt_ext.regenerate --data IN.jsonl --out OUT.jsonl --servers http://a:8000,http://b:8000 \
         [--temperature 0.7] [--top-p 0.95] [--max-tokens 1024] [--concurrency 8] [--model NAME]
 
-Each conversation keeps its system and user turns; every assistant turn is replaced, in order, by what the
-target answers to the conversation so far (earlier turns already regenerated), so the drafter later learns the
-target's own distribution. Requests go to `POST /v1/chat/completions` of the servers (vLLM's OpenAI server)
-round-robin over the healthy ones (`ServerPool`: circuit breakers, failover to another server, bounded retries).
-A reasoning parser's `reasoning_content` is kept in the message under that key (what thinking-format chat
-templates such as Qwen3's render); `--thinking drop` leaves it out.
-
-Output: one line per input conversation, in input order, in the input's own keys (`messages` or `conversations`,
-other keys such as ids kept). Work is done in parts of `--part-size` conversations, each written atomically
-to `OUT.parts/`; a restarted run skips finished parts; the output file is assembled (temp + rename) when all parts
-exist. A conversation that fails on every server `--max-attempts` times is kept as it was and counted as a
-failure (never dropped, never duplicated). Progress every 5 s (rate, tokens/s, ETA) and a summary at the end.
+Argument parsing over `modelopt_ext.data.regenerate.regenerate` (what is kept, parts and restarts, retries,
+progress: that module's docstring). Bad input is one line, exit 2.
 """
 
 from __future__ import annotations

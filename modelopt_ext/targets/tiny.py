@@ -228,40 +228,37 @@ def _build_params(**kw) -> dict:
     return {"version": _BUILD_VERSION, **kw}
 
 
-def tiny_llama_config(
-    *,
-    num_layers: int = 4,
-    hidden_size: int = 128,
-    num_heads: int = 2,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 256,
-    vocab_size: int = 1024,
-    max_position_embeddings: int = 2048,
-    **extra,
-):
-    """The tiny Llama's transformers `LlamaConfig`: head_dim = hidden_size / num_heads, untied embeddings, no
-    special tokens unless `extra` sets them (`extra`: any other LlamaConfig field, applied last).
+# The tiny shape (build_tiny_target's defaults): head_dim 64, which vLLM's CPU build needs.
+TINY_SHAPE = {"num_layers": 4, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 256,
+              "vocab_size": 1024}  # fmt: skip
+
+
+def tiny_llama_config(**overrides):
+    """The tiny Llama's transformers `LlamaConfig`: `TINY_SHAPE` (each key overridable), head_dim =
+    hidden_size / num_heads, 2048 positions, untied embeddings, no special tokens; any other LlamaConfig field
+    in `overrides` is applied last.
 
     The one definition of the tiny shape: the fitted target (`build_tiny_target`), random targets in tests
     and benchmarks (e.g. `LlamaForCausalLM(tiny_llama_config(hidden_size=64))`).
     """
     from transformers import LlamaConfig
 
+    shape = {**TINY_SHAPE, **{k: overrides.pop(k) for k in list(overrides) if k in TINY_SHAPE}}
     kw = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": hidden_size // num_heads,
-        "max_position_embeddings": max_position_embeddings,
+        "vocab_size": shape["vocab_size"],
+        "hidden_size": shape["hidden_size"],
+        "intermediate_size": shape["intermediate_size"],
+        "num_hidden_layers": shape["num_layers"],
+        "num_attention_heads": shape["num_heads"],
+        "num_key_value_heads": shape["num_kv_heads"],
+        "head_dim": shape["hidden_size"] // shape["num_heads"],
+        "max_position_embeddings": 2048,
         "tie_word_embeddings": False,
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        **overrides,
     }
-    kw.update(extra)
     return LlamaConfig(**kw)
 
 
@@ -352,13 +349,9 @@ def _build(out_dir: Path, params: dict, log) -> Path:
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.pad_token_id
 
+    shape = {k: params[k] for k in TINY_SHAPE}
     config = tiny_llama_config(
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        vocab_size=vocab_size,  # may exceed the tokenizer's size: padded rows, as real targets have
+        **shape,  # vocab_size may exceed the tokenizer's size: padded rows, as real targets have
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
