@@ -332,8 +332,7 @@ def _matching_build(out_dir: Path, params: dict) -> bool:
 
 def _build(out_dir: Path, params: dict, log) -> Path:
     num_layers, hidden_size = params["num_layers"], params["hidden_size"]
-    num_heads, num_kv_heads = params["num_heads"], params["num_kv_heads"]
-    intermediate_size, vocab_size, seed = params["intermediate_size"], params["vocab_size"], params["seed"]
+    num_heads, vocab_size, seed = params["num_heads"], params["vocab_size"], params["seed"]
     fit_steps, fit_batch_size = params["fit_steps"], params["fit_batch_size"]
     fit_seq_len, fit_lr, corpus_size = params["fit_seq_len"], params["fit_lr"], params["corpus_size"]
     head_dim = hidden_size // num_heads
