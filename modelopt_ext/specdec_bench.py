@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 from modelopt_ext.acceptance.prompts import add_max_prompts_option, decode_options_error
-from modelopt_ext.util.fileio import write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -54,44 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_draft(path: Path) -> Path | None:
-    """The drafter folder `--draft` names: itself when it holds a drafter, else (a training output folder)
-    its newest complete checkpoint; None when neither."""
-    from modelopt_ext.training.checkpoint import find_latest_checkpoint
-
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    return find_latest_checkpoint(path) if path.is_dir() else None
-
-
-def _print_result(label: str, r) -> None:
-    per_pos = ", ".join(f"{a:.3f}" for a in r.acceptance_per_position)
-    print(f"[{label}] mean acceptance length: {r.mean_acceptance_length:.3f}")
-    print(f"[{label}] acceptance per draft position: [{per_pos}]")
-    print(f"[{label}] repeated 4-grams in the output: {100 * r.repeated_4gram_fraction:.1f}%")
-    print(
-        f"[{label}] tokens/s: {r.tokens_per_s_speculative:.1f} with the drafter, {r.tokens_per_s_baseline:.1f} "
-        f"without ({r.speedup:.2f}x)"
-    )
-
-
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
-def _eos_ids(target, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(target, "generation_config", None), tokenizer):
-        v = getattr(src, "eos_token_id", None) if src is not None else None
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, list):
-            ids.update(int(i) for i in v)
-    return ids
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Check the arguments (bad input: one line, exit 2), then run the benchmark (acceptance/run.py)."""
     args = _parser().parse_args(argv)
     problem = decode_options_error(args)
     if problem:
@@ -101,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     target_dir = Path(args.target)
     if not (target_dir / "config.json").is_file():
         return _fail(f"--target {target_dir}: no config.json (a local transformers model folder is needed)")
+    from modelopt_ext.acceptance.run import resolve_draft
+
     draft_dir = resolve_draft(Path(args.draft))
     if draft_dir is None:
         return _fail(
@@ -110,80 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.prompts).is_file():
         return _fail(f"--prompts {args.prompts}: not found")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from modelopt_ext.acceptance.run import BenchInputError, run_specdec_bench
 
-    from modelopt_ext.acceptance.prompts import PromptFileError, prompt_set_name, read_prompts
-    from modelopt_ext.acceptance.report import plot_acceptance, sweep_table
-    from modelopt_ext.acceptance.specdec import Sampling, run_benchmark, sweep_chain_length
-    from modelopt_ext.deploy.export import ExportError, drafter_of
-    from modelopt_ext.drafters.hf_folder import read_json
-    from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
-
-    hf_logging.disable_progress_bar()  # keep stderr to our own lines
-    dtype = getattr(torch, args.dtype)
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(args.device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    except (OSError, ValueError):
-        tokenizer = None  # prompts given as input_ids still work
-    embeddings = target.get_input_embeddings().weight
-    try:
-        drafter = drafter_of(draft_dir)
-        cfg = read_json(draft_dir / "config.json")
-        draft = drafter.load(draft_dir, embeddings)
-        prompts = read_prompts(args.prompts, tokenizer, args.max_prompts)
-        check_layer_ids(target_num_layers(target.config), drafter.layer_ids_of(cfg))
-    except (ExportError, PromptFileError, ValueError) as e:
-        return _fail(f"--draft {draft_dir}: {e}" if not str(e).startswith(str(draft_dir)) else str(e))
-    for field, have in (("vocab_size", embeddings.shape[0]), ("target_hidden_size", embeddings.shape[1])):
-        if field in cfg and int(cfg[field]) != have:
-            return _fail(f"--draft {draft_dir}: {field} {cfg[field]} != the target's ({have})")
-    draft = draft.to(device=args.device, dtype=dtype)
-    eos = set() if args.ignore_eos else _eos_ids(target, tokenizer)
-
-    proposer = drafter.proposer(draft, target)
-    result, _ = run_benchmark(target, proposer, prompts, args.num_steps, args.max_new_tokens, eos)
-    r = result.to_dict()
-    r.update(
-        target=str(target_dir),
-        draft=str(draft_dir),
-        prompts=str(args.prompts),
-        prompt_set=prompt_set_name(args.prompts, len(prompts)),
-        device=args.device,
-        dtype=args.dtype,
-    )
-    print(
-        f"prompts: {r['prompt_set']}  draft steps: {result.num_steps}  generated tokens: {result.generated_tokens}"
-    )
-    _print_result("greedy", result)
-    print(f"output identical to target greedy: {result.outputs_match_greedy}")
-    if args.temperature > 0:
-        sampling = Sampling(args.temperature, args.top_p, args.seed)
-        sampled, _ = run_benchmark(
-            target, proposer, prompts, args.num_steps, args.max_new_tokens, eos, sampling
-        )
-        r["sampled"] = sampled.to_dict()
-        _print_result(f"T={args.temperature:g} top-p={args.top_p:g}", sampled)
-    if args.sweep:
-        sweep = sweep_chain_length(
-            target, proposer, prompts, args.sweep, args.max_new_tokens, eos,
-            progress=lambda s: print(f"sweep: k={s.num_steps} done", file=sys.stderr, flush=True),
+        record = run_specdec_bench(
+            target_dir, draft_dir, args.prompts, num_steps=args.num_steps, max_new_tokens=args.max_new_tokens,
+            max_prompts=args.max_prompts, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            sweep=args.sweep, ignore_eos=args.ignore_eos, device=args.device, dtype=args.dtype,
+            out=Path(args.out) if args.out else None, plot=Path(args.plot) if args.plot else None,
         )  # fmt: skip
-        r["sweep"] = [s.to_dict() for s in sweep]
-        print(f"chain-length sweep (greedy, {r['prompt_set']}):")
-        print(sweep_table(r["sweep"]))
-        if not all(s.outputs_match_greedy for s in sweep):
-            r["outputs_match_greedy"] = False
-    if args.out:
-        write_json_atomic(Path(args.out), r)
-        print(f"wrote {args.out}")
-    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
-    if plot:
-        plot_acceptance(r, plot, title=f"{draft_dir.name} on {target_dir.name}: {r['prompt_set']}")
-        print(f"wrote {plot}")
-    return 0 if r["outputs_match_greedy"] else 1
+    except BenchInputError as e:
+        return _fail(str(e))
+    return 0 if record["outputs_match_greedy"] else 1
 
 
 if __name__ == "__main__":
