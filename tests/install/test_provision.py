@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext import provision
+from modelopt_ext.deploy import node_env as provision
 
 REPO = Path(__file__).resolve().parents[2]
 

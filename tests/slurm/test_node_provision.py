@@ -18,7 +18,7 @@ import pytest
 import torch
 from slurm_testlib import SlurmCluster
 
-from modelopt_ext import provision
+from modelopt_ext.deploy import node_env as provision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
