@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.util.proc import free_port
+from modelopt_ext.util.proc import free_port, signal_group, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTURE_IDS = [0, 1, 2, 3, 4]  # every layer of the 4-layer tiny target, 4 = L (pre-final-norm)
@@ -119,16 +119,6 @@ def hs_server(vllm_python, tiny_target, tmp_path_factory) -> RunningServer:
         print(f"\nvLLM hidden-state server up in {server.startup_s:.0f} s at {url}")
         yield server
     finally:
-        if cli.poll() is None:
-            cli.send_signal(signal.SIGTERM)
-            try:
-                cli.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(cli.pid, signal.SIGKILL)
-                cli.wait(10)
-        for pgid in (vllm_pid, cli.pid):  # whatever is left of either group
-            if pgid:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stop_group(cli, signal.SIGTERM, 60)  # the CLI stops its vLLM group on SIGTERM
+        if vllm_pid:  # whatever is left of vLLM's group
+            signal_group(vllm_pid, signal.SIGKILL)
