@@ -8,6 +8,7 @@ test with the modules that form it.
 from __future__ import annotations
 
 import ast
+from functools import lru_cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +26,7 @@ def _modules(root: Path) -> dict[str, Path]:
     return mods
 
 
+@lru_cache(maxsize=2)  # the two repository tests share one parse of the tree
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
     """module -> the project modules it imports (a name imported from a package counts as that submodule
     when it is one, else as the package)."""
