@@ -19,6 +19,7 @@ from modelopt_ext.supply.target_server.handler import TargetHandler
 from modelopt_ext.supply.target_server.http_server import TargetServer
 from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 from modelopt_ext.supply.target_server.wire import CONTENT_TYPE, encode
+from modelopt_ext.util.proc import free_port
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
 
@@ -244,7 +245,7 @@ def test_fallback_to_wire_when_the_group_cannot_form(server, colocated, caplog, 
         real(
             self,
             server_host,
-            {**reply, "store_port": _closed_port(), "handshake_timeout_s": 1},
+            {**reply, "store_port": free_port(), "handshake_timeout_s": 1},  # nothing listens on it
             device=device,
         )
 
@@ -258,12 +259,6 @@ def test_fallback_to_wire_when_the_group_cannot_form(server, colocated, caplog, 
         "data plane to" in r.getMessage() and "using the wire format" in r.getMessage()
         for r in caplog.records
     )
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_env_zero_forces_the_wire(server, colocated, monkeypatch):
