@@ -3,7 +3,7 @@
     python -m modelopt_ext.regenerate --data IN.jsonl --out OUT.jsonl --servers http://a:8000,http://b:8000 \
         [--temperature 0.7] [--top-p 0.95] [--max-tokens 1024] [--concurrency 8] [--model NAME]
 
-Argument parsing over `modelopt_ext.data.regenerate.regenerate` (what is kept, parts and restarts, retries,
+Argument parsing over `modelopt_ext.supply.regenerate.regenerate` (what is kept, parts and restarts, retries,
 progress: that module's docstring). Bad input is one line, exit 2.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modelopt_ext.data.regenerate import GenOptions, RegenError, regenerate
+from modelopt_ext.supply.regenerate import GenOptions, RegenError, regenerate
 
 
 def main(argv: list[str] | None = None) -> int:

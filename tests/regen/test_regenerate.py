@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.data.regenerate import GenOptions, RegenError, regenerate
+from modelopt_ext.supply.regenerate import GenOptions, RegenError, regenerate
 from modelopt_ext.regenerate import main
 from modelopt_ext.supply.server_pool import BreakerPolicy
 

@@ -5,7 +5,8 @@
 Each conversation keeps its system and user turns; every assistant turn is replaced, in order, by what the
 target answers to the conversation so far (earlier turns already regenerated), so the drafter later learns the
 target's own distribution. Requests go to `POST /v1/chat/completions` of the servers (vLLM's OpenAI server)
-round-robin over the healthy ones (`ServerPool`: circuit breakers, failover to another server, bounded retries).
+round-robin over the healthy ones (`ServerPool`: circuit breakers, failover to another server, bounded retries);
+it lives beside the other server clients in supply/ for that reason.
 A reasoning parser's `reasoning_content` is kept in the message under that key (what thinking-format chat
 templates such as Qwen3's render); `--thinking drop` leaves it out.
 
