@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.supply.regenerate import GenOptions, RegenError, regenerate
 from modelopt_ext.regenerate import main
+from modelopt_ext.supply.regenerate import GenOptions, RegenError, regenerate
 from modelopt_ext.supply.server_pool import BreakerPolicy
 
 FAST = BreakerPolicy(failure_threshold=1, cooldown_s=0.05, max_cooldown_s=0.1, all_down_timeout_s=2.0)
