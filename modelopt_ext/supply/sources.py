@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.config.recipe import Recipe
 from modelopt_ext.supply.batch import SourceSetup
-from modelopt_ext.training.distributed import DistEnv
+
+if TYPE_CHECKING:  # the rank a builder runs on; training/ builds it (a runtime import would be a cycle)
+    from modelopt_ext.training.distributed import DistEnv
 
 # (recipe, env, conversations dataset, pad_id, draft vocab) -> SourceSetup
-SourceBuilder = Callable[[Recipe, DistEnv, Any, int, Any], SourceSetup]
+SourceBuilder = Callable[[Recipe, "DistEnv", Any, int, Any], SourceSetup]
 _BUILDERS: dict[str, SourceBuilder] = {}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.supply.dump import dump_supervision
+from modelopt_ext.training.dump import dump_supervision
 from modelopt_ext.training.trainer import train
 
 pytestmark = pytest.mark.e2e

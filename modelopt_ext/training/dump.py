@@ -1,5 +1,8 @@
 """Dump supervision for a conversations file into an offline dump folder (the format: supply/offline.py).
 
+It builds the same parts as training (training/parts.py: dataset, draft vocabulary, source) and writes what the
+source yields to disk instead of training on it.
+
 `dump_supervision(recipe, folder, ...)` takes the recipe's source: the target in this process (colocated), vLLM
 hidden-state servers (`data.server_urls`, streaming) or serve_target (`data.mode=remote`, draft-vocabulary
 probabilities). Shards are spread over processes (process r of W writes shards r, r + W, ...); a restarted dump
