@@ -6,13 +6,14 @@ is newer than the checkpoint's weights). Nothing here imports an inference engin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelopt_ext.deploy import is_training_checkpoint
 from modelopt_ext.drafters.hf_folder import weight_keys  # noqa: F401 (re-exported for the serve commands)
-from modelopt_ext.targets.locate import looks_like_hub_id
 from modelopt_ext.util.fileio import read_json_object
+from modelopt_ext.targets.locate import looks_like_hub_id
 
 MODEL_FILE = "model.safetensors"
 
@@ -107,3 +108,11 @@ def read_config(folder: Path) -> dict:
         return read_json_object(folder / "config.json")
     except ValueError as e:
         raise ServeError(str(e)) from None
+
+
+def infer_num_layers(keys: list[str]) -> int:
+    """Decoder layers in the weights: distinct `layers.N.` indices (`midlayer.` counts as one)."""
+    idx = {int(m.group(1)) for k in keys if (m := re.match(r"^(?:model\.)?layers\.(\d+)\.", k))}
+    if idx:
+        return max(idx) + 1
+    return 1 if any(k.startswith(("midlayer.", "model.midlayer.")) for k in keys) else 0

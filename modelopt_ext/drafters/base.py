@@ -11,8 +11,7 @@ specdec_bench never name a drafter. They hold a `Drafter` (chosen by the recipe'
 - its draft vocabulary size (`draft_vocab_size`);
 - how to build its model from the target's config and its training objective (`build`, returning a `Built`);
 - its serialized format: checkpoint config <-> export folder for vLLM/SGLang (`export`, `check_export`,
-  `load`, `owns_config`), the engine flags that load it (`vllm_speculative_config`, `sglang_args`), and what
-  SGLang needs changed in a folder before it loads it (`sglang_folder`; deploy/sglang.py writes the copy);
+  `load`, `owns_config`), and the engine flags that load it (`vllm_speculative_config`, `sglang_args`);
 - its acceptance-benchmark proposer (`proposer`).
 
 Contract for the objective: `loss_fn(model, supervision, vocab, head) -> (loss, metrics)`, where metrics
@@ -45,24 +44,6 @@ class Built:
     config: dict[str, Any]  # JSON-ready; written as the checkpoint's config.json (with `drafter`)
     loss_fn: LossFn
     notes: list[str] = field(default_factory=list)  # one-line facts for the training log
-
-
-@dataclass
-class SglangFolder:
-    """What SGLang needs changed in a drafter folder (a copy `<folder>-sglang` is written when anything is).
-
-    Default: nothing; SGLang loads the export as it is.
-    """
-
-    config_changes: dict[str, Any] = field(default_factory=dict)  # merged into config.json
-    rename: tuple[str, str] | None = None  # (old, new) weight-name prefix in the *.safetensors weights
-    token_ids: Any = None  # int64 target ids of the draft vocabulary -> --speculative-token-map
-    token_ids_pending: bool = False  # a token map is needed, its ids known once a checkpoint is exported
-    notes: list[str] = field(default_factory=list)  # one-line facts for the user
-
-    @property
-    def needs_copy(self) -> bool:
-        return bool(self.config_changes or self.rename or self.token_ids is not None or self.token_ids_pending)
 
 
 class Drafter(ABC):
@@ -100,15 +81,6 @@ class Drafter(ABC):
     @abstractmethod
     def sglang_args(self, draft_path: str, *, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
         """SGLang's speculative-decoding flags for the drafter at `draft_path`."""
-
-    def sglang_folder(
-        self, folder: Path, *, fresh_export: bool, token_map: str, layer_name: str | None
-    ) -> SglangFolder:
-        """What SGLang needs changed in the local drafter folder `folder` (ExportError naming it when SGLang
-        cannot serve it). `fresh_export`: `folder` is (or will be) this project's export of a training checkpoint,
-        not written yet; `token_map`: auto|always|never (--speculative-token-map); `layer_name`: the decoder
-        layer's weight-name prefix SGLang's model reads (None: the drafter's choice)."""
-        return SglangFolder()
 
     def serve_notes(self, folder: Path) -> list[str]:
         """Warnings about a local export before an engine loads it (e.g. a field the engine would default)."""

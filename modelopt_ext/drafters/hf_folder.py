@@ -119,31 +119,3 @@ def weight_keys(folder: Path) -> list[str]:
         with safe_open(str(f), framework="pt") as h:
             keys.extend(h.keys())
     return keys
-
-
-def infer_num_layers(keys: list[str]) -> int:
-    """Decoder layers in the weights: distinct `layers.N.` indices (`midlayer.` counts as one)."""
-    import re
-
-    idx = {int(m.group(1)) for k in keys if (m := re.match(r"^(?:model\.)?layers\.(\d+)\.", k))}
-    if idx:
-        return max(idx) + 1
-    return 1 if any(k.startswith(("midlayer.", "model.midlayer.")) for k in keys) else 0
-
-
-def draft_vocab_ids(folder: Path, keys: list[str]) -> torch.Tensor | None:
-    """Target ids of the draft vocabulary from the folder's metadata (vocab_mapping.safetensors, or `t2d` in
-    the weights), or None when there is none."""
-    import torch
-    from safetensors.torch import load_file
-
-    from modelopt_ext.data.draft_vocab import DraftVocab
-
-    if (folder / VOCAB_FILE).is_file():
-        return DraftVocab.load(folder).selected_ids
-    if "t2d" in keys:
-        for f in sorted(folder.glob("*.safetensors")):
-            tensors = load_file(str(f))
-            if "t2d" in tensors:
-                return tensors["t2d"].bool().nonzero().flatten().to(torch.int64)
-    return None

@@ -103,7 +103,7 @@ class ToyDrafter(Drafter):
     def vllm_speculative_config(self, draft_path: str, num_speculative_tokens: int, folder: Path | None) -> dict:
         raise NotImplementedError("the toy drafter has no vLLM format")
 
-    def sglang_args(self, draft_path: str, *, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
+    def sglang_args(self, draft_path: str, **_: Any) -> list[str]:
         # No SGLang model exists for it; the flags only let tests see that the serve commands asked this drafter.
         return ["--speculative-algorithm", "TOY", "--speculative-draft-model-path", draft_path]
 

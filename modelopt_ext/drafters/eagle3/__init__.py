@@ -1,7 +1,7 @@
 """EAGLE-3 as a drafter plugin: its recipe section (`eagle:`), layer rule, model, objective, format, proposer.
 
 Files: modeling.py (the head, top to bottom), ttt_attention.py (training-time-test attention), objective.py
-(the loss), hf_format.py (export for vLLM/SGLang), sglang_format.py (SGLang's folder fixups), loading.py (checkpoint or export -> model),
+(the loss), hf_format.py (export for vLLM/SGLang), loading.py (checkpoint or export -> model),
 proposer.py (specdec_bench). This file imports no torch (the launcher validates recipes with it).
 """
 
@@ -14,7 +14,28 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelopt_ext.drafters.base import Built, Drafter
-from modelopt_ext.drafters.eagle3.identity import ARCHITECTURE, parallel_drafting_reason
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"  # what exports declare (hf_format.py writes it)
+
+
+_PARALLEL_KEYS = ("parallel_drafting", "ptd", "use_parallel_drafting", "parallel_draft")
+_PARALLEL_COUNT_KEYS = ("num_parallel_heads", "parallel_draft_heads", "num_parallel_tokens", "ptd_num_tokens")
+
+
+def parallel_drafting_reason(cfg: dict, keys: list[str]) -> str | None:
+    """Why this looks like a parallel-drafting (P-EAGLE) head, or None."""
+    for scope, d in (("config", cfg), ("config.eagle_config", cfg.get("eagle_config") or {})):
+        if not isinstance(d, dict):
+            continue
+        for k in _PARALLEL_KEYS:
+            if d.get(k):
+                return f"{scope} has {k}: {d[k]!r}"
+        for k in _PARALLEL_COUNT_KEYS:
+            if isinstance(d.get(k), int) and d[k] > 1:
+                return f"{scope} has {k}: {d[k]}"
+    if any(k.split(".")[-1] == "mask_hidden" or k.startswith("mask_hidden") for k in keys):
+        return "its weights hold mask_hidden (the parallel-drafting mask state)"
+    return None
 
 
 class Eagle3Settings(BaseModel):
@@ -95,11 +116,6 @@ class Eagle3(Drafter):
             "--speculative-eagle-topk", str(topk),
             "--speculative-num-draft-tokens", str(num_draft_tokens),
         ]  # fmt: skip
-
-    def sglang_folder(self, folder: Path, *, fresh_export: bool, token_map: str, layer_name: str | None):
-        from modelopt_ext.drafters.eagle3.sglang_format import sglang_folder
-
-        return sglang_folder(folder, fresh_export=fresh_export, token_map=token_map, layer_name=layer_name)
 
     def serve_notes(self, folder: Path) -> list[str]:
         from modelopt_ext.drafters.hf_folder import read_json

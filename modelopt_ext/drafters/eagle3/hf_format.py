@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from modelopt_ext.drafters.eagle3.identity import ARCHITECTURE
 from modelopt_ext.drafters.hf_folder import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -30,6 +29,8 @@ from modelopt_ext.drafters.hf_folder import (
     torch_dtype,
     write_folder,
 )
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 LAYER_KEYS = [
     "layers.0.self_attn.q_proj.weight",
