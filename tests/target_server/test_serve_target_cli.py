@@ -15,7 +15,6 @@ import httpx
 import pytest
 import torch
 
-from modelopt_ext.supply.target_server.serve import start_serve_target
 from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
@@ -42,11 +41,38 @@ class Served:
         self.log = tmp / "serve_target.log"
         env = {**os.environ, "MODELOPT_EXT_NCCL_PORT": "0"}
         # Same CPU thread count as this process: reductions then split the same way (bit-for-bit parity).
-        args = ["--port", "0", "--aux-layer-ids", ",".join(map(str, AUX)), "--device", "cpu",
-                "--threads", str(torch.get_num_threads()), *extra]  # fmt: skip
-        self.proc, self.url = start_serve_target(
-            model_dir, args, url_file=self.url_file, log_path=self.log, env=env, timeout_s=120
+        self.proc = subprocess.Popen(
+            _cmd(
+                "--target",
+                str(model_dir),
+                "--port",
+                "0",
+                "--aux-layer-ids",
+                ",".join(map(str, AUX)),
+                "--device",
+                "cpu",
+                "--url-file",
+                str(self.url_file),
+                "--threads",
+                str(torch.get_num_threads()),
+                *extra,
+            ),
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
         )
+        deadline = time.monotonic() + 120
+        while not self.url_file.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"serve_target exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("serve_target did not publish its URL within 120 s")
+            time.sleep(0.1)
+        self.url = self.url_file.read_text().strip()
 
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:

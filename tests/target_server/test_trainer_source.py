@@ -7,8 +7,8 @@ import torch
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.data.draft_vocab import DraftVocab
-from modelopt_ext.supply.target_head import resolve_target
 from modelopt_ext.supply.target_server.source import RemoteTargetError, build_remote_source
+from modelopt_ext.supply.target_head import resolve_target
 from modelopt_ext.training.distributed import DistEnv
 
 from .conftest import AUX, VOCAB, make_batch
@@ -52,13 +52,40 @@ def test_remote_source_refuses_a_server_with_other_aux_layers(server, tiny_model
 
 def _serve_target(model_dir, tmp_path, name, port=0):
     """serve_target as its own process (what a serve node runs); returns (process, url)."""
-    from modelopt_ext.supply.target_server.serve import start_serve_target
+    import subprocess
+    import sys
+    import time
 
-    args = ["--host", "127.0.0.1", "--port", str(port), "--aux-layer-ids", ",".join(map(str, AUX)),
-            "--dtype", "float32", "--device", "cpu"]  # fmt: skip
-    return start_serve_target(
-        model_dir, args, url_file=tmp_path / f"{name}.url", log_path=tmp_path / f"{name}.log", timeout_s=120
+    url_file = tmp_path / f"{name}.url"
+    url_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelopt_ext.serve_target",
+            "--target",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--aux-layer-ids",
+            ",".join(map(str, AUX)),
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--url-file",
+            str(url_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    deadline = time.monotonic() + 120
+    while not url_file.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, f"serve_target {name} did not start"
+        time.sleep(0.1)
+    return proc, url_file.read_text().strip()
 
 
 @pytest.mark.e2e
@@ -111,8 +138,8 @@ def test_remote_source_fails_over_and_returns_to_a_restarted_server(tiny_model_d
 
 
 def test_remote_source_gives_up_when_no_server_is_healthy_for_the_grace(tiny_model, tiny_model_dir, tmp_path):
-    from modelopt_ext.supply.server_pool import BreakerPolicy, NoHealthyServerError
     from modelopt_ext.supply.target_server.source import FailoverRemoteSource
+    from modelopt_ext.supply.server_pool import BreakerPolicy, NoHealthyServerError
 
     clock = {"t": 0.0}
 
@@ -140,8 +167,8 @@ def test_remote_source_gives_up_at_once_when_a_stop_was_requested():
     than after the grace: the job is ending and the trainer would be killed while waiting."""
     import time
 
-    from modelopt_ext.supply.server_pool import BreakerPolicy
     from modelopt_ext.supply.target_server.source import FailoverRemoteSource, RemoteTargetClient
+    from modelopt_ext.supply.server_pool import BreakerPolicy
 
     source = FailoverRemoteSource(
         ["http://127.0.0.1:9", "http://127.0.0.1:11"],

@@ -1,25 +1,19 @@
-"""Run serve_target (the transformers target server) in this process, or start it as a child and wait for it.
+"""Run serve_target (the transformers target server) in this process.
 
 `build_server` loads the target and builds the HTTP server (and its data plane) exactly as a colocated
 trainer would compute supervision; `serve` runs it until POST /shutdown or SIGTERM/SIGINT. The CLI
-(`python -m modelopt_ext.serve_target`) is argument parsing over these two. `start_serve_target` starts
-that CLI as a child process and returns once it published its URL (benchmarks, tests).
+(`python -m modelopt_ext.serve_target`) is argument parsing over these two.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from modelopt_ext.util.fileio import write_text_atomic
-from modelopt_ext.util.proc import stop_group
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPO = Path(__file__).resolve().parents[3]
@@ -113,35 +107,3 @@ def serve(server: Any, url_file: str | None = None) -> None:
     finally:
         server.close()
     print("serve_target: stopped", flush=True)
-
-
-def start_serve_target(
-    target: str | os.PathLike,
-    args: Sequence[str],
-    *,
-    url_file: Path,
-    log_path: Path,
-    env: dict | None = None,
-    timeout_s: float = 300.0,
-) -> tuple[subprocess.Popen, str]:
-    """Start `python -m modelopt_ext.serve_target --target T --url-file F ARGS...` in its own process group
-    and return (process, URL) once it published its URL; RuntimeError with the log's tail if it exits or
-    takes longer than `timeout_s` (the process group is stopped then)."""
-    url_file = Path(url_file)
-    url_file.unlink(missing_ok=True)  # never read an earlier run's URL
-    cmd = [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--url-file", str(url_file),
-           *args]  # fmt: skip
-    with Path(log_path).open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=env if env is not None else dict(os.environ),
-        )  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    while not url_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            what = f"exited {proc.returncode}" if time.monotonic() <= deadline else f"no URL within {timeout_s:.0f} s"
-            tail = Path(log_path).read_text(errors="replace")[-1000:]
-            raise RuntimeError(f"serve_target did not start ({what}); log {log_path}: {tail}")
-        time.sleep(0.1)
-    return proc, url_file.read_text().strip()
