@@ -16,7 +16,6 @@ from typing import Any
 from modelopt_ext.util.fileio import write_text_atomic
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-REPO = Path(__file__).resolve().parents[3]
 
 
 class ServeError(ValueError):
