@@ -51,7 +51,9 @@ def _num_layers(keys: list[str]) -> int:
     return infer_num_layers(keys)
 
 
-def sglang_folder(folder: Path, *, exported: bool, options: dict[str, str], architecture: str) -> SglangFolder:
+def sglang_folder(
+    folder: Path, *, exported: bool, options: dict[str, str], architecture: str
+) -> SglangFolder:
     """The changes SGLang's EAGLE-3 model needs in `folder` (see the module docstring); ValueError when it
     cannot serve the folder at all."""
     from modelopt_ext.drafters.eagle3 import parallel_drafting_reason
@@ -107,7 +109,9 @@ def sglang_folder(folder: Path, *, exported: bool, options: dict[str, str], arch
                 "there is no d2t, vocab_mapping.safetensors or t2d to map draft ids to target ids"
             )
         if isinstance(draft_vocab, int) and ids.numel() != draft_vocab:
-            raise ValueError(f"--draft {folder}: vocabulary metadata has {ids.numel()} ids, config says {draft_vocab}")
+            raise ValueError(
+                f"--draft {folder}: vocabulary metadata has {ids.numel()} ids, config says {draft_vocab}"
+            )
         plan.token_ids = ids
         plan.notes.append(f"token map of {ids.numel()} target ids regenerated from the vocabulary metadata")
     return plan
