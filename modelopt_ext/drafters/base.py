@@ -142,8 +142,14 @@ class Drafter(ABC):
         layer_ids: list[int],
         vocab: Any,
         target_embeddings: Any,
+        *,
+        target_head: Any = None,
+        tokenizer: Any = None,
     ) -> Built:
-        """The model to train (vocabulary installed, embeddings from the target) and its objective."""
+        """The model to train (vocabulary installed, embeddings from the target) and its objective.
+
+        `target_head`: the source's TargetHead (final norm + lm_head) when it has one, for drafters that
+        reuse the target's lm_head; `tokenizer`: the target's tokenizer (special tokens), when loaded."""
 
     @abstractmethod
     def export(self, checkpoint_dir: Path, out_dir: Path, *, dtype: str | None, include_t2d: bool) -> Path:

@@ -163,7 +163,9 @@ class Eagle3(Drafter):
 
         return parallel_drafting_reason(read_json(folder / "config.json"), weight_keys(folder))
 
-    def build(self, settings, target_config, layer_ids, vocab, target_embeddings) -> Built:
+    def build(
+        self, settings, target_config, layer_ids, vocab, target_embeddings, *, target_head=None, tokenizer=None
+    ) -> Built:
         from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
         from modelopt_ext.drafters.eagle3.objective import eagle3_loss
 
