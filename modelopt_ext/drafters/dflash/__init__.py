@@ -129,6 +129,7 @@ class DFlash(Drafter):
     section = "dflash"
     Settings = DFlashSettings
     summary = "DFlash block drafter (Qwen3 layers with target KV injection, one forward per block)"
+    sglang_algorithms = ("DFLASH",)
 
     def default_layer_ids(self, num_layers: int, settings: BaseModel) -> list[int]:
         return default_layer_ids(num_layers, settings.num_layers)
@@ -148,31 +149,34 @@ class DFlash(Drafter):
             raise ValueError("drafter config has no target_layer_ids (top level or dflash_config)")
         return to_vllm_ids(ids)
 
-    def vllm_speculative_config(self, draft_path: str, num_speculative_tokens: int, folder: Path | None) -> dict:
-        # The block fixes the draft length: B-1 drafts per forward. The export's block size wins over the
-        # caller's token count (a mismatch "runs silently wrong" in the engines).
-        block = self._block_size(folder)
-        n = block - 1 if block else num_speculative_tokens
-        return {"method": "dflash", "model": draft_path, "num_speculative_tokens": n}
+    def vllm_speculative_config(
+        self, draft_path: str, num_speculative_tokens: int | None, folder: Path | None
+    ) -> dict:
+        from modelopt_ext.drafters.dflash import serving
 
-    def sglang_args(self, draft_path: str, *, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
-        # SGLang's DFLASH counts the block (anchor included) as its draft tokens.
-        return [
-            "--speculative-algorithm", "DFLASH",
-            "--speculative-draft-model-path", draft_path,
-            "--speculative-num-draft-tokens", str(num_draft_tokens),
-        ]  # fmt: skip
+        return serving.vllm_speculative_config(draft_path, num_speculative_tokens, folder)
 
-    @staticmethod
-    def _block_size(folder: Path | None) -> int | None:
-        if folder is None or not (Path(folder) / "config.json").is_file():
-            return None
-        from modelopt_ext.drafters.hf_folder import read_json
+    def sglang_args(
+        self,
+        draft_path: str,
+        *,
+        num_steps: int | None,
+        topk: int | None,
+        num_draft_tokens: int | None,
+        folder: Path | None = None,
+        algorithm: str | None = None,
+    ) -> list[str]:
+        from modelopt_ext.drafters.dflash import serving
 
-        cfg = read_json(Path(folder) / "config.json")
-        nested = cfg.get("dflash_config") if isinstance(cfg.get("dflash_config"), dict) else {}
-        b = cfg.get("block_size", nested.get("block_size"))
-        return int(b) if isinstance(b, int) else None
+        return serving.sglang_args(
+            draft_path, num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens, folder=folder,
+            algorithm=algorithm,
+        )  # fmt: skip
+
+    def serve_notes(self, folder: Path) -> list[str]:
+        from modelopt_ext.drafters.dflash import serving
+
+        return serving.serve_notes(folder)
 
     def build(
         self, settings, target_config, layer_ids, vocab, target_embeddings, *, target_head=None, tokenizer=None
