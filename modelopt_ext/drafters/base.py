@@ -94,6 +94,11 @@ class Drafter(ABC):
     def layer_ids_of(self, config: dict) -> list[int]:
         """The target layers (vLLM numbering) a checkpoint or export config says the drafter reads."""
 
+    def default_num_steps(self, config: dict) -> int:
+        """Draft tokens per round when a benchmark or serve command names none, for a checkpoint's or export's
+        config.json (EAGLE-3: 3; a block drafter: its block size - 1)."""
+        return 3
+
     @abstractmethod
     def vllm_speculative_config(
         self, draft_path: str, num_speculative_tokens: int | None, folder: Path | None

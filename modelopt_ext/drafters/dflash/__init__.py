@@ -149,6 +149,11 @@ class DFlash(Drafter):
             raise ValueError("drafter config has no target_layer_ids (top level or dflash_config)")
         return to_vllm_ids(ids)
 
+    def default_num_steps(self, config: dict) -> int:
+        from modelopt_ext.drafters.dflash import serving
+
+        return serving.block_size_in(config) - 1
+
     def vllm_speculative_config(
         self, draft_path: str, num_speculative_tokens: int | None, folder: Path | None
     ) -> dict:

@@ -52,15 +52,11 @@ DFLASH_CONFIG_FIELDS = (
 )
 
 
-def block_size_of(folder: Path | None) -> int | None:
-    """B from a drafter folder's config.json (export or checkpoint); None without a local config.
+def block_size_in(cfg: dict, where: str = "config.json") -> int:
+    """B from a config dict (export: `dflash_config.block_size` and the top level; checkpoint: `block_size`).
 
-    ValueError (naming the file) when it states none, or two different ones.
+    ValueError (naming `where`) when it states none, or two different ones.
     """
-    if folder is None or not (Path(folder) / "config.json").is_file():
-        return None
-    where = Path(folder) / "config.json"
-    cfg = read_json(where)
     nested = cfg.get("dflash_config") if isinstance(cfg.get("dflash_config"), dict) else {}
     found = {v for v in (cfg.get("block_size"), nested.get("block_size")) if v is not None}
     if len(found) > 1:
@@ -69,10 +65,19 @@ def block_size_of(folder: Path | None) -> int | None:
         )
     b = found.pop() if found else None
     if not isinstance(b, int) or isinstance(b, bool) or b < 2:
-        raise ValueError(
-            f"{where}: no usable block_size (got {b!r}); re-export it with python -m modelopt_ext.export"
-        )
+        raise ValueError(f"{where}: no usable block_size (got {b!r}); re-export it with python -m modelopt_ext.export")
     return b
+
+
+def block_size_of(folder: Path | None) -> int | None:
+    """B from a drafter folder's config.json (export or checkpoint); None without a local config.
+
+    ValueError (naming the file) when it states none, or two different ones.
+    """
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return None
+    where = Path(folder) / "config.json"
+    return block_size_in(read_json(where), str(where))
 
 
 def vllm_speculative_config(draft_path: str, num_speculative_tokens: int | None, folder: Path | None) -> dict:
