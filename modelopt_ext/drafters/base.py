@@ -82,6 +82,12 @@ class Drafter(ABC):
     def default_layer_ids(self, num_layers: int, settings: BaseModel) -> list[int]:
         """Target layers read when the recipe names none (`model.aux_layer_ids`), in vLLM's numbering."""
 
+    def check_target(self, settings: BaseModel, target_config: dict) -> list[str]:
+        """Problems (one line each, naming the recipe field) with these settings for this target's config
+        (a config.json dict); checked before anything heavy loads. Layer ids are checked elsewhere
+        (targets/layers.py)."""
+        return []
+
     def draft_vocab_size(self, settings: BaseModel, target_vocab_size: int) -> int:
         """How many target tokens the drafter's lm_head predicts over (default: all of them)."""
         return target_vocab_size

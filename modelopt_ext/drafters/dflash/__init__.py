@@ -134,6 +134,17 @@ class DFlash(Drafter):
     def default_layer_ids(self, num_layers: int, settings: BaseModel) -> list[int]:
         return default_layer_ids(num_layers, settings.num_layers)
 
+    def check_target(self, settings: BaseModel, target_config: dict) -> list[str]:
+        text = target_config.get("text_config") or target_config
+        vocab = text.get("vocab_size")
+        if settings.mask_token_id is None or not isinstance(vocab, int):
+            return []
+        try:
+            check_mask_token_id(settings.mask_token_id, vocab)
+        except ValueError as e:
+            return [str(e)]
+        return []
+
     def owns_config(self, config: dict) -> bool:
         if config.get("drafter") == self.name:
             return True
