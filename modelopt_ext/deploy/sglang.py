@@ -19,7 +19,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelopt_ext.util.fileio import replace_dir_atomically
 from modelopt_ext.deploy.drafter_ref import (
     DraftPlan,
     ServeError,
@@ -30,6 +29,7 @@ from modelopt_ext.deploy.drafter_ref import (
     read_config,
 )
 from modelopt_ext.drafters.base import SglangFolder
+from modelopt_ext.util.fileio import replace_dir_atomically
 
 TOKEN_MAP = "sglang_token_map.pt"
 INSTALL_HINT = (

@@ -192,7 +192,7 @@ def test_a_missing_dflash_config_field_fails_naming_config_json(dflash_export, f
         "draft-vocab",
         "target-hidden",
         "rope-disagree",
-    ],  # fmt: skip
+    ],
 )
 def test_inconsistent_config_values_fail_naming_config_json(dflash_export, edit, says):
     _edit_config(dflash_export, edit)

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from modelopt_ext.drafters.dflash.serving import DFLASH_CONFIG_FIELDS, EXPORT_FIELDS
 from modelopt_ext.drafters.hf_folder import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -52,7 +53,6 @@ from modelopt_ext.drafters.hf_folder import (
     torch_dtype,
     write_folder,
 )
-from modelopt_ext.drafters.dflash.serving import DFLASH_CONFIG_FIELDS, EXPORT_FIELDS
 
 ARCHITECTURE = "DFlashDraftModel"
 MODEL_TYPE = "qwen3"
@@ -222,7 +222,7 @@ def checkpoint_config_of_export(config: dict) -> dict:
             "attention_bias",
             "target_hidden_size",
             "num_target_layers",
-        )  # fmt: skip
+        )
         if k in config
     }
     out.update(

@@ -65,7 +65,9 @@ def block_size_in(cfg: dict, where: str = "config.json") -> int:
         )
     b = found.pop() if found else None
     if not isinstance(b, int) or isinstance(b, bool) or b < 2:
-        raise ValueError(f"{where}: no usable block_size (got {b!r}); re-export it with python -m modelopt_ext.export")
+        raise ValueError(
+            f"{where}: no usable block_size (got {b!r}); re-export it with python -m modelopt_ext.export"
+        )
     return b
 
 
@@ -143,7 +145,8 @@ def serve_notes(folder: Path) -> list[str]:
     ]
     if not missing:
         return []
-    return [
+    note = (
         f"{folder}/config.json does not state {', '.join(missing)}: vLLM/SGLang will use their defaults there "
         "(re-export a checkpoint of ours with python -m modelopt_ext.export to pin them)"
-    ]
+    )
+    return [note]
