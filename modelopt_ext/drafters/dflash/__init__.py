@@ -220,6 +220,8 @@ class DFlash(Drafter):
         lm_head = getattr(target_head, "lm_head", None)
         if lm_head is None and target_embeddings is not None and g.get("tie_word_embeddings"):
             lm_head = target_embeddings
+        if lm_head is None or target_embeddings is None:
+            lm_head, target_embeddings = _read_target_tensors(target_config, lm_head, target_embeddings)
         model.set_target_tensors(target_embeddings, lm_head)
         loss = partial(
             dflash_loss,
@@ -257,6 +259,23 @@ class DFlash(Drafter):
         from modelopt_ext.drafters.dflash.proposer import DFlashProposer
 
         return DFlashProposer(model, target)
+
+
+def _read_target_tensors(target_config: Any, lm_head: Any, embeddings: Any) -> tuple[Any, Any]:
+    """The target's lm_head / embeddings read from its folder (sources that ship neither, e.g. the remote
+    target server, which sends embeddings but no lm_head); one config line when they cannot be read."""
+    from modelopt_ext.config.errors import ConfigError
+    from modelopt_ext.supply.target_head import TargetHead
+
+    path = getattr(target_config, "name_or_path", None) or getattr(target_config, "_name_or_path", None)
+    try:
+        head = TargetHead.from_pretrained(path, with_embeddings=embeddings is None)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            [f"drafter: DFlash drafts with the target's lm_head and embeddings; this source ships no "
+             f"{'lm_head' if lm_head is None else 'embeddings'} and the target folder {path!r} gives none ({e})"]
+        ) from None
+    return (head.lm_head if lm_head is None else lm_head), (head.embed_tokens if embeddings is None else embeddings)
 
 
 DFLASH = DFlash()

@@ -1,4 +1,6 @@
-"""DFlash as a plugin: settings, layer rule (vs the references' values), serve flags, bad recipes (exit 2)."""
+"""DFlash as a plugin: settings, layer rule (vs the references' values), bad recipes (exit 2).
+
+Serve flags and the export format are tested in tests/export (deploy/, drafters/dflash/hf_format.py)."""
 
 from __future__ import annotations
 
@@ -63,17 +65,6 @@ def test_default_mask_token_id():
     Tok.mask_token_id = 7
     assert default_mask_token_id(151936, Tok()) == 7
     assert default_mask_token_id(1000) == 999
-
-
-def test_serve_flags(tmp_path):
-    assert DFLASH.vllm_speculative_config("/d", 5, None) == {
-        "method": "dflash", "model": "/d", "num_speculative_tokens": 5,
-    }  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps({"dflash_config": {"block_size": 16}}))
-    assert DFLASH.vllm_speculative_config("/d", 3, tmp_path)["num_speculative_tokens"] == 15
-    args = DFLASH.sglang_args("/d", num_steps=1, topk=1, num_draft_tokens=16)
-    assert args[args.index("--speculative-algorithm") + 1] == "DFLASH"
-    assert args[args.index("--speculative-num-draft-tokens") + 1] == "16"
 
 
 def _recipe(**dflash) -> dict:
