@@ -3,7 +3,7 @@
 Two halves in one file:
 - the project side (`run_vllm_acceptance`, the CLI `python -m modelopt_ext.acceptance.vllm_acceptance`): reads the
   prompts with the same reader as `specdec_bench` (so both benchmarks decode the same token ids), then runs
-  the worker twice in vLLM's own venv: once plain greedy, once with eagle3 speculation; compares the outputs
+  the worker twice in vLLM's own venv: once plain greedy, once with the drafter's speculation (eagle3, dflash); compares the outputs
   (speculation must not change greedy output) and writes one JSON report;
 - the worker (this file run BY PATH with vLLM's python, `--worker`): imports only vLLM and the standard
   library (never `modelopt_ext`, which is not installed in vLLM's venv), builds
