@@ -347,8 +347,10 @@ class DFlashDraftModel(nn.Module):
         return F.embedding(ids, self.target_embed)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Post-norm draft hidden [.., H] -> logits over the target vocabulary."""
-        return F.linear(hidden, self.target_lm_head.to(hidden.dtype))
+        """Post-norm draft hidden [.., H] -> logits over the target vocabulary (in the head's dtype: the small
+        hidden tensor is cast, never the [V, H] head)."""
+        w = self.target_lm_head
+        return F.linear(hidden.to(w.dtype), w)
 
     def context(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """Target states [B, T, n*H_t] -> the injected context features [B, T, H]."""
