@@ -26,12 +26,15 @@ import sys
 
 def job_info(config: str, overrides: list[str]) -> dict[str, str]:
     """The resolved values above for a recipe plus overrides (raises ConfigError / ValueError)."""
-    from modelopt_ext.config.recipe import load_recipe
-    from modelopt_ext.targets.layers import capture_layer_ids, recipe_layer_ids, target_num_layers
-    from modelopt_ext.targets.locate import target_config
-
     from modelopt_ext.config.errors import ConfigError
-    from modelopt_ext.targets.layers import recipe_target_problems
+    from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.targets.layers import (
+        capture_layer_ids,
+        recipe_layer_ids,
+        recipe_target_problems,
+        target_num_layers,
+    )
+    from modelopt_ext.targets.locate import target_config
 
     recipe = load_recipe(config, overrides)
     problems = recipe_target_problems(recipe)

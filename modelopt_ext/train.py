@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.recipe import load_recipe, redacted
 
     args = parse_args(argv)
+    from modelopt_ext.supply.sources import check_source
     from modelopt_ext.targets.layers import recipe_target_problems
     from modelopt_ext.targets.locate import TargetPathError, resolve_target
-    from modelopt_ext.supply.sources import check_source
 
     try:
         recipe = load_recipe(args.config, args.overrides)

@@ -234,9 +234,11 @@ class DFlash(Drafter):
             config={"drafter": self.name, **config.to_dict()},
             loss_fn=loss,
             notes=[
-                f"DFlash: {settings.num_layers} layers, block {settings.block_size}, mask token "
-                f"{config.mask_token_id}, {settings.num_anchors} anchors/sequence, gamma {settings.gamma():g}, "
-                f"distillation {settings.distillation:g}, attention {settings.attention}"
+                (
+                    f"DFlash: {settings.num_layers} layers, block {settings.block_size}, mask token "
+                    f"{config.mask_token_id}, {settings.num_anchors} anchors/sequence, gamma {settings.gamma():g}, "
+                    f"distillation {settings.distillation:g}, attention {settings.attention}"
+                )
             ],
         )
 
@@ -271,10 +273,12 @@ def _read_target_tensors(target_config: Any, lm_head: Any, embeddings: Any) -> t
     try:
         head = TargetHead.from_pretrained(path, with_embeddings=embeddings is None)
     except (OSError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(
-            [f"drafter: DFlash drafts with the target's lm_head and embeddings; this source ships no "
-             f"{'lm_head' if lm_head is None else 'embeddings'} and the target folder {path!r} gives none ({e})"]
-        ) from None
+        missing = "lm_head" if lm_head is None else "embeddings"
+        msg = (
+            f"drafter: DFlash drafts with the target's lm_head and embeddings; this source ships no {missing} "
+            f"and the target folder {path!r} gives none ({e})"
+        )
+        raise ConfigError([msg]) from None
     return (head.lm_head if lm_head is None else lm_head), (head.embed_tokens if embeddings is None else embeddings)
 
 

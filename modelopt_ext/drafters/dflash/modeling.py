@@ -67,6 +67,8 @@ from transformers.models.qwen3.modeling_qwen3 import (
     apply_rotary_pos_emb,
 )
 
+from modelopt_ext.drafters.rope import rope_from_dict
+
 # Blocks per SDPA call in training (see the module docstring); 64 blocks of 16 = 1024 queries per call.
 BLOCKS_PER_CHUNK = 64
 
@@ -124,14 +126,12 @@ class DFlashConfig:
     ) -> DFlashConfig:
         """A draft as wide as the target (it shares the target's embeddings and lm_head), with the target's
         heads, MLP width and RoPE. `aux_layer_ids` in vLLM numbering (already validated by targets/layers.py)."""
-        from modelopt_ext.drafters.eagle3.modeling import _rope_from_dict
-
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config()
         g = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         hidden, heads = int(g["hidden_size"]), int(g["num_attention_heads"])
         vocab = int(g["vocab_size"])
-        theta, scaling = _rope_from_dict(g)
+        theta, scaling = rope_from_dict(g)
         return cls(
             hidden_size=hidden,
             intermediate_size=int(g["intermediate_size"]),
@@ -162,8 +162,6 @@ class DFlashConfig:
     def from_dict(cls, d: dict) -> DFlashConfig:
         """Our `to_dict()` output, or an exported folder's config (`dflash_config` holding block_size,
         mask_token_id, target_layer_ids; transformers 4 or 5 RoPE fields)."""
-        from modelopt_ext.drafters.eagle3.modeling import _rope_from_dict
-
         d = dict(d)
         nested = d.get("dflash_config") if isinstance(d.get("dflash_config"), dict) else {}
         for k in ("target_layer_ids", "mask_token_id", "block_size", "causal"):
@@ -173,7 +171,7 @@ class DFlashConfig:
             raise ValueError("drafter config has no target_layer_ids (top level or dflash_config)")
         if d.get("mask_token_id") is None:
             raise ValueError("drafter config has no mask_token_id (top level or dflash_config)")
-        theta, scaling = _rope_from_dict(d)
+        theta, scaling = rope_from_dict(d)
         special = {"extra", "rope_theta", "rope_scaling", "target_layer_ids"}
         kw = {k: d[k] for k in cls.__dataclass_fields__ if k not in special and d.get(k) is not None}
         kw.setdefault("head_dim", int(d["hidden_size"]) // int(d["num_attention_heads"]))
@@ -270,7 +268,7 @@ class DFlashDecoderLayer(nn.Module):
 def block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
     """Boolean mask [B, 1, n*Bs, T + n*Bs] for n blocks (anchors [B, n]) over [context (T) | the n blocks]:
     block i sees context keys at positions < anchors[:, i] and its own Bs keys (bidirectionally)."""
-    b, n = anchors.shape
+    n = anchors.shape[1]
     q_block = torch.arange(n * block_size, device=anchors.device) // block_size  # [q]
     kv = torch.arange(context_len + n * block_size, device=anchors.device)  # [k]
     anchor_q = anchors[:, q_block]  # [B, q]
@@ -347,8 +345,10 @@ class DFlashDraftModel(nn.Module):
         return F.embedding(ids, self.target_embed)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Post-norm draft hidden [.., H] -> logits over the target vocabulary."""
-        return F.linear(hidden, self.target_lm_head.to(hidden.dtype))
+        """Post-norm draft hidden [.., H] -> logits over the target vocabulary (in the head's dtype: the small
+        hidden tensor is cast, never the [V, H] head)."""
+        w = self.target_lm_head
+        return F.linear(hidden.to(w.dtype), w)
 
     def context(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """Target states [B, T, n*H_t] -> the injected context features [B, T, H]."""

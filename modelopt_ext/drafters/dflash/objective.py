@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.target_head import resolve_target
 
+ROWS_PER_CHUNK = 1024  # block positions whose logits exist at once (see _block_ce)
+
 
 def sample_anchors(valid: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchors [B, n] (sorted, drawn without replacement where `valid` [B, T] holds; torch's global RNG)
@@ -81,15 +83,11 @@ def dflash_loss(
     valid = keep[:, :, None] & inside & torch.gather(position_mask, 1, rows_c.view(b, -1)).view_as(rows)
     bi, ni, ki = valid.nonzero(as_tuple=True)
     r = rows_c[bi, ni, ki]
-    logits = model.logits(hidden[bi, ni, ki]).float()  # [M, V]: only where the loss reads them
-    logp = torch.log_softmax(logits, dim=-1)
-    target = probs[bi, r]
-    ce = torch.zeros(len(bi), device=logits.device)
-    if distillation < 1:
-        hard = sup.input_ids[bi, r + 1]
-        ce = ce + (1 - distillation) * F.nll_loss(logp, hard, reduction="none")
-    if distillation > 0:
-        ce = ce + distillation * -(target * logp).sum(-1)
+    with torch.no_grad():
+        target_argmax = probs.argmax(-1)[bi, r]
+    hard = sup.input_ids[bi, r + 1]
+    soft = probs if distillation > 0 else None
+    ce, correct = _block_ce(model, hidden[bi, ni, ki], hard, soft, (bi, r), target_argmax, distillation)
     weights = torch.exp(-(ki.float()) / gamma)  # ki = k - 1
     if len(ce):
         loss = (ce * weights).sum() / weights.sum()
@@ -98,7 +96,6 @@ def dflash_loss(
 
     metrics: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        correct = logits.argmax(-1) == target.argmax(-1)
         hits = torch.zeros(b, n, bs - 1, dtype=torch.bool, device=valid.device)
         hits[bi, ni, ki] = correct
         for j in range(bs - 1):
@@ -112,6 +109,40 @@ def dflash_loss(
         metrics["sim_accept_len"] = (1 + run[first].float().sum() / blocks.clamp(min=1)).cpu()
         metrics["valid_positions"] = blocks.detach()
     return loss, metrics
+
+
+def _block_ce(model, hidden, hard, soft, rows, target_argmax, distillation):
+    """Per position: (ce [M], draft argmax == target argmax [M]) from post-norm hidden states [M, H].
+
+    The logits over the vocabulary are the largest tensors of the step ([M, V] fp32: 4.7 GB for 7680 block
+    positions of a 152K vocabulary), so they are made `chunk` rows at a time and recomputed in backward
+    (activation checkpointing) instead of kept: memory O(chunk * V)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, hard_c, idx_b, idx_r):
+        logp = torch.log_softmax(model.logits(h).float(), dim=-1)
+        ce = torch.zeros(len(h), device=h.device)
+        if distillation < 1:
+            ce = ce + (1 - distillation) * F.nll_loss(logp, hard_c, reduction="none")
+        if distillation > 0:
+            ce = ce + distillation * -(soft[idx_b, idx_r] * logp).sum(-1)
+        return ce, logp.argmax(-1)
+
+    ces, preds = [], []
+    bi, r = rows
+    chunk = ROWS_PER_CHUNK
+    for s in range(0, len(hidden), chunk):
+        e = s + chunk
+        args = (hidden[s:e], hard[s:e], bi[s:e], r[s:e])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            ce, pred = checkpoint(piece, *args, use_reentrant=False)
+        else:
+            ce, pred = piece(*args)
+        ces.append(ce)
+        preds.append(pred)
+    if not ces:
+        return hidden.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(ces), torch.cat(preds) == target_argmax
 
 
 def weights_of(block_size: int, gamma: float) -> list[float]:

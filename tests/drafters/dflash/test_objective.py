@@ -127,3 +127,31 @@ def test_nothing_supervised_is_a_zero_loss_that_backpropagates():
                           num_anchors=4, gamma=1.0)  # fmt: skip
     loss.backward()
     assert float(loss.detach()) == 0.0 and int(m["valid_positions"]) == 0
+
+
+def test_chunked_checkpointed_logits_give_the_same_loss_and_gradients(monkeypatch):
+    """The loss makes the vocabulary logits a few rows at a time (recomputed in backward): same numbers."""
+    from modelopt_ext.drafters.dflash import objective
+    from tests.drafters.dflash.test_modeling import make_draft
+
+    model = make_draft(block_size=4).train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 299, (2, 20), generator=g)
+    logits = torch.randn(2, 20, 300, generator=g)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    sup = Supervision(input_ids=ids, attention_mask=mask, loss_mask=mask,
+                      aux_hidden_states=torch.randn(2, 20, 3 * 128, generator=g), target_logits=logits)  # fmt: skip
+    vocab = DraftVocab(d2t=torch.zeros(300, dtype=torch.long), t2d=torch.ones(300, dtype=torch.bool))
+    results = []
+    for chunk in (10_000, 5):
+        monkeypatch.setattr(objective, "ROWS_PER_CHUNK", chunk)
+        model.zero_grad()
+        torch.manual_seed(0)  # same anchors
+        loss, m = dflash_loss(model, sup, vocab, None, num_anchors=6, gamma=2.0, distillation=0.3)
+        loss.backward()
+        results.append((loss.detach(), m["sim_accept_len"], [p.grad.clone() for p in model.parameters()]))
+    (l1, s1, g1), (l2, s2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    assert float(s1) == float(s2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

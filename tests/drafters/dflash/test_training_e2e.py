@@ -116,3 +116,30 @@ def test_training_lowers_the_loss_and_beats_an_untrained_drafter(tiny, tmp_path)
     print(f"per position (trained): {b['acceptance_per_position']}")
     assert len(b["acceptance_per_position"]) == block - 1
     assert b["mean_acceptance_length"] > a["mean_acceptance_length"] + 0.8
+
+
+def test_two_process_gloo_run_trains_one_model(tiny, tmp_path):
+    """Two ranks under `accelerate launch` (gloo on CPU): each draws its own anchors, gradients are averaged,
+    rank 0 writes one checkpoint the loader takes."""
+    import socket
+
+    target, data, _ = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "modelopt_ext.train", "--config", str(RECIPE),
+        *_overrides(target, data, out, max_steps=6, batch_size=2, save_interval=6, log_interval=2),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=900, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 rank(s)" in run.stdout
+    model = load_drafter(out / "epoch_0_step_6")
+    assert model.config.block_size == 8 and model.config.aux_layer_ids == [1, 2, 3]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 6 and metrics[-1]["loss"] == metrics[-1]["loss"]  # not NaN
