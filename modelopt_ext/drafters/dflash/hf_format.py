@@ -53,6 +53,7 @@ from modelopt_ext.drafters.hf_folder import (
     torch_dtype,
     write_folder,
 )
+from modelopt_ext.drafters.rope import rope_from_dict
 
 ARCHITECTURE = "DFlashDraftModel"
 MODEL_TYPE = "qwen3"
@@ -142,23 +143,10 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def rope_theta_of(cfg: dict) -> float:
-    """RoPE base of a config: `rope_parameters.rope_theta` (transformers 5) before a top-level `rope_theta`
-    (a class default may sit there while the real base is in rope_parameters)."""
-    for key in ("rope_parameters", "rope_scaling"):
-        sub = cfg.get(key)
-        if isinstance(sub, dict) and sub.get("rope_theta") is not None:
-            return float(sub["rope_theta"])
-    if cfg.get("rope_theta") is not None:
-        return float(cfg["rope_theta"])
-    raise KeyError("rope_theta")
-
-
 def hf_config(cfg: dict, *, torch_dtype: str) -> dict:
     """The exported `config.json` for a training checkpoint's config (see the module docstring)."""
     n = int(cfg["num_hidden_layers"])
-    theta = rope_theta_of(cfg)
-    scaling = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else None
+    theta, scaling = rope_from_dict(cfg)
     block, num_target = int(cfg["block_size"]), int(cfg["num_target_layers"])
     causal = bool(cfg.get("causal", False))
     out = {
@@ -225,10 +213,11 @@ def checkpoint_config_of_export(config: dict) -> dict:
         )
         if k in config
     }
+    theta, scaling = rope_from_dict(config)
     out.update(
         drafter="dflash",
-        rope_theta=rope_theta_of(config),
-        rope_scaling=config.get("rope_scaling"),
+        rope_theta=theta,
+        rope_scaling=scaling,
         block_size=int(d["block_size"]),
         mask_token_id=int(d["mask_token_id"]),
         target_layer_ids=[int(i) for i in d["target_layer_ids"]],
@@ -242,10 +231,8 @@ def load_checkpoint_for_export(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
     ckpt = Path(ckpt_dir)
     cfg = read_json(ckpt / CONFIG_FILE)
     missing = [k for k in CHECKPOINT_FIELDS if k not in cfg]
-    try:
-        rope_theta_of(cfg)
-    except KeyError:
-        missing.append("rope_theta")
+    if "rope_theta" not in cfg and not isinstance(cfg.get("rope_parameters"), dict):
+        missing.append("rope_theta")  # never a default: the engines' (1e6) is rarely the target's
     if missing:
         raise ExportError(f"{ckpt / CONFIG_FILE}: missing fields {missing}")
     num_target = cfg["num_target_layers"]
