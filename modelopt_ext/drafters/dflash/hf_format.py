@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from modelopt_ext.drafters.dflash import ARCHITECTURE
 from modelopt_ext.drafters.dflash.serving import DFLASH_CONFIG_FIELDS, EXPORT_FIELDS
 from modelopt_ext.drafters.hf_folder import (
     CONFIG_FILE,
@@ -55,7 +56,6 @@ from modelopt_ext.drafters.hf_folder import (
 )
 from modelopt_ext.drafters.rope import rope_from_dict
 
-ARCHITECTURE = "DFlashDraftModel"
 MODEL_TYPE = "qwen3"
 
 _LAYER_PARTS = (
