@@ -134,7 +134,8 @@ def _block_ce(model, hidden, hard, soft, rows, target_argmax, distillation):
     for s in range(0, len(hidden), chunk):
         e = s + chunk
         args = (hidden[s:e], hard[s:e], bi[s:e], r[s:e])
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        # Under torch.compile (training.compile) dynamo cannot trace this checkpoint's closure: plain pieces.
+        if torch.is_grad_enabled() and hidden.requires_grad and not torch.compiler.is_compiling():
             ce, pred = checkpoint(piece, *args, use_reentrant=False)
         else:
             ce, pred = piece(*args)
