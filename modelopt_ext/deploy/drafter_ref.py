@@ -88,6 +88,14 @@ def drafter_of_plan(plan: DraftPlan, name: str | None = None):
         raise ServeError(f"--draft {plan.source}: {e}") from None
 
 
+def config_folder(plan: DraftPlan) -> Path | None:
+    """The local folder whose config.json describes the drafter: the export, or for a checkpoint not exported
+    yet the checkpoint itself; None for a hub id. The drafter reads its serve defaults there (e.g. a block size)."""
+    if plan.kind == "hub":
+        return None
+    return plan.export_from if plan.export_from is not None else Path(plan.path)
+
+
 def materialise(plan: DraftPlan) -> str:
     """Write what the plan needs (the export of a checkpoint); returns the path the engine loads."""
     if plan.export_from is not None:
