@@ -24,18 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     # torch is imported only now, so that --help answers at once.
-    from modelopt_ext.deploy.export import ExportError, check_export, export_checkpoint
+    from modelopt_ext.deploy.export import ExportError, check_export, drafter_of, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, include_t2d=args.t2d)
         config = check_export(out)
+        layers = drafter_of(out).layer_ids_of(config)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"export: {out} ({config['architectures'][0]}, draft vocab {config['draft_vocab_size']}/"
-        f"{config['vocab_size']}, aux layers {config['eagle_aux_hidden_state_layer_ids']} (vLLM numbering), "
-        f"{config['torch_dtype']})"
+        f"{config['vocab_size']}, aux layers {layers} (vLLM numbering), {config['torch_dtype']})"
     )
     return 0
 

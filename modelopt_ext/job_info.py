@@ -26,11 +26,20 @@ import sys
 
 def job_info(config: str, overrides: list[str]) -> dict[str, str]:
     """The resolved values above for a recipe plus overrides (raises ConfigError / ValueError)."""
+    from modelopt_ext.config.errors import ConfigError
     from modelopt_ext.config.recipe import load_recipe
-    from modelopt_ext.targets.layers import capture_layer_ids, recipe_layer_ids, target_num_layers
+    from modelopt_ext.targets.layers import (
+        capture_layer_ids,
+        recipe_layer_ids,
+        recipe_target_problems,
+        target_num_layers,
+    )
     from modelopt_ext.targets.locate import target_config
 
     recipe = load_recipe(config, overrides)
+    problems = recipe_target_problems(recipe)
+    if problems:
+        raise ConfigError(problems, source=config)
     num_layers = target_num_layers(target_config(recipe.model.path, "model.path"))
     aux = recipe_layer_ids(recipe, num_layers)
     capture = capture_layer_ids(num_layers, aux)

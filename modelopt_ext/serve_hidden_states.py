@@ -1,4 +1,4 @@
-"""Serve a target's hidden states for streaming EAGLE-3 training (thin CLI over `serving.hidden_states_server`).
+"""Serve a target's hidden states for streaming drafter training (thin CLI over `serving.hidden_states_server`).
 
     python -m modelopt_ext.serve_hidden_states --engine vllm --model M --shared-storage DIR \
         [--capture-ids 2,16,29,32] [--aux-layer-ids 2,16,29] [--host H --port P] [--tp N] \

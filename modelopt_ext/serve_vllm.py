@@ -1,12 +1,15 @@
-"""CLI: serve a target with an EAGLE-3 drafter in vLLM (from vLLM's own venv).
+"""CLI: serve a target with a drafter (EAGLE-3, DFlash) in vLLM (from vLLM's own venv).
 
-    python -m modelopt_ext.serve_vllm --target T --draft D [--num-speculative-tokens 3] [--port 8000]
+    python -m modelopt_ext.serve_vllm --target T --draft D [--num-speculative-tokens K] [--port 8000]
         [--tp-size 1] [--max-model-len N] [--dtype D] [--print-only] [-- extra vLLM args]
 
 D is a training checkpoint (`epoch_E_step_S/`, exported to a sibling `<name>-hf` first), an exported drafter
-folder, or a hub id (passed through). The server runs under the python of vLLM's venv
-(`serving.vllm_env.ensure_vllm_env`, built on first use), or `--python`. `--print-only` prints the command and
-writes nothing (it does not build the venv either). Bad input: one line, exit 2.
+folder, or a hub id (passed through; `--drafter` names its kind). The drafter decides the speculative config
+and its default draft length: EAGLE-3 `{"method": "eagle3", "num_speculative_tokens": 3}`; DFlash
+`{"method": "dflash", "num_speculative_tokens": B - 1}` with its block size B from the export's config. The
+server runs under the python of vLLM's venv (`deploy.vllm_env.ensure_vllm_env`, built on first use), or
+`--python`. `--print-only` prints the command and writes nothing (it does not build the venv either). Bad
+input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--target", required=True, help="Target model: a folder or a hub id.")
     p.add_argument("--draft", required=True, help="Checkpoint folder, exported drafter folder, or hub id.")
     p.add_argument(
-        "--num-speculative-tokens", "--num-steps", dest="num_speculative_tokens", type=int, default=3
+        "--num-speculative-tokens",
+        "--num-steps",
+        dest="num_speculative_tokens",
+        type=int,
+        help="Draft tokens per round (default: the drafter's; EAGLE-3 3, DFlash its block size - 1).",
     )
+    p.add_argument("--drafter", help="Drafter kind of a hub id (default eagle3); folders say their own.")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--tp-size", type=int, default=1)
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_vllm(
             args.target, args.draft, python=python, num_speculative_tokens=args.num_speculative_tokens,
             host=args.host, port=args.port, tp_size=args.tp_size, max_model_len=args.max_model_len,
-            dtype=args.dtype, flavor=flavor, extra=extra,
+            dtype=args.dtype, flavor=flavor, extra=extra, drafter_name=args.drafter,
         )  # fmt: skip
         if args.print_only:
             for note in plan.notes:

@@ -1,6 +1,6 @@
 """Acceptance-length benchmark: chain speculative decoding of a drafter against its target (our reference decoder).
 
-    python -m modelopt_ext.specdec_bench --target T --draft D --prompts FILE [--num-steps 3]
+    python -m modelopt_ext.specdec_bench --target T --draft D --prompts FILE [--num-steps K]
         [--max-new-tokens 64] [--max-prompts N] [--temperature 0.7 --top-p 0.9 --seed 0]
         [--sweep K] [--out result.json] [--plot result.png]
 
@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         help="drafter folder: epoch_E_step_S/ checkpoint, export, or training output folder (newest checkpoint)",
     )  # fmt: skip
     p.add_argument("--prompts", required=True, help="JSONL prompts or conversations")
-    p.add_argument("--num-steps", type=int, default=3, help="draft tokens per round (chain length k)")
+    p.add_argument(
+        "--num-steps", type=int,
+        help="draft tokens per round (chain length k; default: the drafter's, EAGLE-3 3, DFlash block size - 1)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_max_prompts_option(p)
     p.add_argument(

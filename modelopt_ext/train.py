@@ -1,4 +1,4 @@
-"""Train an EAGLE-3 drafter: `python -m modelopt_ext.train --config RECIPE.yaml [dotted.overrides ...] [--resume auto|PATH]`.
+"""Train a drafter (EAGLE-3, DFlash, ...; the recipe's `drafter:`): `python -m modelopt_ext.train --config RECIPE.yaml [dotted.overrides ...] [--resume auto|PATH]`.
 
 Runs as one process, or as several under `accelerate launch --multi_gpu --num_processes N` (also on CPU,
 with gloo) and across nodes (`--num_machines/--machine_rank/--main_process_ip/--main_process_port`).
@@ -42,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.recipe import load_recipe, redacted
 
     args = parse_args(argv)
-    from modelopt_ext.targets.locate import TargetPathError, resolve_target
     from modelopt_ext.supply.sources import check_source
+    from modelopt_ext.targets.layers import recipe_target_problems
+    from modelopt_ext.targets.locate import TargetPathError, resolve_target
 
     try:
         recipe = load_recipe(args.config, args.overrides)
         check_source(recipe)
         resolve_target(recipe.model.path, "model.path")  # a typo: one line here, not a loader traceback
+        problems = recipe_target_problems(recipe)  # layer ids, drafter settings vs the target: before loading it
+        if problems:
+            raise ConfigError(problems, source=args.config)
     except TargetPathError as e:
         exit_with(ConfigError([str(e)], source=args.config))
     except ConfigError as e:

@@ -9,7 +9,8 @@
 # (OUTPUT/summary.txt is the trainer's own training summary).
 #
 #   bash launcher/node_exec.sh common/eagle3/benchmark.sh TRAIN_OUTPUT_DIR TARGET PROMPTS.jsonl
-# Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round k, 3), BENCH_NEW_TOKENS (32),
+# Environment: BENCH_PROMPTS (default 8), BENCH_STEPS (draft tokens per round k; default the drafter's: EAGLE-3
+#   3, DFlash block size - 1), BENCH_NEW_TOKENS (32),
 #   BENCH_ENGINES ("vllm sglang"; "none" measures no engine), BENCH_GATE_THRESHOLD (0.10),
 #   BENCH_TEMPERATURE (0: greedy only; > 0 also measures sampled acceptance), BENCH_TOP_P (1.0),
 #   BENCH_SWEEP (0; K > 0 adds a chain-length table for k = 1..K), BENCH_ENGINE_TIMEOUT (s per engine, 1200),
@@ -27,8 +28,12 @@ source "${BENCH_REPO}/common/lib/python.sh"
 common_args() {
   local target="$1" prompts="$2"
   COMMON=(--target "$target" --prompts "$prompts" --max-prompts "${BENCH_PROMPTS:-8}"
-    --num-steps "${BENCH_STEPS:-3}" --max-new-tokens "${BENCH_NEW_TOKENS:-32}"
+    --max-new-tokens "${BENCH_NEW_TOKENS:-32}"
     --temperature "${BENCH_TEMPERATURE:-0}" --top-p "${BENCH_TOP_P:-1.0}" --dtype "${BENCH_DTYPE:-float32}")
+  # Unset: each tool takes the drafter's own draft length (EAGLE-3 3; DFlash its block size - 1).
+  if [[ -n "${BENCH_STEPS:-}" ]]; then
+    COMMON+=(--num-steps "$BENCH_STEPS")
+  fi
 }
 
 # measure_engines PY EXPORT SCRATCH: one record per engine in ENGINE_ARGS (an engine that cannot run the

@@ -1,7 +1,7 @@
 """Acceptance of an exported drafter in a serving engine, as one record the job summary and gate read.
 
     python -m modelopt_ext.acceptance.engines --engine vllm|sglang --target T --draft EXPORT --prompts FILE
-        [--num-steps 3] [--max-new-tokens 32] [--max-prompts N] [--temperature T --top-p P --seed S]
+        [--num-steps K] [--max-new-tokens 32] [--max-prompts N] [--temperature T --top-p P --seed S]
         [--dtype float32] --json RECORD.json
 
 Always writes RECORD.json (atomically): the engine's measurement (vLLM: `acceptance/vllm_acceptance.py`, its
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True, help="Exported drafter folder (what the engine loads).")
     p.add_argument("--prompts", required=True, help="Prompts JSONL (the specdec_bench format).")
-    p.add_argument("--num-steps", type=int, default=3, help="num_speculative_tokens (chain length k)")
+    p.add_argument(
+        "--num-steps", type=int, help="num_speculative_tokens (default: the drafter's; EAGLE-3 3, DFlash B-1)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     add_max_prompts_option(p)
     p.add_argument("--temperature", type=float, default=0.0, help="also measure at this temperature")

@@ -44,12 +44,18 @@ class Verdict:
 
 def simulated_acceptance(metrics: dict, k: int) -> tuple[float, int] | None:
     """1 + sum_j prod_{i<=j} acc_i over the first k chain positions of a trainer record (the greedy-chain
-    expectation from per-step accuracies), and how many positions the record had; None without acc_0."""
+    expectation from per-step accuracies), and how many positions the record had; None without acc_0.
+
+    When the record covers exactly k positions, the drafter's own simulation (`sim_accept_len`) is used:
+    for a chain drafter it is the same number, and a block drafter (DFlash) counts each block's leading
+    correct drafts, which per-position accuracies alone cannot give."""
     accs = []
     while f"acc_{len(accs)}" in metrics and len(accs) < k:
         accs.append(float(metrics[f"acc_{len(accs)}"]))
     if not accs:
         return None
+    if len(accs) == k and f"acc_{k}" not in metrics and isinstance(metrics.get("sim_accept_len"), (int, float)):
+        return float(metrics["sim_accept_len"]), k
     total, prod = 1.0, 1.0
     for a in accs:
         prod *= a

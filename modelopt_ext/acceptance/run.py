@@ -52,7 +52,7 @@ def run_specdec_bench(
     draft_dir: Path,
     prompts_file: str | Path,
     *,
-    num_steps: int = 3,
+    num_steps: int | None = None,
     max_new_tokens: int = 64,
     max_prompts: int | None = None,
     temperature: float = 0.0,
@@ -65,7 +65,8 @@ def run_specdec_bench(
     out: Path | None = None,
     plot: Path | None = None,
 ) -> dict:
-    """The benchmark record (`outputs_match_greedy` False when speculation ever changed the greedy output).
+    """The benchmark record (`outputs_match_greedy` False when speculation ever changed the greedy output);
+    `num_steps` None: the drafter's default for this checkpoint or export.
     BenchInputError when the drafter or the prompts do not fit the target."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +93,8 @@ def run_specdec_bench(
         draft = drafter.load(draft_dir, embeddings)
         prompts = read_prompts(prompts_file, tokenizer, max_prompts)
         check_layer_ids(target_num_layers(target.config), drafter.layer_ids_of(cfg))
+        if num_steps is None:
+            num_steps = drafter.default_num_steps(cfg)
     except (ExportError, PromptFileError, ValueError) as e:
         raise BenchInputError(f"--draft {draft_dir}: {e}" if not str(e).startswith(str(draft_dir)) else str(e)) from None
     for field, have in (("vocab_size", embeddings.shape[0]), ("target_hidden_size", embeddings.shape[1])):

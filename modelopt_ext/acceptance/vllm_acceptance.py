@@ -3,7 +3,7 @@
 Two halves in one file:
 - the project side (`run_vllm_acceptance`, the CLI `python -m modelopt_ext.acceptance.vllm_acceptance`): reads the
   prompts with the same reader as `specdec_bench` (so both benchmarks decode the same token ids), then runs
-  the worker twice in vLLM's own venv: once plain greedy, once with eagle3 speculation; compares the outputs
+  the worker twice in vLLM's own venv: once plain greedy, once with the drafter's speculation (eagle3, dflash); compares the outputs
   (speculation must not change greedy output) and writes one JSON report;
 - the worker (this file run BY PATH with vLLM's python, `--worker`): imports only vLLM and the standard
   library (never `modelopt_ext`, which is not installed in vLLM's venv), builds
@@ -14,8 +14,10 @@ Two halves in one file:
   in the same engine, where vLLM verifies by rejection sampling. Mean acceptance length = 1 + accepted /
   drafts (the "tau" users quote; it counts the target's bonus token).
 
-The drafter must be an exported folder (`python -m modelopt_ext.export`): `config.json` with
-`architectures: ["LlamaForCausalLMEagle3"]` and top-level `eagle_aux_hidden_state_layer_ids`.
+The drafter must be an exported folder (`python -m modelopt_ext.export`) that passes its drafter's strict
+check (EAGLE-3: `LlamaForCausalLMEagle3` with top-level `eagle_aux_hidden_state_layer_ids`; DFlash:
+`DFlashDraftModel` with every `dflash_config` field, docs/dflash.md); the drafter gives the speculative config
+(`{"method": "dflash", "num_speculative_tokens": B-1}` for a DFlash block of B).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def _worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_draft(draft: Path, num_steps: int) -> tuple[list[int], dict]:
+def _check_draft(draft: Path, num_steps: int | None) -> tuple[list[int], dict]:
     """(target layers the drafter reads, vLLM's speculative config) for an exported folder, strictly checked
     by its drafter's format (a missing or misnamed field would make vLLM silently use defaults)."""
     from modelopt_ext.deploy.export import ExportError, check_export, drafter_of
@@ -161,9 +163,10 @@ def _check_draft(draft: Path, num_steps: int) -> tuple[list[int], dict]:
     try:
         drafter = drafter_of(draft)
         cfg = check_export(draft)
-    except ExportError as e:
+        spec = drafter.vllm_speculative_config(str(draft), num_steps, draft)
+    except (ExportError, ValueError) as e:
         raise BenchInputError(str(e)) from None
-    return drafter.layer_ids_of(cfg), drafter.vllm_speculative_config(str(draft), num_steps, draft)
+    return drafter.layer_ids_of(cfg), spec
 
 
 def _root_cause(lines: list[str]) -> str:
@@ -210,7 +213,7 @@ def run_vllm_acceptance(
     draft: str | os.PathLike,
     prompts_file: str | os.PathLike,
     *,
-    num_steps: int = 3,
+    num_steps: int | None = None,
     max_new_tokens: int = 64,
     max_prompts: int | None = None,
     temperature: float = 0.0,
@@ -239,6 +242,7 @@ def run_vllm_acceptance(
 
     draft = Path(draft)
     aux_ids, spec_config = _check_draft(draft, num_steps)
+    num_steps = int(spec_config["num_speculative_tokens"])  # the drafter's default when none was asked
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(target))
     except (OSError, ValueError):
@@ -286,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--draft", help="Exported drafter folder.")
     p.add_argument("--prompts", help="Prompts JSONL (the specdec_bench format).")
-    p.add_argument("--num-steps", type=int, default=3, help="num_speculative_tokens")
+    p.add_argument(
+        "--num-steps", type=int, help="num_speculative_tokens (default: the drafter's; DFlash block size - 1)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="also measure at this temperature")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
+from modelopt_ext.drafters import builtin_drafters
 from modelopt_ext.supply.offline import INDEX, token_bytes
 
 # (hidden size, decoder layers, vocabulary) of the targets' text models (their config.json).
@@ -35,19 +35,20 @@ def rows(tokens: int, draft_vocab: int) -> list[str]:
     """One line per target shape and storage dtype."""
     out = []
     for name, (h, layers, vocab) in SHAPES.items():
-        aux = default_aux_layer_ids(layers)
-        for dtype in ("bfloat16", "float32"):
-            plan = {
-                "target": {"hidden_size": h},
-                "aux_layer_ids": aux,
-                "storage_dtype": dtype,
-                "target_form": "target_last_hidden",
-            }
-            per_tok = token_bytes(plan)
-            out.append(
-                f"{name:30s} {dtype:9s} {len(aux)} aux + last x H={h}: {per_tok:>7d} B/token, "
-                f"{_human(per_tok * tokens)}/sample"
-            )
+        for drafter in builtin_drafters():  # each drafter's default layers for this target
+            aux = drafter.default_layer_ids(layers, drafter.Settings())
+            for dtype in ("bfloat16", "float32"):
+                plan = {
+                    "target": {"hidden_size": h},
+                    "aux_layer_ids": aux,
+                    "storage_dtype": dtype,
+                    "target_form": "target_last_hidden",
+                }
+                per_tok = token_bytes(plan)
+                out.append(
+                    f"{name:30s} {drafter.name:7s} {dtype:9s} {len(aux)} aux + last x H={h}: {per_tok:>7d} "
+                    f"B/token, {_human(per_tok * tokens)}/sample"
+                )
         logits = vocab * 4
         probs = min(draft_vocab, vocab) * 4
         out.append(

@@ -1,6 +1,7 @@
 """Training throughput of the drafter trainer on this machine: `python -m modelopt_ext.bench.train_throughput`.
 
-Runs the real trainer (colocated tiny target, EAGLE-3 head, eagle3_loss) for `--warmup + --steps` optimizer
+Runs the real trainer (colocated tiny target, the recipe's drafter and objective: EAGLE-3 by default,
+`--recipe recipes/dflash/tiny.yaml` for DFlash) for `--warmup + --steps` optimizer
 steps of a recipe (default: recipes/eagle3/tiny.yaml, building its tiny target and conversations when
 missing) in a scratch output folder, and reports steady-state samples/s and tokens/s (non-padding tokens)
 measured over the steps after the warmup, from the trainer's own metrics.jsonl. A benchmark, not a test.
@@ -133,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=torch.get_num_threads(),
         batch_size=recipe.training.batch_size,
         grad_accum=recipe.training.grad_accum,
-        ttt_steps=recipe.drafter_settings.ttt_steps,
+        drafter=recipe.drafter,
+        drafter_settings=recipe.drafter_settings.model_dump(mode="json"),
         world_size=world,
     )
     print(
         f"train_throughput: {figures['samples_per_s']:.2f} samples/s, {figures['tokens_per_s']:.0f} tokens/s "
         f"over {figures['steps']} steps ({figures['seconds']:.1f} s) after {args.warmup} warmup steps, "
         f"peak {figures['peak_mb']:.0f} MB ({figures['peak_kind']}); "
-        f"batch {figures['batch_size']} x accum {figures['grad_accum']}, ttt {figures['ttt_steps']}, "
+        f"batch {figures['batch_size']} x accum {figures['grad_accum']}, drafter {recipe.drafter} "
+        f"({', '.join(f'{k} {v}' for k, v in figures['drafter_settings'].items() if v is not None)}), "
         f"{figures['device']}, {world} rank(s) x {figures['torch_threads']} torch thread(s)"
     )
     if args.json:

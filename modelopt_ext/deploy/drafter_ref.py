@@ -6,14 +6,13 @@ is newer than the checkpoint's weights). Nothing here imports an inference engin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelopt_ext.deploy import is_training_checkpoint
 from modelopt_ext.drafters.hf_folder import weight_keys  # noqa: F401 (re-exported for the serve commands)
-from modelopt_ext.util.fileio import read_json_object
 from modelopt_ext.targets.locate import looks_like_hub_id
+from modelopt_ext.util.fileio import read_json_object
 
 MODEL_FILE = "model.safetensors"
 
@@ -88,6 +87,14 @@ def drafter_of_plan(plan: DraftPlan, name: str | None = None):
         raise ServeError(f"--draft {plan.source}: {e}") from None
 
 
+def config_folder(plan: DraftPlan) -> Path | None:
+    """The local folder whose config.json describes the drafter: the export, or for a checkpoint not exported
+    yet the checkpoint itself; None for a hub id. The drafter reads its serve defaults there (e.g. a block size)."""
+    if plan.kind == "hub":
+        return None
+    return plan.export_from if plan.export_from is not None else Path(plan.path)
+
+
 def materialise(plan: DraftPlan) -> str:
     """Write what the plan needs (the export of a checkpoint); returns the path the engine loads."""
     if plan.export_from is not None:
@@ -109,10 +116,3 @@ def read_config(folder: Path) -> dict:
     except ValueError as e:
         raise ServeError(str(e)) from None
 
-
-def infer_num_layers(keys: list[str]) -> int:
-    """Decoder layers in the weights: distinct `layers.N.` indices (`midlayer.` counts as one)."""
-    idx = {int(m.group(1)) for k in keys if (m := re.match(r"^(?:model\.)?layers\.(\d+)\.", k))}
-    if idx:
-        return max(idx) + 1
-    return 1 if any(k.startswith(("midlayer.", "model.midlayer.")) for k in keys) else 0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelopt_ext.deploy.drafter_ref import DraftPlan, ServeError, drafter_of_plan, plan_draft
+from modelopt_ext.deploy.drafter_ref import DraftPlan, ServeError, config_folder, drafter_of_plan, plan_draft
 
 
 @dataclass
@@ -32,7 +32,7 @@ def plan_vllm(
     draft: str,
     *,
     python: str,
-    num_speculative_tokens: int = 3,
+    num_speculative_tokens: int | None = None,
     host: str = "0.0.0.0",
     port: int = 8000,
     tp_size: int = 1,
@@ -43,16 +43,22 @@ def plan_vllm(
     extra: Sequence[str] = (),
     drafter_name: str | None = None,
 ) -> VllmPlan:
-    """Decide the vLLM command without writing anything (`drafter_name`: for a hub id, default eagle3)."""
-    if num_speculative_tokens < 1 or tp_size < 1:
+    """Decide the vLLM command without writing anything.
+
+    `num_speculative_tokens`: None = the drafter's default (e.g. DFlash: its block size - 1).
+    `drafter_name`: for a hub id (default eagle3).
+    """
+    if (num_speculative_tokens is not None and num_speculative_tokens < 1) or tp_size < 1:
         raise ServeError("--num-speculative-tokens and --tp-size must be >= 1")
     dp = plan_draft(draft)
     notes = list(dp.notes)
     drafter = drafter_of_plan(dp, drafter_name)
-    local = Path(dp.path) if dp.kind == "export" else None
-    if local is not None:
-        notes += drafter.serve_notes(local)
-    spec = drafter.vllm_speculative_config(dp.path, num_speculative_tokens, local)
+    if dp.kind == "export":
+        notes += drafter.serve_notes(Path(dp.path))
+    try:
+        spec = drafter.vllm_speculative_config(dp.path, num_speculative_tokens, config_folder(dp))
+    except ValueError as e:
+        raise ServeError(str(e)) from None
     argv = [
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", target,

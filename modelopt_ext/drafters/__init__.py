@@ -15,6 +15,7 @@ DEFAULT_DRAFTER = "eagle3"
 # name -> "module:attribute" of the built-in drafters (imported only when asked for).
 BUILTIN = {
     "eagle3": "modelopt_ext.drafters.eagle3:EAGLE3",
+    "dflash": "modelopt_ext.drafters.dflash:DFLASH",
 }
 
 

@@ -119,3 +119,13 @@ def weight_keys(folder: Path) -> list[str]:
         with safe_open(str(f), framework="pt") as h:
             keys.extend(h.keys())
     return keys
+
+
+def infer_num_layers(keys: list[str]) -> int:
+    """Decoder layers in the weights: distinct `layers.N.` indices (`midlayer.` counts as one)."""
+    import re
+
+    idx = {int(m.group(1)) for k in keys if (m := re.match(r"^(?:model\.)?layers\.(\d+)\.", k))}
+    if idx:
+        return max(idx) + 1
+    return 1 if any(k.startswith(("midlayer.", "model.midlayer.")) for k in keys) else 0

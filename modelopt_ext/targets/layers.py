@@ -90,6 +90,25 @@ def recipe_layer_ids(recipe: Any, num_layers: int | None = None) -> list[int]:
     )
 
 
+def recipe_target_problems(recipe: Any) -> list[str]:
+    """What is wrong with a recipe for its target (one line each, naming the field): its layer ids (the
+    explicit `model.aux_layer_ids` or the drafter's rule) and the drafter's own checks (`Drafter.check_target`).
+    Reads only the target's config.json."""
+    from modelopt_ext.drafters import resolve_drafter
+
+    cfg = target_config(recipe.model.path, "model.path")
+    try:
+        num_layers = target_num_layers(cfg)
+    except ValueError:
+        return []  # not a usable model config: the loader says so, in context
+    problems = []
+    try:
+        recipe_layer_ids(recipe, num_layers)
+    except ValueError as e:
+        problems.append(f"model.aux_layer_ids: {e}")
+    return problems + resolve_drafter(recipe.drafter).check_target(recipe.drafter_settings, cfg)
+
+
 def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> list[int]:
     """The ids a server captures: the drafter's layers (the default drafter's rule if None) followed by L.
 

@@ -1,4 +1,4 @@
-"""`OUTPUT/training.png` from `OUTPUT/metrics.jsonl`: loss, accuracy per TTT step, throughput, data wait over steps.
+"""`OUTPUT/training.png` from `OUTPUT/metrics.jsonl`: loss, accuracy per drafted token, throughput, data wait over steps.
 
 Drawn with matplotlib's Agg backend (no display needed). Tolerant by design: missing fields leave a panel
 saying so, unreadable lines are skipped, a 1-step run draws points instead of lines. CLI:
@@ -16,7 +16,7 @@ from typing import Any
 
 from modelopt_ext.util.fileio import write_figure_atomic
 
-PANELS = ("loss", "accuracy per TTT step", "throughput", "data wait / hidden states")
+PANELS = ("loss", "accuracy per drafted token", "throughput", "data wait / hidden states")
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -96,7 +96,7 @@ def plot_training(
         _finish(ax_loss, PANELS[0], "loss", any(drawn))
 
         drawn = [
-            _draw(ax_acc, *_series(records, k), f"TTT step {k[4:]}") for k in _step_keys(records, "acc_")
+            _draw(ax_acc, *_series(records, k), f"draft {k[4:]}") for k in _step_keys(records, "acc_")
         ]
         _finish(ax_acc, PANELS[1], "top-1 accuracy", any(drawn))
         if any(drawn):

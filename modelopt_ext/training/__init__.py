@@ -1,1 +1,1 @@
-"""Training: the EAGLE-3 objective, the trainer loop, checkpoints, schedules, progress and distributed setup."""
+"""Training: the trainer loop (drafters bring their model and objective), checkpoints, schedules, progress and distributed setup."""

@@ -2,7 +2,7 @@
 
 Layout (the export reads exactly this):
     model.safetensors          the draft state_dict, including the `d2t`/`t2d` buffers
-    config.json                the draft config (Eagle3Config fields) + `target_model`
+    config.json                the drafter's config (`Built.config`: `drafter` + its fields) + `target_model`
     vocab_mapping.safetensors  the draft vocabulary (DraftVocab.save)
     optimizer.pt               optimizer state_dict
     scheduler.pt               LR scheduler state_dict

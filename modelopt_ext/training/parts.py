@@ -113,7 +113,13 @@ def build_parts(recipe: Recipe, env: DistEnv, resume_from: Path | None) -> Train
 
     drafter = resolve_drafter(recipe.drafter)
     built = drafter.build(
-        recipe.drafter_settings, hf_config, list(setup.aux_layer_ids), vocab, setup.target_embeddings
+        recipe.drafter_settings,
+        hf_config,
+        list(setup.aux_layer_ids),
+        vocab,
+        setup.target_embeddings,
+        target_head=setup.head,
+        tokenizer=tokenizer,
     )
     notes = [
         f"data: {len(dataset)} conversations from {recipe.data.path} (mode {recipe.data.mode})",

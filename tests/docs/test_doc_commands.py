@@ -261,14 +261,14 @@ def _sandbox(tmp: Path) -> Path:
     return box
 
 
-def tiny_run_last_checkpoint(world_size: int = 1) -> str:
-    """The checkpoint a full run of recipes/eagle3/tiny.yaml ends with, named by the trainer's own code."""
+def tiny_run_last_checkpoint(world_size: int = 1, recipe: str = "recipes/eagle3/tiny.yaml") -> str:
+    """The checkpoint a full run of a tiny recipe ends with, named by the trainer's own code."""
     from modelopt_ext.config.recipe import load_recipe
     from modelopt_ext.targets.tiny import DEFAULT_NUM_CONVERSATIONS
     from modelopt_ext.training.checkpoint import checkpoint_name
     from modelopt_ext.training.sampler import ResumableShardedSampler
 
-    t = load_recipe(REPO / "recipes/eagle3/tiny.yaml", []).training
+    t = load_recipe(REPO / recipe, []).training
     sampler = ResumableShardedSampler(
         DEFAULT_NUM_CONVERSATIONS, batch_size=t.batch_size, world_size=world_size, grad_accum=t.grad_accum
     )
@@ -283,6 +283,11 @@ def _fixtures(box: Path) -> None:
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
     (ckpt / "config.json").write_text('{"aux_layer_ids": [1, 2, 3]}')
+    # The DFlash run's: the serve commands read its drafter and block size from config.json.
+    ckpt = box / "outputs/tiny/dflash" / tiny_run_last_checkpoint(recipe="recipes/dflash/tiny.yaml")
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "config.json").write_text('{"drafter": "dflash", "block_size": 8, "target_layer_ids": [0, 1, 2]}')
 
 
 def _expected_failure(text: str) -> tuple[int, str] | None:

@@ -47,6 +47,26 @@ def test_recipe_picks_the_toy_drafter_and_its_layer_rule(repo_on_path, tmp_path)
         load_recipe(TOY_RECIPE, ["eagle.ttt_steps=3"])
 
 
+def test_serve_sglang_asks_the_drafter_and_copies_nothing_it_did_not_ask_for(repo_on_path, tmp_path):
+    """deploy/sglang.py is generic: a drafter with no SGLang fixups (the default hook) is served from its folder
+    as it is, with its own flags."""
+    import torch
+
+    from modelopt_ext.deploy.sglang import plan_sglang
+    from modelopt_ext.drafters.hf_folder import write_folder
+
+    folder = write_folder(
+        tmp_path / "toy-export",
+        {"proj.weight": torch.zeros(4, 6), "proj.bias": torch.zeros(4), "d2t": torch.zeros(4, dtype=torch.long)},
+        {"architectures": ["ToyLinearDrafter"], "drafter": TOY, "aux_layer_ids": TOY_LAYERS, "hidden_size": 3,
+         "draft_vocab_size": 4},
+    )  # fmt: skip
+    plan = plan_sglang("org/target", str(folder), options={"token_map": "always", "layer_name": "midlayer"})
+    assert plan.copy_from is None and plan.token_map is None and plan.draft_path == str(folder)
+    assert plan.argv[plan.argv.index("--speculative-algorithm") + 1] == "TOY"
+    assert not (tmp_path / "toy-export-sglang").exists()
+
+
 def _overrides(target: Path, data: Path, out: Path) -> list[str]:
     return [
         f"model.path={target}",

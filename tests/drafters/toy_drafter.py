@@ -107,7 +107,7 @@ class ToyDrafter(Drafter):
         # No SGLang model exists for it; the flags only let tests see that the serve commands asked this drafter.
         return ["--speculative-algorithm", "TOY", "--speculative-draft-model-path", draft_path]
 
-    def build(self, settings, target_config, layer_ids, vocab, target_embeddings) -> Built:
+    def build(self, settings, target_config, layer_ids, vocab, target_embeddings, **_: Any) -> Built:
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         hidden, draft_vocab = int(text.hidden_size), len(vocab.d2t)
         model = _model(len(layer_ids) * hidden, draft_vocab)

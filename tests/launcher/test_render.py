@@ -24,6 +24,7 @@ def test_all_named_examples_exist():
         "examples/moonshotai/Kimi-K2.5/hf_streaming_dflash_multi_node.yaml",
         "examples/meta-llama/Llama-3.1-8B/hf_streaming_eagle3.yaml",
         "examples/local/quickstart.yaml",
+        "examples/local/quickstart_dflash.yaml",
         "examples/local/slurm_streaming_eagle3.yaml",
     ]:
         assert name in EXAMPLES

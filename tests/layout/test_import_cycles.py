@@ -130,3 +130,17 @@ def test_no_import_cycle_between_modules():
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
+
+def test_generic_code_imports_no_particular_drafter():
+    """Drafters are plugins: outside drafters/ (and the developer benchmarks of one drafter in bench/), code
+    reaches a drafter only through `modelopt_ext.drafters` (resolve_drafter, drafter_for_config)."""
+    graph = import_graph()
+    allowed = ("modelopt_ext.drafters.", "modelopt_ext.bench.")
+    leaks = sorted(
+        f"{mod} -> {dep}"
+        for mod, deps in graph.items()
+        if not mod.startswith(allowed)
+        for dep in deps
+        if dep.startswith("modelopt_ext.drafters.") and dep not in ("modelopt_ext.drafters.base", "modelopt_ext.drafters.hf_folder")
+    )
+    assert not leaks, "generic code imports a drafter directly: " + "; ".join(leaks)

@@ -111,8 +111,10 @@ def test_vllm_supervision_matches_colocated(servers, samples, tiny_target, aux_i
     assert os.listdir(root) == []  # every file and lock deleted after reading
 
 
-def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
-    """The real trainer, same recipe and seed: colocated target vs streaming from both vLLM servers."""
+@pytest.mark.parametrize("recipe_file", [TINY_RECIPE, REPO / "recipes" / "dflash" / "tiny.yaml"], ids=lambda p: p.parent.name)
+def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path, aux_ids, recipe_file):
+    """The real trainer, same recipe and seed: colocated target vs streaming from both vLLM servers, for
+    every drafter whose tiny recipe reads the layers the session's servers capture (EAGLE-3, DFlash)."""
     import json
 
     from modelopt_ext.config.recipe import load_recipe
@@ -126,7 +128,7 @@ def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
     def run(name: str, extra: list[str]) -> list[dict]:
         out = tmp_path / name
         recipe = load_recipe(
-            TINY_RECIPE,
+            recipe_file,
             [
                 f"model.path={tiny_target}",
                 f"data.path={data}",
@@ -148,6 +150,9 @@ def test_short_training_run_matches_colocated(servers, tiny_target, tmp_path):
             json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line
         ]
 
+    from modelopt_ext.config.recipe import load_recipe as _load
+
+    assert _load(recipe_file).model.aux_layer_ids == aux_ids  # the layers the servers capture
     colocated = run("colocated", [])
     streamed = run(
         "streaming",

@@ -14,28 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelopt_ext.drafters.base import Built, Drafter
+from modelopt_ext.drafters.eagle3.identity import ARCHITECTURE, parallel_drafting_reason
 
-ARCHITECTURE = "LlamaForCausalLMEagle3"  # what exports declare (hf_format.py writes it)
-
-
-_PARALLEL_KEYS = ("parallel_drafting", "ptd", "use_parallel_drafting", "parallel_draft")
-_PARALLEL_COUNT_KEYS = ("num_parallel_heads", "parallel_draft_heads", "num_parallel_tokens", "ptd_num_tokens")
-
-
-def parallel_drafting_reason(cfg: dict, keys: list[str]) -> str | None:
-    """Why this looks like a parallel-drafting (P-EAGLE) head, or None."""
-    for scope, d in (("config", cfg), ("config.eagle_config", cfg.get("eagle_config") or {})):
-        if not isinstance(d, dict):
-            continue
-        for k in _PARALLEL_KEYS:
-            if d.get(k):
-                return f"{scope} has {k}: {d[k]!r}"
-        for k in _PARALLEL_COUNT_KEYS:
-            if isinstance(d.get(k), int) and d[k] > 1:
-                return f"{scope} has {k}: {d[k]}"
-    if any(k.split(".")[-1] == "mask_hidden" or k.startswith("mask_hidden") for k in keys):
-        return "its weights hold mask_hidden (the parallel-drafting mask state)"
-    return None
+DEFAULT_NUM_STEPS = 3  # draft tokens per round when the serve command or benchmark names none
 
 
 class Eagle3Settings(BaseModel):
@@ -76,6 +57,7 @@ class Eagle3(Drafter):
     section = "eagle"
     Settings = Eagle3Settings
     summary = "EAGLE-3 draft head (one Llama decoder layer over three target layers)"
+    sglang_algorithms = ("EAGLE3", "EAGLE")  # EAGLE: SGLang runs the head the EAGLE-2 way
 
     def default_layer_ids(self, num_layers: int, settings: BaseModel) -> list[int]:
         return default_aux_layer_ids(num_layers)
@@ -101,21 +83,43 @@ class Eagle3(Drafter):
         return [int(i) for i in ids]
 
     def vllm_speculative_config(
-        self, draft_path: str, num_speculative_tokens: int, folder: Path | None
+        self, draft_path: str, num_speculative_tokens: int | None, folder: Path | None
     ) -> dict:
-        cfg: dict = {"method": "eagle3", "model": draft_path, "num_speculative_tokens": num_speculative_tokens}
+        k = num_speculative_tokens or DEFAULT_NUM_STEPS
+        cfg: dict = {"method": "eagle3", "model": draft_path, "num_speculative_tokens": k}
         if folder is not None and self._parallel_reason(folder):
             cfg["parallel_drafting"] = True
         return cfg
 
-    def sglang_args(self, draft_path: str, *, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
+    def sglang_args(
+        self,
+        draft_path: str,
+        *,
+        num_steps: int | None,
+        topk: int | None,
+        num_draft_tokens: int | None,
+        folder: Path | None = None,
+        algorithm: str | None = None,
+    ) -> list[str]:
+        steps, topk = num_steps or DEFAULT_NUM_STEPS, topk or 1
+        # A chain (topk 1) verifies the root plus one token per step; SGLang rejects anything else.
+        draft_tokens = num_draft_tokens or steps + 1
+        if topk == 1 and draft_tokens != steps + 1:
+            raise ValueError(
+                f"--num-draft-tokens must be --num-steps + 1 = {steps + 1} when --topk is 1 (a chain); got {draft_tokens}"
+            )
         return [
-            "--speculative-algorithm", "EAGLE3",
+            "--speculative-algorithm", algorithm or self.sglang_algorithms[0],
             "--speculative-draft-model-path", draft_path,
-            "--speculative-num-steps", str(num_steps),
+            "--speculative-num-steps", str(steps),
             "--speculative-eagle-topk", str(topk),
-            "--speculative-num-draft-tokens", str(num_draft_tokens),
+            "--speculative-num-draft-tokens", str(draft_tokens),
         ]  # fmt: skip
+
+    def sglang_folder(self, folder: Path, *, exported: bool, options: dict[str, str]):
+        from modelopt_ext.drafters.eagle3.sglang_folder import sglang_folder
+
+        return sglang_folder(folder, exported=exported, options=options, architecture=ARCHITECTURE)
 
     def serve_notes(self, folder: Path) -> list[str]:
         from modelopt_ext.drafters.hf_folder import read_json
@@ -139,7 +143,9 @@ class Eagle3(Drafter):
 
         return parallel_drafting_reason(read_json(folder / "config.json"), weight_keys(folder))
 
-    def build(self, settings, target_config, layer_ids, vocab, target_embeddings) -> Built:
+    def build(
+        self, settings, target_config, layer_ids, vocab, target_embeddings, *, target_head=None, tokenizer=None
+    ) -> Built:
         from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
         from modelopt_ext.drafters.eagle3.objective import eagle3_loss
 

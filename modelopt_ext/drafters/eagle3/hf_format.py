@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from modelopt_ext.drafters.eagle3.identity import ARCHITECTURE
 from modelopt_ext.drafters.hf_folder import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -29,8 +30,6 @@ from modelopt_ext.drafters.hf_folder import (
     torch_dtype,
     write_folder,
 )
-
-ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 LAYER_KEYS = [
     "layers.0.self_attn.q_proj.weight",

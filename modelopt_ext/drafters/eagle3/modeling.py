@@ -59,6 +59,7 @@ from modelopt_ext.drafters.eagle3.ttt_attention import (  # noqa: F401  (ttt_att
     ttt_attention,
     ttt_attention_mask,
 )
+from modelopt_ext.drafters.rope import rope_from_dict as _rope_from_dict
 
 # attend(q [B, nh, q, d], k [B, nkv, q, d], v [B, nkv, q, d]) -> [B, nh, q, d]; owns the K/V cache and mask.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -187,23 +188,6 @@ class Eagle3Config:
             max_position_embeddings=self.max_position_embeddings,
             hidden_act=self.hidden_act,
         )
-
-
-def _rope_from_dict(g: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from a transformers 4 (`rope_theta`, `rope_scaling`) or 5
-    (`rope_parameters`) config dict."""
-    params = g.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        theta = float(params.get("rope_theta", g.get("rope_theta", 10000.0)))
-        rest = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = float(g.get("rope_theta", 10000.0))
-        rest = dict(g.get("rope_scaling") or {})
-    if "type" in rest and "rope_type" not in rest:
-        rest["rope_type"] = rest.pop("type")
-    if rest.get("rope_type", "default") == "default" and set(rest) <= {"rope_type"}:
-        return theta, None
-    return theta, rest
 
 
 # ----------------------------------------------------------------------------------------------------
