@@ -174,7 +174,7 @@ def section_train(work: Path, args) -> list[dict]:
     return [
         {
             "section": "train",
-            "what": f"colocated, {'fp32' if args.cpu else 'bf16 target+head'}, batch {fig['batch_size']}, ttt {fig['ttt_steps']}",
+            "what": f"colocated, {'fp32' if args.cpu else 'bf16 target+head'}, batch {fig['batch_size']}, drafter {fig['drafter']}",
             "value": f"{fig['samples_per_s']:.1f} samples/s, {fig['tokens_per_s']:.0f} tok/s, "
             f"peak {fig.get('peak_mb', float('nan')):.0f} MB ({fig.get('peak_kind', '?')})",
             "ok": True,
