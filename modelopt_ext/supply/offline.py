@@ -555,7 +555,7 @@ def build_hybrid_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
         recipe.data,
         num_aux_layers=len(aux),
         hidden_size=plan["target"]["hidden_size"],
-        rank=env.rank,
+        local_rank=env.local_rank,
     )
     return _head_and_setup(
         recipe, env, HybridDataset(dataset, folder, plan, fetcher), pad_id, aux, "target_last_hidden"

@@ -16,7 +16,8 @@ LIB = REPO / "common" / "lib"
 
 def bash(snippet: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run `snippet` in bash with the library sourced and strict mode on."""
-    script = f"set -euo pipefail\nsource {LIB}/log.sh\nsource {LIB}/rendezvous.sh\nsource {LIB}/plan.sh\n{snippet}\n"
+    libs = "".join(f"source {LIB}/{n}.sh\n" for n in ("log", "python", "rendezvous", "plan"))
+    script = f"set -euo pipefail\n{libs}{snippet}\n"
     full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
     full_env.update(env or {})
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=full_env, timeout=timeout)

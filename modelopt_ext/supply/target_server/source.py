@@ -351,7 +351,7 @@ class FailoverRemoteSource:
         make_client: Callable[[str], RemoteTargetClient],
         prepare: Callable[[RemoteTargetClient], None],
         *,
-        preferred: int = 0,
+        preferred: int = 0,  # index of this rank's own server in `urls` (server_pool.first_server)
         policy: Any = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -447,8 +447,9 @@ class FailoverRemoteSource:
 def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab: Any = None) -> Any:
     """The trainer's `SourceSetup` for `data.mode: remote` (serve_target; see supply/sources.py).
 
-    Rank r prefers `data.server_urls[r % n]` (ranks spread evenly over the servers) and fails over to the
-    others (FailoverRemoteSource). Each server's model_info is checked against the recipe's target config and
+    The rank prefers the server `server_pool.first_server` picks (`data.server_urls` is the node's preference
+    order: the node's first rank takes the first URL, its other ranks spread over the rest) and fails over to
+    the others (FailoverRemoteSource). Each server's model_info is checked against the recipe's target config and
     aux layer ids before it gets a batch; with a draft vocab the server ships `target_probs` over it (Vd/V of
     the logits' bytes, same values `resolve_target` would compute), so no TargetHead is needed. The drafter's
     embeddings are seeded from the preferred server's.
@@ -491,11 +492,16 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
         if vocab is not None:
             client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
 
-    from modelopt_ext.supply.server_pool import BreakerPolicy
+    from modelopt_ext.supply.server_pool import BreakerPolicy, first_server
 
     policy = BreakerPolicy(all_down_timeout_s=data.server_grace_s)
-    source = FailoverRemoteSource(
-        list(data.server_urls), make_client, prepare, preferred=env.rank, policy=policy
+    urls = list(data.server_urls)
+    start = first_server(len(urls), env.local_rank)
+    source = FailoverRemoteSource(urls, make_client, prepare, preferred=start, policy=policy)
+    print(
+        f"data: rank {env.rank} (local rank {env.local_rank}) prefers serve_target {source.preferred} "
+        f"(data.server_urls[{start}] of {len(urls)})",
+        flush=True,
     )
     # The preferred server must be there at start (the entry script waited for every server's health).
     first = source.client(source.preferred)
