@@ -16,6 +16,7 @@ from torch import nn
 
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
+from modelopt_ext.telemetry.meter import IN_PROCESS
 
 
 def num_target_layers(model: nn.Module) -> int:
@@ -50,6 +51,8 @@ def forward_with_aux(
 
 class ColocatedSource:
     """Callable on a collated batch {input_ids, attention_mask, loss_mask} -> Supervision (target_logits)."""
+
+    telemetry_kind = IN_PROCESS  # the target's forward runs here: supply time
 
     def __init__(self, target_model: nn.Module, aux_layer_ids: list[int]):
         self.model = target_model.eval()

@@ -32,6 +32,7 @@ from modelopt_ext.supply.target_server.auth import read_token_file
 from modelopt_ext.supply.target_server.data_plane import ClientSession, DataPlaneError, data_plane_enabled
 from modelopt_ext.supply.target_server.wire import CONTENT_TYPE as WIRE_TYPE
 from modelopt_ext.supply.target_server.wire import WireFormatError, decode, encode
+from modelopt_ext.telemetry.meter import REMOTE
 
 log = logging.getLogger("modelopt_ext.supply.target_server.source")
 
@@ -86,6 +87,8 @@ class TargetMismatch(RemoteTargetError):
 
 class RemoteTargetClient:
     """A supervision source backed by a serve_target server (callable on a collated batch, like ColocatedSource)."""
+
+    telemetry_kind = REMOTE  # a network fetch per batch: data wait, counted for `url`
 
     def __init__(
         self,
@@ -343,7 +346,7 @@ class FailoverRemoteSource:
     after re-preparing every server is the batch's or the setup's fault: raised as RemoteTargetError.
     """
 
-    telemetry_kind = "remote"
+    telemetry_kind = REMOTE
 
     def __init__(
         self,

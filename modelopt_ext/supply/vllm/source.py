@@ -55,6 +55,7 @@ from modelopt_ext.supply.server_pool import (
     local_rank_from_env,
 )
 from modelopt_ext.telemetry.latency import LatencyHistogram
+from modelopt_ext.telemetry.meter import PREFETCHED
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,8 @@ class StreamedSource:
     The supervision was fetched by the dataset in DataLoader workers, so this only re-labels tensors; the
     trainer's `TargetHead` later turns `target_last_hidden` (pre-final-norm) into target logits.
     """
+
+    telemetry_kind = PREFETCHED  # the dataset's workers fetched; its server_stats() counts the servers
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Supervision:
         return Supervision(
