@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from launcher.schema import TASK_KEY
+from launcher.schema import task_number
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC = "docs/migrating.md"
@@ -318,9 +318,9 @@ def migrate(data: dict) -> Migration:
     gvars = pipeline.get("global_vars") if isinstance(pipeline.get("global_vars"), dict) else {}
     if pipeline.get("note") is None and "note" in pipeline:
         pipeline["note"] = ""
-    names = [k for k in pipeline if isinstance(k, str) and TASK_KEY.match(k)]
+    names = [k for k in pipeline if task_number(k) is not None]
     train_output = target = prompts = None
-    for name in sorted(names, key=lambda k: int(k[5:])):
+    for name in sorted(names, key=task_number):
         task = pipeline[name]
         where = f"pipeline.{name}"
         if not isinstance(task, dict):
