@@ -61,7 +61,7 @@ RECIPE_KEYS: dict[str, tuple[str | None, str]] = {
     "eagle.eagle_use_torch_compile": (None, "not configurable"),
     "eagle.eagle_decoder_type": (None, "the EAGLE-3 head is a Llama decoder layer"),
     "eagle.eagle_self_logit_distillation": (None, "the head always learns the target's distribution"),
-    "eagle.eagle_architecture_config": (None, "eagle.num_layers sets the head's depth"),
+    "eagle.eagle_architecture_config": (None, "the EAGLE-3 head is one decoder layer (not configurable)"),
     "eagle.eagle_export_rope_scaling": (None, "the export copies the target's rope settings"),
     "metadata": (None, "not part of our recipes"),
 }

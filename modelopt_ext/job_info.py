@@ -71,14 +71,20 @@ def job_info(config: str, overrides: list[str], capture_ids: str | None = None) 
     }
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, argparse.Namespace]:
-    """(--capture-ids or None, the trainer's arguments)."""
-    from modelopt_ext.train import parse_args as train_args
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The trainer's arguments (its own parser: the same contract) plus --capture-ids."""
+    from modelopt_ext.train import build_parser
 
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--capture-ids", default=None)
-    mine, rest = own.parse_known_args(argv)
-    return mine.capture_ids, train_args(rest)
+    p = build_parser()
+    p.prog = "python -m modelopt_ext.job_info"
+    p.description = __doc__.splitlines()[0]
+    p.add_argument(
+        "--capture-ids",
+        default=None,
+        help="Layer ids the hidden-state servers capture ('2,30,58,61' or '[2,30,58,61]': the drafter's ids, "
+        "then the target's layer count L); validated against the target, and the trainers read the same.",
+    )
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     from modelopt_ext.config.errors import ConfigError, exit_with
     from modelopt_ext.targets.locate import TargetPathError
 
-    capture_ids, args = parse_args(argv)
+    args = parse_args(argv)
     try:
-        info = job_info(args.config, list(args.overrides), capture_ids)
+        info = job_info(args.config, list(args.overrides), args.capture_ids)
     except ConfigError as e:
         exit_with(e)
     except CaptureIdsError as e:

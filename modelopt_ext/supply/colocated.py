@@ -1,8 +1,8 @@
 """The colocated source: the target runs in the trainer process and yields `Supervision`.
 
-This is exactly the code the remote target server runs (issue 4): a pure, deterministic function of the
-target's weights and the batch, under no_grad. Aux states use vLLM's layer numbering (notes/vllm-hidden-
-states.md): id k < L is HF `hidden_states[k]` (the residual stream after k decoder layers, 0 = embeddings);
+This is exactly the code the remote target server runs (supply/target_server/handler.py): a pure,
+deterministic function of the target's weights and the batch, under no_grad. Aux states use vLLM's layer
+numbering (modelopt_ext/targets/layers.py): id k < L is HF `hidden_states[k]` (the residual stream after k decoder layers, 0 = embeddings);
 id L is the last decoder layer's output BEFORE the final norm. HF's `hidden_states[L]` is after the norm,
 so id L is captured with a forward pre-hook on the final norm instead.
 """
