@@ -15,12 +15,12 @@ set -euo pipefail
 REGEN_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${REGEN_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${REGEN_REPO}/common/lib/python.sh"
 # shellcheck source=common/lib/rendezvous.sh
 source "${REGEN_REPO}/common/lib/rendezvous.sh"
 # shellcheck source=common/lib/proc.sh
 source "${REGEN_REPO}/common/lib/proc.sh"
-# shellcheck source=common/lib/python.sh
-source "${REGEN_REPO}/common/lib/python.sh"
 
 SERVER_PID=""
 

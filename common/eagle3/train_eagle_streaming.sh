@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Streaming EAGLE-3 on one or many nodes: hidden-state servers + trainers meeting through shared storage.
+# Streaming drafter training on one or many nodes (any drafter: the recipe's `drafter:` decides; the file keeps the
+# reference launcher's name): hidden-state servers + trainers meeting through shared storage.
 #
 #   bash launcher/node_exec.sh common/eagle3/train_eagle_streaming.sh --config RECIPE.yaml [overrides] [--resume auto]
 #
@@ -27,14 +28,14 @@ set -euo pipefail
 ENTRY_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${ENTRY_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${ENTRY_REPO}/common/lib/python.sh"
 # shellcheck source=common/lib/rendezvous.sh
 source "${ENTRY_REPO}/common/lib/rendezvous.sh"
 # shellcheck source=common/lib/plan.sh
 source "${ENTRY_REPO}/common/lib/plan.sh"
 # shellcheck source=common/lib/proc.sh
 source "${ENTRY_REPO}/common/lib/proc.sh"
-# shellcheck source=common/lib/python.sh
-source "${ENTRY_REPO}/common/lib/python.sh"
 
 SERVE_ENGINE="${SERVE_ENGINE:-vllm}"
 TRAIN_ENTRY="${TRAIN_ENTRY:-modelopt_ext.train}"
@@ -285,6 +286,9 @@ server_lost() {
 # then stop it: the node exits 0 on done, 1 on failed.
 serve_until_finished() {
   RESTARTS_DONE=0
+  # The one wait without its own deadline: serving lasts as long as training, which the task's Slurm time
+  # limit bounds; any node's failure ends it through the failed marker.
+  log "serving until the job's done or failed marker appears in ${RDV_DIR} (bounded by the task's time limit)"
   while :; do
     if [[ -n "$SERVER_PID" ]] && ! proc_alive "$SERVER_PID"; then
       proc_wait_exit "$SERVER_PID"
