@@ -55,3 +55,13 @@ def test_every_bash_file_is_shellcheck_clean():
         [shellcheck, "-x", "--shell=bash", *files], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert r.returncode == 0, f"shellcheck findings in {len(files)} bash files:\n{r.stdout}{r.stderr}"
+
+
+def test_every_bash_script_runs_in_strict_mode():
+    # Libraries (common/lib/) are sourced into scripts that set it; every script that runs sets it itself.
+    loose = [
+        f
+        for f in bash_files()
+        if not f.startswith("common/lib/") and "set -euo pipefail" not in (REPO / f).read_text()
+    ]
+    assert loose == [], f"bash scripts without `set -euo pipefail`: {loose}"
