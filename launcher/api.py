@@ -32,7 +32,7 @@ from launcher.executors import (
 )
 from launcher.follow import JobState, follow, local_runner, tunnel_runner
 from launcher.layout import RunLayout, make_layout
-from launcher.nemo import import_nemo_run
+from launcher.nemo import dryrun_script, experiment_dir, import_nemo_run, reset_packaging
 from launcher.spec import Job, ResolvedTask, load_job
 from modelopt_ext.util.fileio import write_text_atomic
 
@@ -225,7 +225,7 @@ def _slurm(
         for i, (b, r) in enumerate(zip(built, result.tasks)):
             jobobj = exp.jobs[i]
             r.env = b.env
-            r.script_text = jobobj._dryrun_info.request.materialize()
+            r.script_text = dryrun_script(jobobj)
             r.dryrun_script = layout.dryrun_dir / f"{b.task.name}.sbatch.sh"
             write_text_atomic(r.dryrun_script, r.script_text)
             if b.task.inline is not None:
@@ -242,19 +242,18 @@ def _slurm(
                 else f" --dependency={b.executor.dependency_type}:<job id of {built[i - 1].task.name}>"
             )
             r.sbatch_command = f"sbatch --requeue --parsable{dep} {r.submitted_script}"
-        shutil.rmtree(exp._exp_dir, ignore_errors=True)  # what exp.dryrun(delete_exp_dir=True) does
+        shutil.rmtree(experiment_dir(exp), ignore_errors=True)  # what exp.dryrun(delete_exp_dir=True) does
         if mode == "dryrun":
             return
         # exp.run renders again into a fresh experiment folder; let its packaging step run again too.
-        for tunnel in exp.tunnels.values():
-            tunnel.packaging_jobs.clear()
+        reset_packaging(exp)
         try:
             exp.run(detach=True)
         except Exception as e:  # noqa: BLE001 - invoke/torchx errors carry sbatch's stderr; report one line
             submitted = [j for j in exp.jobs if getattr(j, "handle", None)]
             _cancel([_job_id(j.handle) for j in submitted], exp, built)
             if not submitted:  # nothing reached Slurm: free the run id again
-                shutil.rmtree(exp._exp_dir, ignore_errors=True)
+                shutil.rmtree(experiment_dir(exp), ignore_errors=True)
             raise LaunchError(f"submission failed: {_one_line(e)}") from None
     runner = local_runner if not is_remote(job) else tunnel_runner(next(iter(exp.tunnels.values())))
     for i, (b, r) in enumerate(zip(built, result.tasks)):
@@ -375,7 +374,7 @@ def _run_local_task(run, job: Job, t: ResolvedTask, r: TaskResult, layout: RunLa
         if tail.is_alive():
             tail.join(timeout=10)
         if not r.log_paths:  # nothing ran: free the run id again
-            shutil.rmtree(exp._exp_dir, ignore_errors=True)
+            shutil.rmtree(experiment_dir(exp), ignore_errors=True)
         raise LaunchError(f"{t.name}: could not run it locally: {_one_line(e)}") from None
     stop.set()
     tail.join(timeout=10)
@@ -389,7 +388,7 @@ def _run_local_task(run, job: Job, t: ResolvedTask, r: TaskResult, layout: RunLa
 
 def _tail_logs(layout: RunLayout, exp, name: str, say: Printer, stop: threading.Event, r: TaskResult) -> None:
     """Echo the task's combined log while it runs (nemo_run's local executor writes it under the task dir)."""
-    task_dir = Path(exp._exp_dir) / name
+    task_dir = experiment_dir(exp) / name
     pos, path = 0, None
     while True:
         finished = stop.is_set()

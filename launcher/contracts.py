@@ -79,12 +79,9 @@ def _text(text: str) -> str:
 
 def parse_ids(text: str) -> list[int]:
     """'[2,18,33,36]' or '2,18,33,36' -> ids (EAGLE_CAPTURE_IDS); ValueError otherwise."""
-    from modelopt_ext.targets.layers import check_id_list, parse_capture_ids
+    from modelopt_ext.targets.layers import check_capture_list, parse_capture_ids
 
-    ids = check_id_list(parse_capture_ids(text))
-    if len(ids) < 2:
-        raise ValueError("needs the drafter's layer ids followed by the target's layer count L (at least 2 ids)")
-    return ids
+    return check_capture_list(parse_capture_ids(text))
 
 
 SECONDS = _int(1)
@@ -358,7 +355,9 @@ def _check_trainer(view: TaskView, knobs: dict[str, object]) -> None:
     ]
     ids = knobs.get("EAGLE_CAPTURE_IDS")
     if isinstance(ids, list):
-        runtime.append(f"model.aux_layer_ids=[{','.join(map(str, ids[:-1]))}]")
+        from modelopt_ext.targets.layers import drafter_ids_of_capture
+
+        runtime.append(f"model.aux_layer_ids=[{','.join(map(str, drafter_ids_of_capture(ids)))}]")
     if knobs.get("SERVE_ENGINE") == "target":
         runtime.append("data.mode=remote")
     if "STREAMING_NUM_WORKERS" in knobs:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from launcher.schema import TASK_KEY
+from launcher.schema import task_number
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC = "docs/migrating.md"
@@ -61,7 +61,7 @@ RECIPE_KEYS: dict[str, tuple[str | None, str]] = {
     "eagle.eagle_use_torch_compile": (None, "not configurable"),
     "eagle.eagle_decoder_type": (None, "the EAGLE-3 head is a Llama decoder layer"),
     "eagle.eagle_self_logit_distillation": (None, "the head always learns the target's distribution"),
-    "eagle.eagle_architecture_config": (None, "eagle.num_layers sets the head's depth"),
+    "eagle.eagle_architecture_config": (None, "the EAGLE-3 head is one decoder layer (not configurable)"),
     "eagle.eagle_export_rope_scaling": (None, "the export copies the target's rope settings"),
     "metadata": (None, "not part of our recipes"),
 }
@@ -318,9 +318,9 @@ def migrate(data: dict) -> Migration:
     gvars = pipeline.get("global_vars") if isinstance(pipeline.get("global_vars"), dict) else {}
     if pipeline.get("note") is None and "note" in pipeline:
         pipeline["note"] = ""
-    names = [k for k in pipeline if isinstance(k, str) and TASK_KEY.match(k)]
+    names = [k for k in pipeline if task_number(k) is not None]
     train_output = target = prompts = None
-    for name in sorted(names, key=lambda k: int(k[5:])):
+    for name in sorted(names, key=task_number):
         task = pipeline[name]
         where = f"pipeline.{name}"
         if not isinstance(task, dict):

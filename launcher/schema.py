@@ -14,6 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 _TASK_KEY = re.compile(r"^task_(\d+)$")
+
+
+def task_number(key: Any) -> int | None:
+    """N of a numbered pipeline key `task_N`, or None for any other key."""
+    m = _TASK_KEY.match(key) if isinstance(key, str) else None
+    return int(m.group(1)) if m else None
+
+
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -199,9 +207,9 @@ class Pipeline(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        numbered = {k: data.pop(k) for k in list(data) if isinstance(k, str) and _TASK_KEY.match(k)}
+        numbered = {k: data.pop(k) for k in list(data) if task_number(k) is not None}
         if numbered:
-            data["__numbered_tasks__"] = dict(sorted(numbered.items(), key=lambda kv: int(kv[0][5:])))
+            data["__numbered_tasks__"] = dict(sorted(numbered.items(), key=lambda kv: task_number(kv[0])))
         return data
 
     @model_validator(mode="after")
@@ -244,5 +252,3 @@ class JobSpec(_Strict):
             )
         return v
 
-
-TASK_KEY = _TASK_KEY

@@ -54,9 +54,11 @@ def render_summary(
     m = _last_metrics(output)
     lines = ["=" * 72, "drafter job: summary", "=" * 72]
     lines.append(f"drafter (export, loads in vLLM/SGLang): {export}")
-    ckpts = sorted(output.glob("epoch_*_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
-    if ckpts:
-        lines.append(f"last training checkpoint:               {ckpts[-1]}")
+    from modelopt_ext.training.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(output)
+    if latest is not None:
+        lines.append(f"last training checkpoint:               {latest}")
     if m:
         accs = " ".join(f"{m[k]:.2f}" for k in sorted(m) if k.startswith("acc_"))
         lines.append(

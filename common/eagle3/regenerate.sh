@@ -15,12 +15,12 @@ set -euo pipefail
 REGEN_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${REGEN_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${REGEN_REPO}/common/lib/python.sh"
 # shellcheck source=common/lib/rendezvous.sh
 source "${REGEN_REPO}/common/lib/rendezvous.sh"
 # shellcheck source=common/lib/proc.sh
 source "${REGEN_REPO}/common/lib/proc.sh"
-# shellcheck source=common/lib/python.sh
-source "${REGEN_REPO}/common/lib/python.sh"
 
 SERVER_PID=""
 
@@ -50,8 +50,11 @@ start_server() {
   proc_start_group "$logfile" "${cmd[@]}"
   SERVER_PID="$PROC_PID"
   SERVER_URL="http://127.0.0.1:${port}"
-  rdv_wait_http "${REGEN_START_TIMEOUT_S:-900}" "${SERVER_URL}/health" \
-    || die "vLLM did not answer ${SERVER_URL}/health within ${REGEN_START_TIMEOUT_S:-900}s (see ${logfile})"
+  if ! proc_wait_healthy "$SERVER_PID" "${SERVER_URL}/health" "${REGEN_START_TIMEOUT_S:-900}" "vLLM"; then
+    proc_alive "$SERVER_PID" || SERVER_PID=""
+    tail -n 20 "$logfile" >&2 || true
+    die "${PROC_WAIT_ERR} (log ${logfile})"
+  fi
   log "vLLM ready at ${SERVER_URL}"
 }
 

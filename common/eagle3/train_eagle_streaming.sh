@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Streaming EAGLE-3 on one or many nodes: hidden-state servers + trainers meeting through shared storage.
+# Streaming drafter training on one or many nodes (any drafter: the recipe's `drafter:` decides; the file keeps the
+# reference launcher's name): hidden-state servers + trainers meeting through shared storage.
 #
 #   bash launcher/node_exec.sh common/eagle3/train_eagle_streaming.sh --config RECIPE.yaml [overrides] [--resume auto]
 #
@@ -27,14 +28,14 @@ set -euo pipefail
 ENTRY_REPO="${MODELOPT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 # shellcheck source=common/lib/log.sh
 source "${ENTRY_REPO}/common/lib/log.sh"
+# shellcheck source=common/lib/python.sh
+source "${ENTRY_REPO}/common/lib/python.sh"
 # shellcheck source=common/lib/rendezvous.sh
 source "${ENTRY_REPO}/common/lib/rendezvous.sh"
 # shellcheck source=common/lib/plan.sh
 source "${ENTRY_REPO}/common/lib/plan.sh"
 # shellcheck source=common/lib/proc.sh
 source "${ENTRY_REPO}/common/lib/proc.sh"
-# shellcheck source=common/lib/python.sh
-source "${ENTRY_REPO}/common/lib/python.sh"
 
 SERVE_ENGINE="${SERVE_ENGINE:-vllm}"
 TRAIN_ENTRY="${TRAIN_ENTRY:-modelopt_ext.train}"
@@ -70,7 +71,7 @@ on_exit() {
     rdv_mark_failed "$RDV_DIR" "${PHASE} failed (exit ${rc})${LAST_ERR:+: ${LAST_ERR}}"
   fi
   [[ -n "$TRAIN_PID" ]] && proc_stop_group "$TRAIN_PID" 20
-  [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
+  stop_server
   if ((rc != 0)) && [[ -n "$RDV_DIR" ]]; then
     log "exiting with ${rc}; job: $(rdv_failure_reason "$RDV_DIR")"
   fi
@@ -94,11 +95,6 @@ gpu_count() {
   else
     echo 0
   fi
-}
-
-# strip_list TEXT: "[2, 30,58]" -> "2,30,58" (EAGLE_CAPTURE_IDS is written either way).
-strip_list() {
-  tr -d '[] ' <<<"$1"
 }
 
 # split_train_args ARGS...: the trainer's options (--config/--resume with their values) into TRAIN_OPTS and
@@ -126,21 +122,15 @@ split_train_args() {
   done
 }
 
-# resolve_job ARGS...: the recipe's target, dtype, layers and output folder (modelopt_ext.job_info).
+# resolve_job ARGS...: the recipe's target, dtype, layers and output folder as JOB_* variables
+# (modelopt_ext.job_info resolves and validates them, EAGLE_CAPTURE_IDS included; nothing is checked here).
 resolve_job() {
   local info
-  info="$("$PY" -m modelopt_ext.job_info "$@")" || fail "the recipe or its overrides are invalid (see above)"
+  local -a capture=()
+  [[ -n "${EAGLE_CAPTURE_IDS:-}" ]] && capture=(--capture-ids "$EAGLE_CAPTURE_IDS")
+  info="$("$PY" -m modelopt_ext.job_info "${capture[@]}" "$@")" \
+    || fail "the recipe, its overrides or EAGLE_CAPTURE_IDS are invalid (see above)"
   eval "$info"
-  CAPTURE_IDS="$JOB_CAPTURE_IDS"
-  AUX_OVERRIDE=()
-  if [[ -n "${EAGLE_CAPTURE_IDS:-}" ]]; then
-    # The servers capture EAGLE_CAPTURE_IDS (aux ids + L); the trainers must read the same aux layers.
-    CAPTURE_IDS="$(strip_list "$EAGLE_CAPTURE_IDS")"
-    [[ "${CAPTURE_IDS##*,}" == "${JOB_CAPTURE_IDS##*,}" ]] \
-      || fail "EAGLE_CAPTURE_IDS=${EAGLE_CAPTURE_IDS} must end with the target's layer count ${JOB_CAPTURE_IDS##*,}"
-    [[ "$CAPTURE_IDS" == *,* ]] || fail "EAGLE_CAPTURE_IDS=${EAGLE_CAPTURE_IDS} needs aux ids before the last id"
-    AUX_OVERRIDE=("model.aux_layer_ids=[${CAPTURE_IDS%,*}]")
-  fi
   HS_DIR="${SERVE_SHARED_STORAGE:-${MODELOPT_SCRATCH}/hidden_states/$(rdv_job_key)}"
 }
 
@@ -162,7 +152,7 @@ start_server() {
   case "$SERVE_ENGINE" in
     vllm)
       cmd=("$PY" -m modelopt_ext.serve_hidden_states --engine vllm --model "$JOB_TARGET"
-        --shared-storage "$HS_DIR" --capture-ids "$CAPTURE_IDS" --host 0.0.0.0 --port "$port"
+        --shared-storage "$HS_DIR" --capture-ids "$JOB_CAPTURE_IDS" --host 0.0.0.0 --port "$port"
         --advertise-host "$ip" --dtype "$JOB_DTYPE" --startup-timeout "$SERVE_START_TIMEOUT_S"
         --max-model-len "${SERVE_MAX_MODEL_LEN:-$((JOB_MAX_LENGTH + 64))}"
         --log "$RDV_DIR/logs/vllm.${NODE_ID}.log")
@@ -174,7 +164,7 @@ start_server() {
       local device=cpu
       (($(gpu_count) > 0)) && device=cuda
       cmd=("$PY" -m modelopt_ext.serve_target --target "$JOB_TARGET" --host 0.0.0.0 --port "$port"
-        --aux-layer-ids "${CAPTURE_IDS%,*}" --dtype "$JOB_DTYPE" --device "$device")
+        --aux-layer-ids "$JOB_AUX_IDS" --dtype "$JOB_DTYPE" --device "$device")
       ;;
     *) fail "SERVE_ENGINE='${SERVE_ENGINE}': use vllm or target" ;;
   esac
@@ -184,29 +174,26 @@ start_server() {
   rdv_publish "$RDV_DIR/server.${NODE_ID}.pid" "$SERVER_PID"
 }
 
-# wait_own_server URL: bounded wait until our server answers. Returns 0 once healthy, else non-zero with
-# the reason in WAIT_ERR (the server died, the job ended, or SERVE_START_TIMEOUT_S passed).
+# wait_own_server URL: bounded wait (SERVE_START_TIMEOUT_S) until our server answers (proc_wait_healthy).
+# Returns 0 once healthy, else non-zero with the reason in WAIT_ERR (the server died: its log's tail is
+# shown; the job ended; or the time passed).
 wait_own_server() {
-  local url="$1" deadline=$((SECONDS + SERVE_START_TIMEOUT_S))
+  local url="$1" log_file="$RDV_DIR/logs/server.${NODE_ID}.log"
   WAIT_ERR=""
-  until rdv_http_ok "${url}$(health_path)"; do
-    if ! proc_alive "$SERVER_PID"; then
-      proc_wait_exit "$SERVER_PID"
-      SERVER_PID=""
-      tail -n 20 "$RDV_DIR/logs/server.${NODE_ID}.log" >&2 || true
-      WAIT_ERR="the ${SERVE_ENGINE} server exited with code ${PROC_RC} during startup (log $RDV_DIR/logs/server.${NODE_ID}.log)"
-      return 1
-    fi
-    if rdv_finished "$RDV_DIR"; then
-      WAIT_ERR="the job ended while the server was starting ($(rdv_failure_reason "$RDV_DIR"))"
-      return 1
-    fi
-    if ((SECONDS >= deadline)); then
-      WAIT_ERR="the ${SERVE_ENGINE} server did not answer ${url}$(health_path) within ${SERVE_START_TIMEOUT_S}s"
-      return 1
-    fi
-    sleep 2
-  done
+  proc_wait_healthy "$SERVER_PID" "${url}$(health_path)" "$SERVE_START_TIMEOUT_S" \
+    "the ${SERVE_ENGINE} server" && return 0
+  WAIT_ERR="${PROC_WAIT_ERR} (log ${log_file})"
+  if ! proc_alive "$SERVER_PID"; then
+    SERVER_PID=""
+    tail -n 20 "$log_file" >&2 || true
+  fi
+  return 1
+}
+
+# stop_server: stop this node's server (its whole process group), if one runs.
+stop_server() {
+  [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
+  SERVER_PID=""
 }
 
 # serve: start the server, publish its URL once healthy (the trainers read it from the rendezvous folder).
@@ -254,8 +241,7 @@ restart_server() {
   started=$SECONDS
   start_server "$SERVE_IP" "$SERVE_PORT_USED"
   if ! wait_own_server "http://127.0.0.1:${SERVE_PORT_USED}"; then
-    [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
-    SERVER_PID=""
+    stop_server
     rdv_finished "$RDV_DIR" && return 0  # the job ended meanwhile: nothing left to serve
     log "restart ${attempt}/${max} failed: ${WAIT_ERR}"
     return 1
@@ -300,6 +286,9 @@ server_lost() {
 # then stop it: the node exits 0 on done, 1 on failed.
 serve_until_finished() {
   RESTARTS_DONE=0
+  # The one wait without its own deadline: serving lasts as long as training, which the task's Slurm time
+  # limit bounds; any node's failure ends it through the failed marker.
+  log "serving until the job's done or failed marker appears in ${RDV_DIR} (bounded by the task's time limit)"
   while :; do
     if [[ -n "$SERVER_PID" ]] && ! proc_alive "$SERVER_PID"; then
       proc_wait_exit "$SERVER_PID"
@@ -308,14 +297,12 @@ serve_until_finished() {
     fi
     if [[ -e "$RDV_DIR/done" ]]; then
       log "job done: stopping the server"
-      [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
-      SERVER_PID=""
+      stop_server
       return 0
     fi
     if rdv_failed "$RDV_DIR"; then
       log "job failed ($(rdv_failure_reason "$RDV_DIR")): stopping the server"
-      [[ -n "$SERVER_PID" ]] && proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
-      SERVER_PID=""
+      stop_server
       exit 1
     fi
     sleep "${RDV_POLL_S:-1}"
@@ -324,7 +311,9 @@ serve_until_finished() {
 
 # ------------------------------------------------------------------------------------------ training
 
-# await_servers: bounded wait for every planned server's URL, then a health check of each.
+# await_servers: bounded wait for every planned server's URL, then a health check of each. SERVER_URLS is
+# the servers in this node's preference order from the role plan (TRAINER_SERVER_MAP: its own segment's
+# first); where each rank and worker starts in it is decided in Python (supply/server_pool.first_server).
 await_servers() {
   local -a ids files
   local id url
@@ -387,13 +376,8 @@ train() {
   total=$((machines * procs))
   trainer_rendezvous "$machines" "$rank"
 
-  # Each rank's sources start at server index (global rank * stride) % n (stride: DataLoader workers for
-  # vLLM streaming, 1 for the target server): rotate so this node's first rank starts at its preferred one.
-  local stride=1 workers="${STREAMING_NUM_WORKERS:-$JOB_NUM_WORKERS}" n_servers urls_for_train
-  [[ "$SERVE_ENGINE" == vllm && "$workers" -gt 1 ]] && stride="$workers"
-  n_servers="$(plan_count "$SERVER_URLS")"
-  urls_for_train="$(rdv_rotate_csv "$SERVER_URLS" $(((rank * procs * stride) % n_servers)))"
-  local -a overrides=("data.server_urls=[${urls_for_train}]" "data.shared_storage_root=${HS_DIR}" "${AUX_OVERRIDE[@]}")
+  local -a overrides=("data.server_urls=[${SERVER_URLS}]" "data.shared_storage_root=${HS_DIR}")
+  [[ -n "$JOB_LAYER_OVERRIDE" ]] && overrides+=("$JOB_LAYER_OVERRIDE")
   [[ "$SERVE_ENGINE" == target ]] && overrides+=("data.mode=remote")
   [[ -n "${STREAMING_NUM_WORKERS:-}" ]] && overrides+=("data.num_workers=${STREAMING_NUM_WORKERS}")
   local -a cmd
@@ -430,7 +414,7 @@ train() {
 
 # finish_head: the head trainer makes sure the export exists, then marks the job done.
 finish_head() {
-  local out="$JOB_OUTPUT_DIR" last
+  local out="$JOB_OUTPUT_DIR"
   if [[ "$TRAIN_ENTRY" != modelopt_ext.train ]]; then
     rdv_mark_done "$RDV_DIR"
     log "done: ${TRAIN_ENTRY} finished"
@@ -438,10 +422,9 @@ finish_head() {
   fi
   PHASE="export on node ${NODE_ID}"
   if [[ ! -f "$out/export/config.json" ]]; then
-    last="$(find "$out" -maxdepth 1 -type d -name 'epoch_*_step_*' -printf '%f\n' | sort -t_ -k4,4n | tail -n 1)"
-    [[ -n "$last" ]] || fail "training finished but ${out} has no checkpoint to export"
-    last="${out}/${last}"
-    "$PY" -m modelopt_ext.export --checkpoint "$last" --out "$out/export" || fail "export of ${last} failed"
+    # Python knows which checkpoint is the newest COMPLETE one (training/checkpoint.py).
+    "$PY" -m modelopt_ext.export --latest-in "$out" --out "$out/export" \
+      || fail "training finished but exporting the newest complete checkpoint in ${out} failed (see above)"
   fi
   rdv_mark_done "$RDV_DIR"
   report_server_restarts
@@ -504,8 +487,7 @@ main() {
     serve
     if [[ "$SINGLE_NODE" == 1 ]]; then
       train "$@"
-      proc_stop_group "$SERVER_PID" "$SERVER_STOP_GRACE_S"
-      SERVER_PID=""
+      stop_server
     else
       serve_until_finished
     fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Child processes of the node entry scripts: each long-running child (a server, a training launcher) runs
 # in its own process group, so stopping it stops everything it started (vLLM's engine, accelerate's ranks).
-# Source it after log.sh and rendezvous.sh; it defines functions only. Every wait is bounded.
+# Source it after log.sh, python.sh and rendezvous.sh; it defines functions only. Every wait is bounded.
 
 # proc_start_group LOGFILE CMD...: start CMD in the background in a new process group (setsid), stdout and
 # stderr appended to LOGFILE (or inherited when LOGFILE is "-"). Sets PROC_PID (= the group id).
@@ -149,13 +149,42 @@ proc_watch() {
   PROC_WATCH_PID=$!
 }
 
+# proc_wait_healthy PID URL TIMEOUT_S WHAT: bounded wait until URL answers HTTP 2xx while PID (the server
+# we started, named WHAT in messages) lives. Returns 0 once it answers; else 1 with the reason in
+# PROC_WAIT_ERR: WHAT exited (its code in PROC_RC), the job ended (RDV_DIR's done or failed marker), or
+# TIMEOUT_S passed. Poll period: RDV_POLL_S (default 1 s).
+# shellcheck disable=SC2034 # PROC_WAIT_ERR is read by the caller
+proc_wait_healthy() {
+  local pid="$1" url="$2" timeout="$3" what="$4" deadline
+  deadline=$((SECONDS + timeout))
+  PROC_WAIT_ERR=""
+  until rdv_http_ok "$url"; do
+    if ! proc_alive "$pid"; then
+      proc_wait_exit "$pid"
+      PROC_WAIT_ERR="${what} exited with code ${PROC_RC} before answering ${url}"
+      return 1
+    fi
+    if [[ -n "${RDV_DIR:-}" ]] && rdv_finished "$RDV_DIR"; then
+      local reason
+      reason="$(rdv_failure_reason "$RDV_DIR")"
+      PROC_WAIT_ERR="the job ended (${reason:-done}) while waiting for ${what} to answer ${url}"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      PROC_WAIT_ERR="${what} did not answer ${url} within ${timeout}s"
+      return 1
+    fi
+    sleep "${RDV_POLL_S:-1}"
+  done
+}
+
 # proc_port_free PORT: true when nothing on this host listens on TCP PORT.
 proc_port_free() {
   local port="$1"
   ! (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null
 }
 
-# proc_free_port: print a TCP port nothing listens on (asks the kernel through python3).
+# proc_free_port: print a TCP port nothing listens on (asks the kernel, through py_stdlib).
 proc_free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()'
+  py_stdlib 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()'
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one place a node script picks the Python that runs the project. Source it; it defines functions only.
+# The one place a node script picks a Python: the one that runs the project (py_project), and the one for the
+# few standard-library snippets the shell library needs (py_stdlib). Source it; it defines functions only.
 # Needs MODELOPT_REPO (the launcher exports it) or the caller's REPO argument.
 #
 # Knobs: MODELOPT_PYTHON (the candidate: a path or a command name; for container tasks the launcher sets
@@ -41,4 +42,13 @@ py_project() {
   }
   # Empty: the candidate has everything; keep it exactly as named (a wrapper or symlink stays itself).
   export MODELOPT_PYTHON="${chosen:-$py}" MODELOPT_PYTHON_READY=1
+}
+
+# py_stdlib CODE [ARGS...]: run a standard-library-only Python snippet (what bash cannot do by itself: ask the
+# kernel for a free port, an HTTP check where there is no curl) with the interpreter py_candidate picks,
+# i.e. the project's once py_project chose it.
+py_stdlib() {
+  local py
+  py="$(py_candidate "${MODELOPT_REPO:-}")" || return 2
+  "$py" -c "$@"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rendezvous through files on shared storage: atomic publish, bounded waits, done/failed markers.
-# Source it; it defines functions only. Every wait is bounded and says what it waited for.
+# Source it after python.sh (rdv_http_ok may need py_stdlib); it defines functions only. Every wait is bounded
+# and says what it waited for.
 
 # rdv_publish FILE CONTENT: write CONTENT to FILE atomically (temp file in the same folder, then rename),
 # so a reader never sees a half-written address.
@@ -61,14 +62,14 @@ rdv_wait_files() {
   return "$rc"
 }
 
-# rdv_http_ok URL: true when URL answers HTTP 2xx within 5 s. curl when present, else python3 (minimal
-# images and chroots often have python3 but no curl).
+# rdv_http_ok URL: true when URL answers HTTP 2xx within 5 s. curl when present, else Python (py_stdlib:
+# minimal images and chroots often have python3 but no curl).
 rdv_http_ok() {
   local url="$1"
   if command -v curl >/dev/null 2>&1; then
     curl -fsS -o /dev/null --max-time 5 "$url" 2>/dev/null
   else
-    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$url" 2>/dev/null
+    py_stdlib 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$url" 2>/dev/null
   fi
 }
 
@@ -122,22 +123,6 @@ rdv_ordered_urls() {
   done
   local IFS=,
   printf '%s\n' "${urls[*]}"
-}
-
-# rdv_rotate_csv CSV K: CSV rotated right by K (its first item moves to index K mod length). A rank's
-# sources start at server index (global rank * per-rank stride) % n; rotating a trainer node's
-# preferred-first list by that index makes its first rank start at its preferred server.
-rdv_rotate_csv() {
-  local csv="$1" k="$2" n i
-  local -a items rotated
-  IFS=, read -r -a items <<<"$csv"
-  n=${#items[@]}
-  ((n > 0)) || return 0
-  for ((i = 0; i < n; i++)); do
-    rotated[(i + k) % n]="${items[i]}"
-  done
-  local IFS=,
-  printf '%s\n' "${rotated[*]}"
 }
 
 # rdv_mark_done DIR: tell every node the job finished successfully.

@@ -6,7 +6,8 @@
 #   modelopt_ext/bench/gpu_check.sh            # on a machine with an NVIDIA GPU
 #   modelopt_ext/bench/gpu_check.sh --cpu      # small CPU smoke run of every section
 #
-# Environment: PYTHON (interpreter, default python3), WHEELS (a folder of wheels to install offline into
+# Environment: PYTHON (interpreter; default: the one common/lib/python.sh picks: MODELOPT_PYTHON, else the
+# repo's .venv, else python3), WHEELS (a folder of wheels to install offline into
 # a private target folder first), OUT (write gpu_check.txt/.json and the logs there), GPU_CHECK_TIMEOUT
 # (seconds for the whole check, default 420). Decisions live in modelopt_ext/bench/gpu_check.py.
 set -euo pipefail
@@ -27,7 +28,9 @@ install_wheels() {
 main() {
     local root
     root="$(repo_root)"
-    PYTHON="${PYTHON:-python3}"
+    # shellcheck source=common/lib/python.sh
+    source "${root}/common/lib/python.sh"
+    PYTHON="$(MODELOPT_PYTHON="${PYTHON:-${MODELOPT_PYTHON:-}}" py_candidate "${root}")"
     export PYTHON
     local extra=""
     if [[ -n "${WHEELS:-}" ]]; then

@@ -4,7 +4,7 @@ Builds the tiny recipe's training parts once (colocated target, full draft vocab
 whole optimizer steps (target forward, TTT loss, backward, AdamW) on the same fixed batches for each
 variant, by the process's CPU time (one thread), the variants interleaved over `--rounds` (best round kept):
 
-    baseline        dense TTT attention, logits at every position (the trainer before issue 11)
+    baseline        dense TTT attention, logits at every position (the trainer before memory-linear TTT attention)
     +attention      memory-linear TTT attention (eagle.attention=auto)
     +sel. logits    and draft logits only at each step's valid positions (the trainer now)
 

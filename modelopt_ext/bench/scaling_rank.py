@@ -115,10 +115,11 @@ def run(cfg: dict[str, Any]) -> None:
             from functools import partial
 
             from modelopt_ext.data.dataset import collate_padded
+            from modelopt_ext.supply.server_pool import first_server
             from modelopt_ext.supply.target_server.source import RemoteTargetClient
 
             urls = cfg["urls"]
-            source = RemoteTargetClient(urls[env.rank % len(urls)], use_data_plane=False)
+            source = RemoteTargetClient(urls[first_server(len(urls), env.local_rank)], use_data_plane=False)
             dataset, collate = base, partial(collate_padded, pad_id=0)
         else:
             from functools import partial
@@ -142,7 +143,7 @@ def run(cfg: dict[str, Any]) -> None:
                 num_aux_layers=cfg["layers"] - 1,
                 hidden_size=cfg["hidden"],
                 num_workers=cfg["workers"],
-                rank=env.rank,
+                local_rank=env.local_rank,
                 options=options,
             )
             source, collate = StreamedSource(), partial(collate_streamed, pad_id=0)

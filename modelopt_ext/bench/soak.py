@@ -196,7 +196,7 @@ def soak_vllm(target: Path, seconds: float, clients: int, work: Path) -> SoakRow
         ]
         ds = VllmStreamingDataset(
             base, server_urls=[handle.url], shared_storage_root=root, num_aux_layers=len(ids) - 1,
-            hidden_size=hidden, rank=0,
+            hidden_size=hidden, local_rank=0,
         )  # fmt: skip
         counter = iter(range(10**9))
         lock = threading.Lock()

@@ -335,21 +335,11 @@ def _one_thread_env() -> dict:
 def _start_serve_target(
     target: Path, tmp: Path, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[subprocess.Popen, str]:
-    url_file = tmp / "serve_target.url"
-    with (tmp / "serve_target.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--host", LOOPBACK,
-             "--port", "0", "--device", device, "--dtype", dtype, "--url-file", str(url_file), "--threads", "1"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=_one_thread_env(),
-        )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not url_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            raise RuntimeError(f"serve_target did not start: {(tmp / 'serve_target.log').read_text()[-600:]}")
-        time.sleep(0.2)
-    return proc, url_file.read_text().strip()
+    from modelopt_ext.supply.target_server.process import start_serve_target
+
+    args = ["--target", str(target), "--host", LOOPBACK, "--port", "0", "--device", device, "--dtype", dtype,
+            "--threads", "1"]  # fmt: skip
+    return start_serve_target(args, tmp, env=_one_thread_env(), cwd=REPO)
 
 
 def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[dict]:

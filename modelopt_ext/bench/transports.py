@@ -36,20 +36,14 @@ def _tiny_random_target(out: Path) -> Path:
 
 
 def _start_server(target: Path, tmp: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    url_file = tmp / "url"
+    from modelopt_ext.supply.target_server.process import ServeTargetStartError, start_serve_target
+
     env = {**os.environ, "MODELOPT_EXT_NCCL_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelopt_ext.serve_target", "--target", str(target), "--port", "0",
-         "--device", "cpu", "--url-file", str(url_file), "--threads", str(threads)],
-        stdout=(tmp / "server.log").open("w"), stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not url_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"bench: serve_target did not start: {(tmp / 'server.log').read_text()[-1000:]}")
-        time.sleep(0.2)
-    return proc, url_file.read_text().strip()
+    args = ["--target", str(target), "--port", "0", "--device", "cpu", "--threads", str(threads)]
+    try:
+        return start_serve_target(args, tmp, env=env)
+    except ServeTargetStartError as e:
+        raise SystemExit(f"bench: {e}") from None
 
 
 def _time(fn, iters: int) -> float:

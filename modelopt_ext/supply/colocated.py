@@ -1,8 +1,8 @@
 """The colocated source: the target runs in the trainer process and yields `Supervision`.
 
-This is exactly the code the remote target server runs (issue 4): a pure, deterministic function of the
-target's weights and the batch, under no_grad. Aux states use vLLM's layer numbering (notes/vllm-hidden-
-states.md): id k < L is HF `hidden_states[k]` (the residual stream after k decoder layers, 0 = embeddings);
+This is exactly the code the remote target server runs (supply/target_server/handler.py): a pure,
+deterministic function of the target's weights and the batch, under no_grad. Aux states use vLLM's layer
+numbering (modelopt_ext/targets/layers.py): id k < L is HF `hidden_states[k]` (the residual stream after k decoder layers, 0 = embeddings);
 id L is the last decoder layer's output BEFORE the final norm. HF's `hidden_states[L]` is after the norm,
 so id L is captured with a forward pre-hook on the final norm instead.
 """
@@ -16,6 +16,7 @@ from torch import nn
 
 from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
+from modelopt_ext.telemetry.meter import IN_PROCESS
 
 
 def num_target_layers(model: nn.Module) -> int:
@@ -50,6 +51,8 @@ def forward_with_aux(
 
 class ColocatedSource:
     """Callable on a collated batch {input_ids, attention_mask, loss_mask} -> Supervision (target_logits)."""
+
+    telemetry_kind = IN_PROCESS  # the target's forward runs here: supply time
 
     def __init__(self, target_model: nn.Module, aux_layer_ids: list[int]):
         self.model = target_model.eval()

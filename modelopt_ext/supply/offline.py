@@ -41,6 +41,7 @@ from safetensors.torch import save as st_save
 from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.util.fileio import write_json_atomic
 from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.telemetry.meter import IN_PROCESS
 
 FORMAT = "modelopt_ext.offline/1"
 PLAN = "plan.json"
@@ -441,6 +442,9 @@ def collate_items(items: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> 
 class DumpedSource:
     """The trainer's `source` for dumped batches: re-labels the collated tensors as a `Supervision`."""
 
+    # Relabelling only (~0 s); reading the dump is the loader's data wait. The dump has no servers to count.
+    telemetry_kind = IN_PROCESS
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> Supervision:
         return Supervision(
             **{
@@ -555,7 +559,7 @@ def build_hybrid_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
         recipe.data,
         num_aux_layers=len(aux),
         hidden_size=plan["target"]["hidden_size"],
-        rank=env.rank,
+        local_rank=env.local_rank,
     )
     return _head_and_setup(
         recipe, env, HybridDataset(dataset, folder, plan, fetcher), pad_id, aux, "target_last_hidden"

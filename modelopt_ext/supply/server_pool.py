@@ -12,9 +12,8 @@ requests in flight from this rank (all its DataLoader workers together, counted 
 round-robin; `round_robin` takes the next server in rotation whatever its load. Plain round-robin gives every
 server the same number of requests, so one slow server (heterogeneous nodes, a busy or degraded one) holds
 back every worker that lands on it; counting what is in flight sends work where it gets done, and on equal
-servers it still spreads requests evenly. The round-robin cursor starts at a per-process offset
-(`rank * num_workers + worker_id`) so that the first requests of all processes spread over the servers instead
-of all hitting server 0. The choice never changes WHICH samples are fetched or their order (the dataset is
+servers it still spreads requests evenly. Where each process starts is decided by `first_server` (the one
+owner of "which server does rank r use first", for every client: vLLM streaming, serve_target, hybrid, dump). The choice never changes WHICH samples are fetched or their order (the dataset is
 map-style: item i depends only on i), so data order and exact resume do not depend on it. `acquire(avoid=...)` lets a sample that failed
 on a server go to another healthy one (failover) while that server is still formally in rotation.
 
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +41,30 @@ log = logging.getLogger(__name__)
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 LEAST_OUTSTANDING, ROUND_ROBIN = "least_outstanding", "round_robin"
 BALANCE_POLICIES = (LEAST_OUTSTANDING, ROUND_ROBIN)
+
+
+def local_rank_from_env() -> int:
+    """This process's rank on its node (LOCAL_RANK, as accelerate and torchrun set it; 0 for one process)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def first_server(num_servers: int, local_rank: int = 0, worker_id: int = 0, workers_per_rank: int = 1) -> int:
+    """The index in `data.server_urls` where one process of a trainer node starts.
+
+    `data.server_urls` is this node's preference order: the entry script passes the servers with the node's
+    preferred one (the same segment, from the launcher's role plan) first. Process `worker_id` of
+    `workers_per_rank` (DataLoader workers; 1 where the source runs in the rank itself) of local rank
+    `local_rank` starts at `(local_rank * workers_per_rank + worker_id) % num_servers`: the node's first
+    process starts at its preferred server and the node's other processes spread evenly over the rest, so
+    the first requests of a node do not all hit one server. Every client asks this function.
+    """
+    if num_servers < 1:
+        raise ValueError("no hidden-state server to start at (data.server_urls is empty)")
+    if local_rank < 0 or worker_id < 0 or workers_per_rank < 1 or worker_id >= workers_per_rank:
+        raise ValueError(
+            f"bad process position: local rank {local_rank}, worker {worker_id} of {workers_per_rank}"
+        )
+    return (local_rank * workers_per_rank + worker_id) % num_servers
 
 
 class NoHealthyServerError(RuntimeError):

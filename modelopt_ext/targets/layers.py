@@ -124,6 +124,14 @@ def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = Non
     return [*ids, num_layers]
 
 
+def check_capture_list(ids: Sequence[Any]) -> list[int]:
+    """The checks of capture ids that need no target: valid ids, at least one drafter id before L."""
+    ids = check_id_list(ids)
+    if len(ids) < 2:
+        raise ValueError(f"{ids}: needs the drafter's layer ids before the last id (the target's layer count L)")
+    return ids
+
+
 def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
     """Explicit capture ids (`--capture-ids`) valid for an L-layer target: the drafter's ids, then L itself.
 
@@ -136,12 +144,16 @@ def check_capture_ids(num_layers: int, ids: Sequence[int]) -> list[int]:
             f"{ids} must end with the target's layer count {num_layers} (the last layer, pre-final-norm), "
             "after the drafter's layer ids"
         )
-    if len(ids) < 2:
-        raise ValueError(f"{ids}: needs the drafter's layer ids before the last id {num_layers}")
+    check_capture_list(ids)
     try:
         return capture_layer_ids(num_layers, ids[:-1])
     except ValueError as e:
         raise ValueError(f"{ids}: {e}") from None
+
+
+def drafter_ids_of_capture(capture_ids: Sequence[int]) -> list[int]:
+    """The drafter's layer ids within a server's capture ids (those minus the trailing L)."""
+    return list(capture_ids[:-1])
 
 
 def parse_capture_ids(text: str) -> list[int]:

@@ -39,19 +39,22 @@ _RUN_FIELDS = ("wall_s", "wait_s", "startup_s", "supply_s", "sync_s", "sup_bytes
 
 # How a source's call counts: 'remote' (network fetch: data wait), 'in_process' (target forward here: supply),
 # 'prefetched' (the dataset fetched already; the call only relabels tensors: counted as data wait, ~0).
+# Each source says which with a `telemetry_kind` attribute (a remote source also has `url`, the server of its
+# last call; a prefetched one's dataset has `server_stats()`).
 REMOTE, IN_PROCESS, PREFETCHED = "remote", "in_process", "prefetched"
+KINDS = (REMOTE, IN_PROCESS, PREFETCHED)
 
 
-def classify_source(source: Any, dataset: Any) -> str:
-    """How the trainer's time in `source(batch)` counts; a source may say so itself with `telemetry_kind`."""
-    kind = getattr(source, "telemetry_kind", None)
-    if kind in (REMOTE, IN_PROCESS, PREFETCHED):
-        return kind
-    if callable(getattr(dataset, "server_stats", None)):
-        return PREFETCHED
-    if isinstance(getattr(source, "url", None), str):
-        return REMOTE
-    return IN_PROCESS
+def classify_source(source: Any) -> str:
+    """How the trainer's time in `source(batch)` counts: the source's own `telemetry_kind`.
+
+    A source that declares none (a plain callable, e.g. a test's) runs in this process: in_process. A
+    declared kind outside KINDS is a programming error and raises ValueError naming it.
+    """
+    kind = getattr(source, "telemetry_kind", IN_PROCESS)
+    if kind not in KINDS:
+        raise ValueError(f"{type(source).__name__}.telemetry_kind = {kind!r}; expected one of {list(KINDS)}")
+    return kind
 
 
 @dataclass
@@ -205,7 +208,7 @@ class TrainMeter:
         `server_urls` (the recipe's) name the servers of a remote source: the same list on every rank, so the
         per-server vectors line up in the all-reduce.
         """
-        kind = classify_source(parts.source, parts.dataset)
+        kind = classify_source(parts.source)
         ds = parts.dataset
         if kind == PREFETCHED:
             return cls(

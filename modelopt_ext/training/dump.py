@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from modelopt_ext.supply import offline as od
+from modelopt_ext.supply.server_pool import local_rank_from_env
 
 
 @dataclass
@@ -112,7 +113,7 @@ def streaming_producer(recipe: Any, dataset: Any, rank: int) -> tuple[Producer, 
         recipe.data,
         num_aux_layers=len(aux),
         hidden_size=od.target_identity(recipe.model.path)["hidden_size"],
-        rank=rank,
+        local_rank=local_rank_from_env(),
     )
 
     def produce(indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
@@ -133,9 +134,8 @@ def remote_producer(
     from modelopt_ext.data.dataset import collate_padded
     from modelopt_ext.supply.target_server.source import build_remote_source
 
-    setup = build_remote_source(
-        recipe, SimpleNamespace(rank=rank, device=torch.device("cpu")), dataset, pad_id, vocab
-    )
+    env = SimpleNamespace(rank=rank, local_rank=local_rank_from_env(), device=torch.device("cpu"))
+    setup = build_remote_source(recipe, env, dataset, pad_id, vocab)
 
     def produce(indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         out = []

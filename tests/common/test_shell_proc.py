@@ -19,7 +19,7 @@ ENTRY = REPO / "common" / "eagle3" / "train_eagle_streaming.sh"
 
 def bash(snippet: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `snippet` in bash with the whole library sourced and strict mode on."""
-    libs = "".join(f"source {LIB}/{n}.sh\n" for n in ("log", "rendezvous", "plan", "proc"))
+    libs = "".join(f"source {LIB}/{n}.sh\n" for n in ("log", "python", "rendezvous", "plan", "proc"))
     full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
     full_env.update(env or {})
     return subprocess.run(
@@ -71,21 +71,6 @@ def test_ordered_urls_put_the_preferred_server_first(tmp_path):
     ]
     r = bash(f'rdv_ordered_urls "{tmp_path}" 0 0 6')
     assert r.returncode != 0 and f"{tmp_path}/server.6" in r.stderr
-
-
-@pytest.mark.parametrize(
-    "csv,k,expected",
-    [
-        ("a,b,c", 0, "a,b,c"),
-        ("a,b,c", 1, "c,a,b"),
-        ("a,b,c", 5, "b,c,a"),
-        ("s2,s0", 1, "s0,s2"),
-        ("x", 3, "x"),
-    ],
-)
-def test_rotate_puts_the_first_item_at_index_k(csv, k, expected):
-    r = bash(f"rdv_rotate_csv {csv} {k}")
-    assert r.stdout.strip() == expected, r.stderr
 
 
 @pytest.fixture()
@@ -196,6 +181,35 @@ def test_port_checks():
     assert r.stdout.split() == ["free"], r.stderr
 
 
+def test_wait_healthy_returns_once_the_server_answers(http_url):
+    r = bash(f'proc_start_group - sleep 30; proc_wait_healthy "$PROC_PID" "{http_url}/" 20 "the server" '
+             f'&& echo healthy; proc_stop_group "$PROC_PID" 1')  # fmt: skip
+    assert r.stdout.split() == ["healthy"], r.stderr
+
+
+def test_wait_healthy_stops_at_once_when_the_server_died():
+    start = time.monotonic()
+    r = bash('proc_start_group - bash -c "exit 3"; '
+             'proc_wait_healthy "$PROC_PID" "http://127.0.0.1:9/" 60 "the test server" || echo "$PROC_WAIT_ERR"',
+             {"RDV_POLL_S": "0.1"})  # fmt: skip
+    assert r.stdout.strip() == "the test server exited with code 3 before answering http://127.0.0.1:9/", r.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_wait_healthy_is_bounded_and_says_what_it_waited_for():
+    r = bash('proc_start_group - sleep 30; '
+             'proc_wait_healthy "$PROC_PID" "http://127.0.0.1:9/health" 1 "vLLM" || echo "$PROC_WAIT_ERR"; '
+             'proc_stop_group "$PROC_PID" 1', {"RDV_POLL_S": "0.1"})  # fmt: skip
+    assert r.stdout.strip() == "vLLM did not answer http://127.0.0.1:9/health within 1s", r.stderr
+
+
+def test_wait_healthy_gives_up_when_the_job_failed(tmp_path):
+    r = bash(f'RDV_DIR="{tmp_path}"; rdv_mark_failed "$RDV_DIR" "trainer died"; proc_start_group - sleep 30; '
+             'proc_wait_healthy "$PROC_PID" "http://127.0.0.1:9/" 60 "vLLM" || echo "$PROC_WAIT_ERR"; '
+             'proc_stop_group "$PROC_PID" 1', {"RDV_POLL_S": "0.1"})  # fmt: skip
+    assert "the job ended (node 0: trainer died) while waiting for vLLM" in r.stdout, r.stderr
+
+
 # ------------------------------------------------------------------------------------------ entry script
 
 
@@ -246,7 +260,25 @@ def test_entry_bad_recipe_marks_the_job_failed(tmp_path):
     assert r.returncode != 0
     assert "training.lr" in r.stderr
     reason = (tmp_path / "rendezvous" / "7" / "failed").read_text()
-    assert reason.startswith("node 1: the recipe or its overrides are invalid")
+    assert reason.startswith("node 1: the recipe, its overrides or EAGLE_CAPTURE_IDS are invalid")
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        ("[1,2,3]", "must end with the target's layer count 4"),
+        ("4", "needs the drafter's layer ids before the last id"),
+        ("1,9,4", "layer ids [9] outside [0, 4]"),
+        ("1,x", "expected comma-separated integers"),
+    ],
+)
+def test_entry_capture_ids_are_checked_by_python_not_bash(tmp_path, ids, message):
+    # The script forwards EAGLE_CAPTURE_IDS to job_info (targets/layers decides); its line reaches the log.
+    r = _entry(["--config", "recipes/eagle3/tiny.yaml"], tmp_path, EAGLE_CAPTURE_IDS=ids)
+    assert r.returncode != 0
+    assert f"error: --capture-ids '{ids}': " in r.stderr and message in r.stderr, r.stderr
+    reason = (tmp_path / "rendezvous" / "7" / "failed").read_text()
+    assert "EAGLE_CAPTURE_IDS are invalid" in reason
 
 
 def test_entry_trainer_stops_when_another_node_failed(tmp_path):

@@ -184,3 +184,13 @@ def test_key_problem_names_the_unknown_part_and_the_closest_key():
     )
     assert recipe_key_problem("eagle.ttt_steps") is None and recipe_key_problem("drafter") is None
     assert recipe_key_problem("eagle.ttt_step").startswith("unknown key (did you mean 'eagle.ttt_steps'?); allowed under eagle:")
+
+
+def test_settings_nobody_reads_are_refused_not_ignored():
+    # eagle.num_layers was once accepted and never read (the head is one decoder layer); a key nothing
+    # reads must be an error naming it, never silently dropped.
+    found = problems({"model": {"path": "m"}, "data": {"path": "d"}, "eagle": {"num_layers": 2}})
+    assert (
+        "eagle.num_layers: unknown key; allowed keys: attention, draft_vocab_size, freeze_embeddings, "
+        "step_loss_decay, ttt_steps"
+    ) in found

@@ -248,9 +248,12 @@ def test_segment_plan_and_rendezvous_on_2411(slurm_cluster_2411, tmp_path, monke
     # Each trainer lists the server of its own segment first.
     assert f"[node 1] servers (preferred first): {urls[0]},{urls[2]}" in log
     assert f"[node 3] servers (preferred first): {urls[2]},{urls[0]}" in log
-    # Rank r talks to server_urls[r % n]: both trainers pass the list rotated so that index = own rank
-    # lands on the server of their own segment.
-    assert log.count(f"data.server_urls=[{urls[0]},{urls[2]}]") == 2, log[-6000:]
+    # Each trainer passes its preference order as it is; Python (server_pool.first_server) starts each
+    # node's first rank at the first URL, so both ranks use the server of their own segment.
+    assert log.count(f"data.server_urls=[{urls[0]},{urls[2]}]") == 1, log[-6000:]
+    assert log.count(f"data.server_urls=[{urls[2]},{urls[0]}]") == 1, log[-6000:]
+    assert f"data: rank 0 (local rank 0) prefers serve_target {urls[0]} (data.server_urls[0] of 2)" in log
+    assert f"data: rank 1 (local rank 0) prefers serve_target {urls[2]} (data.server_urls[0] of 2)" in log
     assert "trainer 0/2" in log and "trainer 1/2" in log
     assert (out / "export" / "config.json").is_file() and (rdv / "done").is_file()
 

@@ -40,7 +40,7 @@ def make_checkpoint(output_dir, draft_vocab: int = DRAFT_VOCAB, seed: int = 0):
         vocab=vocab,
         optimizer_state={},
         scheduler_state={},
-        trainer_state={"epoch": 0, "global_step": 7},
+        trainer_state={"epoch": 0, "global_step": 7, "data_position": 0, "world_size": 1},
         recipe={"model": {"path": "outputs/tiny/target"}},
     )
     return save_checkpoint(output_dir, 0, 7, DistEnv(), content), model

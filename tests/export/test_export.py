@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -179,6 +180,31 @@ def test_cli_prints_a_summary(checkpoint, tmp_path, capsys):
     assert export_cli.main(["--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "e")]) == 0
     assert "LlamaForCausalLMEagle3" in capsys.readouterr().out
     assert export_mod.check_export(tmp_path / "e")["num_hidden_layers"] == 1
+
+
+def test_cli_latest_in_exports_the_newest_complete_checkpoint(checkpoint, tmp_path, capsys):
+    # step 7 complete, step 12 complete (a copy), step 20 newest by name but incomplete (no trainer state):
+    # the entry script's fallback export must take step 12, never the half-written step 20.
+    run = checkpoint[0].parent
+    shutil.copytree(checkpoint[0], run / "epoch_0_step_12")
+    shutil.copytree(checkpoint[0], run / "epoch_1_step_20")
+    (run / "epoch_1_step_20" / "trainer_state.json").unlink()
+    assert export_cli.main(["--latest-in", str(run), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert f"export: newest complete checkpoint in {run}: epoch_0_step_12\n" in out
+    assert export_mod.check_export(tmp_path / "e")["num_hidden_layers"] == 1
+
+
+def test_cli_latest_in_without_a_complete_checkpoint_is_one_line(checkpoint, tmp_path, capsys):
+    run = checkpoint[0].parent
+    (run / checkpoint[0].name / "trainer_state.json").unlink()
+    assert export_cli.main(["--latest-in", str(run), "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run}: no complete checkpoint to export (1 incomplete checkpoint folder(s))\n"
+    )
+    assert export_cli.main(["--latest-in", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
+    assert "no complete checkpoint to export (no epoch_E_step_S folder)" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 def test_exporting_an_export_or_a_model_folder_says_it_is_not_a_checkpoint(checkpoint, tmp_path, capsys):

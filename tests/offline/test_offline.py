@@ -3,7 +3,7 @@ one-line refusals of bad input (corrupt / truncated shards, folders that are not
 something else, a disk too small or full), sharding over ranks, and hybrid mode (first epoch fills the dump).
 
 All on a real (small) Llama target in this process; hybrid mode streams from the loopback fake vLLM server
-(the real request / file contract; the real-vLLM path is tests/offline/test_offline_vllm.py).
+(the real request / file contract; a dump from a real vLLM server: tests/e2e/test_offline_example.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from modelopt_ext.job_info import job_info
+from modelopt_ext.job_info import CaptureIdsError, job_info
 from modelopt_ext.job_summary import main as summary_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,32 @@ def test_job_info_resolves_defaults_and_overrides(recipe):
     assert info["JOB_AUX_IDS"] == "2,16,29" and info["JOB_CAPTURE_IDS"] == "2,16,29,32"
     assert info["JOB_OUTPUT_DIR"] == "out dir/x" and info["JOB_MAX_LENGTH"] == "512"
     info = job_info(str(path), ["model.aux_layer_ids=[1,5,9]"])
-    assert info["JOB_CAPTURE_IDS"] == "1,5,9,32"
+    assert info["JOB_CAPTURE_IDS"] == "1,5,9,32" and info["JOB_LAYER_OVERRIDE"] == ""
+
+
+@pytest.mark.parametrize("text", ["[3, 7, 32]", "3,7,32"])
+def test_job_info_capture_ids_become_the_trainers_layers(recipe, text):
+    # The servers capture what the entry script was told (EAGLE_CAPTURE_IDS); the trainers read the same.
+    path, _ = recipe
+    info = job_info(str(path), [], capture_ids=text)
+    assert info["JOB_CAPTURE_IDS"] == "3,7,32" and info["JOB_AUX_IDS"] == "3,7"
+    assert info["JOB_LAYER_OVERRIDE"] == "model.aux_layer_ids=[3,7]"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("3,7,31", "must end with the target's layer count 32"),
+        ("32", "needs the drafter's layer ids before the last id"),
+        ("3,40,32", "outside [0, 32]"),
+        ("3,3,32", "must be distinct"),
+        ("3,,x", "expected comma-separated integers"),
+    ],
+)
+def test_job_info_refuses_capture_ids_that_do_not_fit_the_target(recipe, text, message):
+    path, _ = recipe
+    with pytest.raises(CaptureIdsError, match=f"^--capture-ids '{re.escape(text)}': .*{re.escape(message)}"):
+        job_info(str(path), [], capture_ids=text)
 
 
 def test_job_info_cli_prints_shell_safe_assignments(recipe):
@@ -73,12 +99,23 @@ def test_job_info_cli_bad_override_is_one_line(recipe):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "training.lr" in r.stderr
 
 
+def _complete_checkpoint_files(folder: Path, step: int) -> None:
+    from modelopt_ext.training.checkpoint import REQUIRED_FILES, STATE_FILE, rng_file
+
+    folder.mkdir(parents=True)
+    for name in (*REQUIRED_FILES, rng_file(0)):
+        (folder / name).write_text("")
+    state = {"epoch": 0, "global_step": step, "data_position": 0, "world_size": 1}
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
 def test_summary(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "export").mkdir(parents=True)
     (out / "export" / "config.json").write_text("{}")
-    (out / "epoch_0_step_80").mkdir()
-    (out / "epoch_0_step_40").mkdir()
+    for step in (40, 80):  # complete as far as the checkpoint validator looks (names and fields)
+        _complete_checkpoint_files(out / f"epoch_0_step_{step}", step)
+    (out / "epoch_0_step_120").mkdir()  # a newer one the trainer never finished: not the "last" one
     rec = {
         "step": 80,
         "loss": 6.5,

@@ -16,6 +16,8 @@ from modelopt_ext.supply.server_pool import (
     NoHealthyServerError,
     ServerPool,
     SharedServerStats,
+    first_server,
+    local_rank_from_env,
 )
 
 URLS = ["http://a", "http://b", "http://c"]
@@ -54,12 +56,52 @@ def test_round_robin_starts_at_offset_and_cycles():
 
 
 def test_rank_worker_offsets_spread_first_requests_evenly():
-    # 2 ranks x 2 workers over 4 servers: every process's first request goes to a different server.
+    # 2 local ranks x 2 workers over 4 servers: every process's first request goes to a different server.
     urls = [f"http://s{i}" for i in range(4)]
     firsts = [
-        ServerPool(urls, start_offset=rank * 2 + worker).acquire() for rank in range(2) for worker in range(2)
+        ServerPool(urls, start_offset=first_server(4, rank, worker, 2)).acquire()
+        for rank in range(2)
+        for worker in range(2)
     ]
     assert sorted(firsts) == urls
+
+
+@pytest.mark.parametrize(
+    "n,local_rank,worker,workers,expected",
+    [
+        (2, 0, 0, 1, 0),  # a node's first rank starts at its preferred server (the list's first URL)
+        (2, 1, 0, 1, 1),
+        (2, 2, 0, 1, 0),
+        (3, 1, 1, 2, 0),  # (1 * 2 + 1) % 3
+        (4, 1, 0, 2, 2),
+        (1, 7, 3, 4, 0),
+    ],
+)
+def test_first_server_is_local_rank_times_workers_plus_worker(n, local_rank, worker, workers, expected):
+    assert first_server(n, local_rank, worker, workers) == expected
+
+
+def test_first_server_every_process_of_a_node_spreads_from_the_preferred_one():
+    # 2 servers, 4 ranks x 3 workers: the node's first process takes server 0 (its preferred one) and the
+    # 12 processes split 6/6, whatever the list is (it is the node's own preference order).
+    starts = [first_server(2, r, w, 3) for r in range(4) for w in range(3)]
+    assert starts[0] == 0 and starts.count(0) == starts.count(1) == 6
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [((0, 0), "data.server_urls is empty"), ((2, -1), "local rank -1"), ((2, 0, 2, 2), "worker 2 of 2")],
+)
+def test_first_server_refuses_impossible_positions(args, message):
+    with pytest.raises(ValueError, match=message):
+        first_server(*args)
+
+
+def test_local_rank_comes_from_the_launchers_environment(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_rank_from_env() == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_rank_from_env() == 3
 
 
 def test_breaker_opens_after_threshold_and_skips_server():

@@ -298,7 +298,7 @@ def test_bearer_token(root, servers, tmp_path):
 def test_each_rank_fetches_only_its_shard(root, servers):
     s = servers(root)
     base = conversations(10)
-    ds = dataset(base, [s.url], root, rank=1)
+    ds = dataset(base, [s.url], root, local_rank=1)
     sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)
     got = [
         int(sup.input_ids[0, 0]) - 100
@@ -308,12 +308,13 @@ def test_each_rank_fetches_only_its_shard(root, servers):
     assert sorted(p[0] - 100 for p in s.served) == sorted(sampler)  # nothing outside the shard was requested
 
 
-def test_workers_start_round_robin_at_rank_times_workers_plus_worker_id(root, servers):
-    # Rank 1 with 2 DataLoader workers over 4 servers: worker w starts at server (1 * 2 + w) % 4, then cycles.
+def test_workers_start_round_robin_where_first_server_puts_them(root, servers):
+    # Local rank 1 with 2 DataLoader workers over 4 servers: worker w starts at server (1 * 2 + w) % 4
+    # (server_pool.first_server), then cycles.
     srv = [servers(root) for _ in range(4)]
     base = conversations(8)
     rr = dataclasses.replace(FAST, balance="round_robin")
-    ds = dataset(base, [s.url for s in srv], root, rank=1, num_workers=2, options=rr)
+    ds = dataset(base, [s.url for s in srv], root, local_rank=1, num_workers=2, options=rr)
     list(DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_supervision))
     where = {p[0] - 100: k for k, s in enumerate(srv) for p in s.served}
     # Worker i % 2 fetches index i as its (i // 2)-th request.

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from modelopt_ext.supply.target_server.process import ServeTargetStartError, start_serve_target
 from modelopt_ext.supply.target_server.source import RemoteTargetClient, RemoteTargetError
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
@@ -37,42 +38,12 @@ class Served:
     """A serve_target process started for a test; stopped (SIGTERM, then SIGKILL) at the end."""
 
     def __init__(self, model_dir: Path, tmp: Path, *extra: str):
-        self.url_file = tmp / "url"
         self.log = tmp / "serve_target.log"
         env = {**os.environ, "MODELOPT_EXT_NCCL_PORT": "0"}
         # Same CPU thread count as this process: reductions then split the same way (bit-for-bit parity).
-        self.proc = subprocess.Popen(
-            _cmd(
-                "--target",
-                str(model_dir),
-                "--port",
-                "0",
-                "--aux-layer-ids",
-                ",".join(map(str, AUX)),
-                "--device",
-                "cpu",
-                "--url-file",
-                str(self.url_file),
-                "--threads",
-                str(torch.get_num_threads()),
-                *extra,
-            ),
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-        deadline = time.monotonic() + 120
-        while not self.url_file.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"serve_target exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("serve_target did not publish its URL within 120 s")
-            time.sleep(0.1)
-        self.url = self.url_file.read_text().strip()
+        args = ["--target", str(model_dir), "--port", "0", "--aux-layer-ids", ",".join(map(str, AUX)),
+                "--device", "cpu", "--threads", str(torch.get_num_threads()), *extra]  # fmt: skip
+        self.proc, self.url = start_serve_target(args, tmp, timeout_s=120, env=env, cwd=REPO)
 
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -208,3 +179,14 @@ def test_bad_aux_layer_ids_exit_2(tiny_model_dir):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "serve_target: --aux-layer-ids: layer ids [99] outside [0, 4] for a 4-layer target (vLLM numbering)"
     )
+
+
+def test_a_server_that_cannot_start_is_one_error_naming_its_log(tmp_path):
+    """start_serve_target (the one way benchmarks and tests start serve_target) does not wait out its
+    timeout for a server that already exited, and names the reason and the log."""
+    t0 = time.monotonic()
+    with pytest.raises(ServeTargetStartError) as e:
+        start_serve_target(["--target", str(tmp_path / "no-such-model")], tmp_path / "w", timeout_s=120)
+    first, _, tail = str(e.value).partition("\n")
+    assert first == f"serve_target exited with code 2 before serving (log {tmp_path / 'w' / 'serve_target.log'})"
+    assert "--target" in tail and time.monotonic() - t0 < 60

@@ -29,7 +29,9 @@ def test_remote_source_matches_colocated_targets_bit_for_bit(
 ):
     vocab = DraftVocab.from_selected_ids(torch.arange(0, VOCAB, 3), VOCAB)
     recipe = _recipe(tiny_model_dir, ["http://127.0.0.1:9", server.url], tmp_path)
-    setup = build_remote_source(recipe, DistEnv(rank=1), ["conversations"], pad_id=0, vocab=vocab)
+    # Local rank 1 of its node starts at data.server_urls[1] (server_pool.first_server): the live server.
+    env = DistEnv(rank=3, local_rank=1)
+    setup = build_remote_source(recipe, env, ["conversations"], pad_id=0, vocab=vocab)
     assert setup.aux_layer_ids == AUX and setup.head is None and setup.dataset == ["conversations"]
     assert torch.equal(setup.target_embeddings, tiny_model.get_input_embeddings().weight)
     batch = make_batch()
@@ -52,40 +54,11 @@ def test_remote_source_refuses_a_server_with_other_aux_layers(server, tiny_model
 
 def _serve_target(model_dir, tmp_path, name, port=0):
     """serve_target as its own process (what a serve node runs); returns (process, url)."""
-    import subprocess
-    import sys
-    import time
+    from modelopt_ext.supply.target_server.process import start_serve_target
 
-    url_file = tmp_path / f"{name}.url"
-    url_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modelopt_ext.serve_target",
-            "--target",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--aux-layer-ids",
-            ",".join(map(str, AUX)),
-            "--dtype",
-            "float32",
-            "--device",
-            "cpu",
-            "--url-file",
-            str(url_file),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not url_file.is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, f"serve_target {name} did not start"
-        time.sleep(0.1)
-    return proc, url_file.read_text().strip()
+    args = ["--target", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--aux-layer-ids", ",".join(map(str, AUX)), "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    return start_serve_target(args, tmp_path, timeout_s=120, name=name)
 
 
 @pytest.mark.e2e

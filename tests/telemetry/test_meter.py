@@ -132,6 +132,7 @@ def test_remote_source_is_timed_per_server():
     clock = Clock()
 
     class Remote:
+        telemetry_kind = REMOTE
         url = "http://b:1/"
 
         def __call__(self, batch):
@@ -139,7 +140,12 @@ def test_remote_source_is_timed_per_server():
             return _sup(batch)
 
     src = Remote()
-    assert classify_source(src, []) == REMOTE
+    assert classify_source(src) == REMOTE
+    assert classify_source(lambda batch: batch) == IN_PROCESS  # declares nothing: runs here
+    Remote.telemetry_kind = "network"
+    with pytest.raises(ValueError, match=r"Remote.telemetry_kind = 'network'; expected one of"):
+        classify_source(src)
+    Remote.telemetry_kind = REMOTE
     m = TrainMeter(kind=REMOTE, urls=["http://a:1", "http://b:1"], clock=clock)
     src.url = "http://b:1"
     m.start()

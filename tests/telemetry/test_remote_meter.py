@@ -21,7 +21,7 @@ def test_remote_client_is_metered_per_server():
     server.start_in_thread()
     try:
         with RemoteTargetClient(server.url, use_data_plane=False) as client:
-            assert classify_source(client, []) == REMOTE
+            assert classify_source(client) == REMOTE
             meter = TrainMeter(kind=REMOTE, urls=["http://other:1", server.url + "/"])
             meter.start()
             batch = {

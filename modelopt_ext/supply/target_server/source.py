@@ -32,6 +32,7 @@ from modelopt_ext.supply.target_server.auth import read_token_file
 from modelopt_ext.supply.target_server.data_plane import ClientSession, DataPlaneError, data_plane_enabled
 from modelopt_ext.supply.target_server.wire import CONTENT_TYPE as WIRE_TYPE
 from modelopt_ext.supply.target_server.wire import WireFormatError, decode, encode
+from modelopt_ext.telemetry.meter import REMOTE
 
 log = logging.getLogger("modelopt_ext.supply.target_server.source")
 
@@ -86,6 +87,8 @@ class TargetMismatch(RemoteTargetError):
 
 class RemoteTargetClient:
     """A supervision source backed by a serve_target server (callable on a collated batch, like ColocatedSource)."""
+
+    telemetry_kind = REMOTE  # a network fetch per batch: data wait, counted for `url`
 
     def __init__(
         self,
@@ -343,7 +346,7 @@ class FailoverRemoteSource:
     after re-preparing every server is the batch's or the setup's fault: raised as RemoteTargetError.
     """
 
-    telemetry_kind = "remote"
+    telemetry_kind = REMOTE
 
     def __init__(
         self,
@@ -351,7 +354,7 @@ class FailoverRemoteSource:
         make_client: Callable[[str], RemoteTargetClient],
         prepare: Callable[[RemoteTargetClient], None],
         *,
-        preferred: int = 0,
+        preferred: int = 0,  # index of this rank's own server in `urls` (server_pool.first_server)
         policy: Any = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
@@ -447,8 +450,9 @@ class FailoverRemoteSource:
 def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab: Any = None) -> Any:
     """The trainer's `SourceSetup` for `data.mode: remote` (serve_target; see supply/sources.py).
 
-    Rank r prefers `data.server_urls[r % n]` (ranks spread evenly over the servers) and fails over to the
-    others (FailoverRemoteSource). Each server's model_info is checked against the recipe's target config and
+    The rank prefers the server `server_pool.first_server` picks (`data.server_urls` is the node's preference
+    order: the node's first rank takes the first URL, its other ranks spread over the rest) and fails over to
+    the others (FailoverRemoteSource). Each server's model_info is checked against the recipe's target config and
     aux layer ids before it gets a batch; with a draft vocab the server ships `target_probs` over it (Vd/V of
     the logits' bytes, same values `resolve_target` would compute), so no TargetHead is needed. The drafter's
     embeddings are seeded from the preferred server's.
@@ -491,11 +495,16 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
         if vocab is not None:
             client.set_vocab_mapping(torch.as_tensor(vocab.selected_ids), torch.as_tensor(vocab.t2d))
 
-    from modelopt_ext.supply.server_pool import BreakerPolicy
+    from modelopt_ext.supply.server_pool import BreakerPolicy, first_server
 
     policy = BreakerPolicy(all_down_timeout_s=data.server_grace_s)
-    source = FailoverRemoteSource(
-        list(data.server_urls), make_client, prepare, preferred=env.rank, policy=policy
+    urls = list(data.server_urls)
+    start = first_server(len(urls), env.local_rank)
+    source = FailoverRemoteSource(urls, make_client, prepare, preferred=start, policy=policy)
+    print(
+        f"data: rank {env.rank} (local rank {env.local_rank}) prefers serve_target {source.preferred} "
+        f"(data.server_urls[{start}] of {len(urls)})",
+        flush=True,
     )
     # The preferred server must be there at start (the entry script waited for every server's health).
     first = source.client(source.preferred)

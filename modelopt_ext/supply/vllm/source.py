@@ -1,7 +1,7 @@
 """Streaming supervision from vLLM hidden-state servers: a map-style dataset over tokenized conversations.
 
 Each item is fetched from a vLLM server started with `extract_hidden_states` + a hidden-state connector
-(see docs/streaming.md and ../shared/notes/vllm-hidden-states.md):
+(see docs/streaming.md and docs/vllm.md):
 
     POST <server>/v1/completions {"model", "prompt": [token ids], "max_tokens": 1, "temperature": 0}
     -> {"kv_transfer_params": {"hidden_states_path": "<shared root>/<req>.safetensors"}, ...}
@@ -17,7 +17,7 @@ Map-style on purpose: with a DistributedSampler every rank reads only its shard,
 concurrency, and resuming is the sampler's position (an item depends only on its index). Per process (the
 main process or a DataLoader worker) there is one HTTP client, created lazily after fork, and one
 `ServerPool`: each request goes to the healthy server with the fewest requests in flight from this rank's
-workers (ties round-robin from `rank * num_workers + worker_id`; `StreamingOptions.balance`).
+workers (ties round-robin from where `server_pool.first_server` starts this process; `StreamingOptions.balance`).
 
 Faults: transient errors (connection refused/reset, timeouts, 5xx, 429, a file not yet complete) are retried
 with exponential backoff, on another healthy server when there is one; a server failing repeatedly leaves the
@@ -49,10 +49,13 @@ from modelopt_ext.supply.server_pool import (
     NoHealthyServerError,
     ServerPool,
     SharedServerStats,
+    first_server,
+    local_rank_from_env,
 )
 from modelopt_ext.supply.target_server.auth import TokenFileError, read_token_file
 from modelopt_ext.supply.vllm import files as hs_file
 from modelopt_ext.telemetry.latency import LatencyHistogram
+from modelopt_ext.telemetry.meter import PREFETCHED
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +115,18 @@ class StreamingOptions:
     balance: str = LEAST_OUTSTANDING  # server choice: least_outstanding | round_robin (server_pool.py)
 
 
-def _worker_offset(rank: int, num_workers: int) -> int:
+def _first_server(num_servers: int, local_rank: int) -> int:
+    """Where this process (a DataLoader worker of `local_rank`, or the rank itself) starts: `first_server`."""
     info = torch.utils.data.get_worker_info()
-    worker_id = info.id if info is not None else 0
-    workers = info.num_workers if info is not None else max(num_workers, 1)
-    return rank * max(workers, 1) + worker_id
+    if info is None:
+        return first_server(num_servers, local_rank)
+    return first_server(num_servers, local_rank, info.id, max(info.num_workers, 1))
 
 
 def _worker_slot() -> int:
     """This process's slot in the shared in-flight counts: its DataLoader worker id (0 in the main process)."""
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
-
-
-def _default_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 class VllmStreamingDataset(Dataset):
@@ -150,7 +148,7 @@ class VllmStreamingDataset(Dataset):
         hidden_size: int | None = None,
         auth_token_file: str | os.PathLike | None = None,
         num_workers: int = 0,
-        rank: int | None = None,
+        local_rank: int | None = None,
         options: StreamingOptions | None = None,
     ):
         urls = [u.rstrip("/") for u in server_urls]
@@ -173,7 +171,7 @@ class VllmStreamingDataset(Dataset):
         self.num_aux_layers = num_aux_layers
         self.hidden_size = hidden_size
         self.num_workers = num_workers
-        self.rank = _default_rank() if rank is None else rank
+        self.local_rank = local_rank_from_env() if local_rank is None else local_rank
         self.options = options or StreamingOptions()
         self._token = None
         if auth_token_file:
@@ -226,7 +224,7 @@ class VllmStreamingDataset(Dataset):
         self.stats.reset_slot(slot)  # a previous worker in this slot may have been stopped mid-request
         self._pool = ServerPool(
             self.urls,
-            start_offset=_worker_offset(self.rank, self.num_workers),
+            start_offset=_first_server(len(self.urls), self.local_rank),
             policy=self.options.breaker,
             stats=self.stats,
             balance=self.options.balance,
@@ -432,6 +430,8 @@ class StreamedSource:
     trainer's `TargetHead` later turns `target_last_hidden` (pre-final-norm) into target logits.
     """
 
+    telemetry_kind = PREFETCHED  # the dataset's workers fetched; its server_stats() counts the servers
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> Supervision:
         return Supervision(
             input_ids=batch["input_ids"],
@@ -470,7 +470,7 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     )
     aux = recipe_layer_ids(recipe)
     ds = VllmStreamingDataset.from_config(
-        dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), rank=env.rank
+        dataset, data, num_aux_layers=len(aux), hidden_size=int(head.lm_head.shape[1]), local_rank=env.local_rank
     )
     return SourceSetup(
         dataset=ds,
