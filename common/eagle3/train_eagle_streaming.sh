@@ -427,23 +427,19 @@ finish_head() {
       || fail "training finished but exporting the newest complete checkpoint in ${out} failed (see above)"
   fi
   rdv_mark_done "$RDV_DIR"
-  report_server_restarts
+  report_serve_events
   log "done: drafter exported to ${out}/export"
 }
 
-# report_server_restarts: one line naming the serve nodes that restarted or gave up their server.
-report_server_restarts() {
-  local id parts=()
-  local -a ids
-  IFS=, read -r -a ids <<<"$SERVE_NODE_IDS"
-  for id in "${ids[@]}"; do
-    [[ -e "$RDV_DIR/server.${id}.restarts" ]] && parts+=("node ${id}: $(rdv_read "$RDV_DIR/server.${id}.restarts") restart(s)")
-    [[ -e "$RDV_DIR/server.${id}.down" ]] && parts+=("node ${id}: down ($(rdv_read "$RDV_DIR/server.${id}.down"))")
-  done
-  if ((${#parts[@]})); then
-    log "hidden-state server restarts during the job: ${parts[*]}"
+# report_serve_events: Python adds the serve nodes' restarts and give-ups to metrics.json and summary.txt
+# and prints the one line; a report that cannot be written does not undo a finished, exported job.
+report_serve_events() {
+  local line
+  if line="$("$PY" -m modelopt_ext.telemetry.serve_events --rendezvous "$RDV_DIR" \
+    --serve-ids "$SERVE_NODE_IDS" --output "$JOB_OUTPUT_DIR")"; then
+    log "$line"
   else
-    log "hidden-state server restarts during the job: none"
+    log "warning: could not add the serve nodes' events to ${JOB_OUTPUT_DIR}/metrics.json (see above)"
   fi
 }
 

@@ -504,6 +504,10 @@ def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_pat
     assert "[node 2] hidden-state server restarts during the job: node 0: 1 restart(s)" in log
     summary = (out / "summary.txt").read_text()
     assert re.search(r"server \S+: .*[1-9]\d* outage", summary), summary
+    # ... and the serve nodes' side of it lands in the run's report too.
+    assert "hidden-state server restarts during the job: node 0: 1 restart(s)" in summary, summary
+    serve_nodes = json.loads((out / "metrics.json").read_text())["serve_nodes"]
+    assert serve_nodes["0"] == {"restarts": 1, "down": None}, serve_nodes
     # Nodes 0 and 2 ended cleanly; node 1's node_exec outlived its killed script and ended cleanly once the
     # job was done, so Slurm records the job as COMPLETED (dependent tasks run) although a serve node was lost.
     assert "[node 0] node 0 finished" in log and "[node 2] node 2 finished" in log
