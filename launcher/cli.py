@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from modelopt_ext.config.errors import EXIT_BAD_INPUT, ConfigError
+from modelopt_ext.util.errors import EXIT_BAD_INPUT, ConfigError
 
 EXIT_FAILED = 1
 

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from launcher import modelopt_compat as mo
 from modelopt_ext.targets import locate as targets
-from modelopt_ext.config.errors import ConfigError, did_you_mean_word
+from modelopt_ext.util.errors import ConfigError, did_you_mean_word
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_SCRATCH = "/scratchspace"
@@ -392,6 +392,8 @@ def _check_trainer_inputs(
 
     `given` maps override keys to their args index, so a line points at the override that set the value.
     """
+    from modelopt_ext.drafters import resolve_drafter
+    from modelopt_ext.drafters.layers import drafter_layer_ids
     from modelopt_ext.targets.layers import capture_layer_ids, check_capture_ids, target_num_layers
 
     def at(key: str) -> str:
@@ -423,9 +425,10 @@ def _check_trainer_inputs(
         try:
             check_capture_ids(num_layers, capture_ids)
         except ValueError as e:
+            rule = drafter_layer_ids(num_layers, None, resolve_drafter(recipe.drafter), recipe.drafter_settings)
             view.problem(
                 ".environment.EAGLE_CAPTURE_IDS",
-                f"{e} ({target} has {num_layers} decoder layers; e.g. {capture_layer_ids(num_layers)})",
+                f"{e} ({target} has {num_layers} decoder layers; e.g. {capture_layer_ids(num_layers, rule)})",
             )
     elif recipe.model.aux_layer_ids is not None:
         try:

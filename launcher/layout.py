@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from launcher.spec import REPO_ROOT, Job, ResolvedTask
-from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.util.errors import ConfigError
 
 JOB_DIR_ENV = "MODELOPT_JOB_DIR"
 CONTAINER_SCRATCH = "/scratchspace"

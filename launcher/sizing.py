@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.telemetry.sizing import rates_from_metrics, size_for_plan
+from modelopt_ext.util.errors import ConfigError
 
 
 def load_rates(path: str | Path):

@@ -20,8 +20,8 @@ from launcher import contracts
 from launcher import modelopt_compat as mo
 from launcher.schema import JobSpec, Pipeline, SlurmConfig, Task
 from launcher.topology import RolePlan, TopologyError, plan_roles
-from modelopt_ext.config.errors import ConfigError, did_you_mean, problems_from_validation
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
+from modelopt_ext.util.errors import ConfigError, did_you_mean, problems_from_validation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,9 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a dump; bad input is one line (exit 2), a failed write one line (exit 1)."""
-    from modelopt_ext.config.errors import ConfigError, exit_with
     from modelopt_ext.config.recipe import load_recipe
     from modelopt_ext.training.dump import dump_supervision
+    from modelopt_ext.util.errors import ConfigError, exit_with
 
     args = parse_args(argv)
     try:

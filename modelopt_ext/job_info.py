@@ -36,18 +36,17 @@ def job_info(config: str, overrides: list[str], capture_ids: str | None = None) 
     """The resolved values above for a recipe plus overrides, and optionally the servers' capture ids
     (text in any form `parse_capture_ids` reads). Raises ConfigError / ValueError (CaptureIdsError for
     capture ids that do not fit the target)."""
-    from modelopt_ext.config.errors import ConfigError
     from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.drafters.layers import recipe_layer_ids, recipe_target_problems
     from modelopt_ext.targets.layers import (
         capture_layer_ids,
         check_capture_ids,
         drafter_ids_of_capture,
         parse_capture_ids,
-        recipe_layer_ids,
-        recipe_target_problems,
         target_num_layers,
     )
     from modelopt_ext.targets.locate import target_config
+    from modelopt_ext.util.errors import ConfigError
 
     recipe = load_recipe(config, overrides)
     problems = recipe_target_problems(recipe)
@@ -94,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the assignments; bad input is one line per problem and exit 2."""
-    from modelopt_ext.config.errors import ConfigError, exit_with
     from modelopt_ext.targets.locate import TargetPathError
+    from modelopt_ext.util.errors import ConfigError, exit_with
 
     args = parse_args(argv)
     try:

@@ -52,12 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _capture_ids(args) -> list[int]:
     """The ids to capture, checked against the target's layer count (ValueError / TargetPathError)."""
-    from modelopt_ext.targets.layers import (
-        capture_layer_ids,
-        check_capture_ids,
-        parse_capture_ids,
-        target_num_layers,
-    )
+    from modelopt_ext.drafters.layers import default_capture_ids
+    from modelopt_ext.targets.layers import check_capture_ids, parse_capture_ids, target_num_layers
     from modelopt_ext.targets.locate import target_config
 
     num_layers = target_num_layers(target_config(args.model, "--model"))
@@ -66,7 +62,7 @@ def _capture_ids(args) -> list[int]:
     if args.capture_ids:
         return check_capture_ids(num_layers, parse_capture_ids(args.capture_ids))
     aux = parse_capture_ids(args.aux_layer_ids) if args.aux_layer_ids else None
-    return capture_layer_ids(num_layers, aux)
+    return default_capture_ids(num_layers, aux)
 
 
 class _Stop(BaseException):
@@ -99,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --capture-ids/--aux-layer-ids: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from modelopt_ext.supply.vllm.server import ServerStartError, start_hidden_states_server
     from modelopt_ext.deploy.vllm_env import VllmEnvError
+    from modelopt_ext.supply.vllm.server import ServerStartError, start_hidden_states_server
 
     def on_signal(signum, _frame):
         # Only the first signal unwinds main; later ones must not interrupt the bounded stop below.

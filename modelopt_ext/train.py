@@ -38,12 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Load and validate the recipe, print it (redacted, rank 0), train."""
-    from modelopt_ext.config.errors import ConfigError, exit_with
     from modelopt_ext.config.recipe import load_recipe, redacted
+    from modelopt_ext.util.errors import ConfigError, exit_with
 
     args = parse_args(argv)
+    from modelopt_ext.drafters.layers import recipe_target_problems
     from modelopt_ext.supply.sources import check_source
-    from modelopt_ext.targets.layers import recipe_target_problems
     from modelopt_ext.targets.locate import TargetPathError, resolve_target
 
     try:

@@ -310,7 +310,7 @@ def _fuzz_yaml(
     seed_file: Path,
     parse: Callable[[Path], object],
 ) -> None:
-    from modelopt_ext.config.errors import ConfigError
+    from modelopt_ext.util.errors import ConfigError
 
     base = yaml.safe_load(seed_file.read_text())
     text = seed_file.read_text()

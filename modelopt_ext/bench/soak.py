@@ -169,16 +169,17 @@ def soak_target(target: Path, seconds: float, clients: int, work: Path) -> SoakR
 
 def soak_vllm(target: Path, seconds: float, clients: int, work: Path) -> SoakRow:
     """A vLLM CPU hidden-state server under `clients` concurrent fetchers; counts files left behind."""
-    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
+    from modelopt_ext.drafters.layers import default_capture_ids
     from modelopt_ext.supply.vllm.server import start_hidden_states_server
     from modelopt_ext.supply.vllm.source import VllmStreamingDataset
+    from modelopt_ext.targets.layers import target_num_layers
 
     cfg = json.loads((target / "config.json").read_text())
     vocab, hidden = int(cfg["vocab_size"]), int(cfg["hidden_size"])
     root = work / "shared"
     root.mkdir(parents=True, exist_ok=True)
     row = SoakRow("vllm", clients, seconds)
-    ids = capture_layer_ids(target_num_layers(target), None)
+    ids = default_capture_ids(target_num_layers(target))
     t0 = time.monotonic()
     handle = start_hidden_states_server(
         str(target), shared_storage=root, capture_ids=ids, host=LOOPBACK, port=free_port(), dtype="float32",

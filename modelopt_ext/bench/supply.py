@@ -366,6 +366,7 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
     if skip_vllm:
         rows.append({"mode": "vllm streaming", "note": "skipped (--skip-vllm)", "skipped": True})
     else:
+        from modelopt_ext.drafters.layers import recipe_layer_ids
         from modelopt_ext.supply.vllm.server import start_hidden_states_server
         from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
 
@@ -375,7 +376,7 @@ def training_rows(steps: int, skip_vllm: bool, work: Path, log=print) -> list[di
         try:
             handle = start_hidden_states_server(
                 str(target), shared_storage=root, capture_ids=capture_layer_ids(
-                    target_num_layers(target), recipe.model.aux_layer_ids),
+                    target_num_layers(target), recipe_layer_ids(recipe)),
                 host=LOOPBACK, port=free_port(), dtype="float32", max_model_len=512,
                 log_path=work / "vllm.log", startup_timeout=600, die_with_parent=True,
             )  # fmt: skip

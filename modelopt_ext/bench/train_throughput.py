@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from modelopt_ext.config.errors import ConfigError, exit_with
     from modelopt_ext.config.recipe import load_recipe
     from modelopt_ext.training.trainer import train
+    from modelopt_ext.util.errors import ConfigError, exit_with
 
     if args.threads:
         torch.set_num_threads(args.threads)

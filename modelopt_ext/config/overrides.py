@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.util.errors import ConfigError
 
 _INDEX = re.compile(r"^(.*)\[(\d+)\]$")
 

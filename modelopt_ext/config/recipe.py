@@ -23,10 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-from modelopt_ext.config.errors import ConfigError, key_problem, problems_from_validation
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file
 from modelopt_ext.drafters import BUILTIN, DEFAULT_DRAFTER, UnknownDrafter, builtin_drafters, resolve_drafter
 from modelopt_ext.targets.layers import check_id_list
+from modelopt_ext.util.errors import ConfigError, key_problem, problems_from_validation
 
 DataMode = Literal["colocated", "offline", "hybrid", "streaming", "remote"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -48,7 +48,7 @@ class ModelConfig(_Strict):
         default=None,
         description=(
             "Target layers whose hidden states feed the drafter, in vLLM's numbering: id k is the residual "
-            "stream after k decoder layers (0 = embeddings). Default: the drafter's rule (targets/layers.py)."
+            "stream after k decoder layers (0 = embeddings). Default: the drafter's rule (drafters/layers.py)."
         ),
     )
     trust_remote_code: bool = False

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.util.errors import ConfigError
 
 _ROLE_ALIASES = {
     "system": "system",

@@ -15,13 +15,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.config.recipe import DataConfig
 from modelopt_ext.data.conversations import read_conversations, resolve_chat_template, tokenize_conversation
+from modelopt_ext.util.errors import ConfigError
+
+if TYPE_CHECKING:  # the recipe schema sits above data/ (it validates drafters, which read data/)
+    from modelopt_ext.config.recipe import DataConfig
 
 _CACHE_VERSION = 1
 # Tokenising renders every conversation prefix (~1-10 ms per conversation): large files are split over

@@ -5,8 +5,8 @@ specdec_bench never name a drafter. They hold a `Drafter` (chosen by the recipe'
 `modelopt_ext.drafters.resolve_drafter`) and ask it:
 
 - its recipe section (`section`, validated by `Settings`) and defaults;
-- which target layers it reads (`default_layer_ids`; the owner of layer ids, `targets/layers.py`, applies
-  it and validates the result). Every drafter gets the same supervision (`supply/batch.py`): the hidden
+- which target layers it reads (`default_layer_ids`; `drafters/layers.py` applies
+  it and validates the result). Every drafter gets the same supervision (`targets/supervision.py`): the hidden
   states of its layers, concatenated in order, and the target's next-token distribution;
 - its draft vocabulary size (`draft_vocab_size`);
 - how to build its model from the target's config and its training objective (`build`, returning a `Built`);
@@ -85,7 +85,7 @@ class Drafter(ABC):
     def check_target(self, settings: BaseModel, target_config: dict) -> list[str]:
         """Problems (one line each, naming the recipe field) with these settings for this target's config
         (a config.json dict); checked before anything heavy loads. Layer ids are checked elsewhere
-        (targets/layers.py)."""
+        (drafters/layers.py)."""
         return []
 
     def draft_vocab_size(self, settings: BaseModel, target_vocab_size: int) -> int:

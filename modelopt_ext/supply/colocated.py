@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.targets.layers import check_layer_ids, target_num_layers
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.telemetry.meter import IN_PROCESS
 
 
@@ -92,7 +92,7 @@ class ColocatedSource:
         recipe's, or the default rule)."""
         from transformers import AutoModelForCausalLM
 
-        from modelopt_ext.targets.layers import recipe_layer_ids
+        from modelopt_ext.drafters.layers import recipe_layer_ids
 
         dtype = getattr(torch, recipe.model.dtype)
         model = AutoModelForCausalLM.from_pretrained(

@@ -38,10 +38,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.util.fileio import write_json_atomic
-from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.telemetry.meter import IN_PROCESS
+from modelopt_ext.util.errors import ConfigError
+from modelopt_ext.util.fileio import write_json_atomic
 
 FORMAT = "modelopt_ext.offline/1"
 PLAN = "plan.json"
@@ -112,7 +112,7 @@ def data_fingerprint(dataset: Any) -> str:
 
 def vocab_fingerprint(vocab: Any) -> str:
     """A hash of the draft vocabulary (its selected target ids, in draft order)."""
-    from modelopt_ext.supply.target_head import selected_ids
+    from modelopt_ext.targets.head import selected_ids
 
     return hashlib.sha256(selected_ids(vocab).numpy().tobytes()).hexdigest()[:16]
 
@@ -460,7 +460,7 @@ class DumpedSource:
 
 
 def _recipe_aux(recipe: Any) -> list[int]:
-    from modelopt_ext.targets.layers import recipe_layer_ids
+    from modelopt_ext.drafters.layers import recipe_layer_ids
 
     return recipe_layer_ids(recipe, target_identity(recipe.model.path)["num_layers"])
 
@@ -468,8 +468,8 @@ def _recipe_aux(recipe: Any) -> list[int]:
 def _head_and_setup(recipe: Any, env: Any, dataset: Any, pad_id: int, aux: list[int], form: str) -> Any:
     from functools import partial
 
-    from modelopt_ext.supply.target_head import TargetHead
-    from modelopt_ext.supply.batch import SourceSetup
+    from modelopt_ext.supply.setup import SourceSetup
+    from modelopt_ext.targets.head import TargetHead
 
     head = TargetHead.from_pretrained(
         recipe.model.path,

@@ -1,6 +1,6 @@
 """Which supervision source feeds the trainer, keyed by `recipe.data.mode`.
 
-Every source ends in the same `Supervision` batch (supply/batch.py), but sources differ in where the
+Every source ends in the same `Supervision` batch (targets/supervision.py), but sources differ in where the
 work happens: the colocated one runs the target on each collated batch; a streaming one fetches per item
 inside the dataset (so it wraps the dataset and brings its own collate). A builder therefore returns a
 `SourceSetup` (dataset, collate, source callable, TargetHead, aux layer ids, target embeddings), and the
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.config.recipe import Recipe
-from modelopt_ext.supply.batch import SourceSetup
+from modelopt_ext.supply.setup import SourceSetup
+from modelopt_ext.util.errors import ConfigError
 
 if TYPE_CHECKING:  # the rank a builder runs on; training/ builds it (a runtime import would be a cycle)
     from modelopt_ext.training.distributed import DistEnv
@@ -53,7 +53,7 @@ def _colocated(recipe: Recipe, env: DistEnv, dataset: Any, pad_id: int, vocab: A
     """The target in this process, on this rank's device; the head shares its tensors (no second read)."""
     from modelopt_ext.data.dataset import collate_padded
     from modelopt_ext.supply.colocated import ColocatedSource
-    from modelopt_ext.supply.target_head import TargetHead
+    from modelopt_ext.targets.head import TargetHead
 
     src = ColocatedSource.from_recipe(recipe, device=env.device)
     head = TargetHead.from_model(src.model)

@@ -1,7 +1,8 @@
-"""Target layers: how many a target has, which ones a drafter reads, whether ids are valid, parsing them.
+"""Target layers: how many a target has, whether layer ids are valid for it, what a server captures, parsing ids.
 
 This module is THE owner of target-layer ids; every source, server, CLI, `job_info` and the exporter call
-it, and the entry scripts forward what it decided. No torch import.
+it (which layers a recipe's drafter reads is drafters/layers.py, which validates them here), and the entry
+scripts forward what they decided. No torch import; no import of the drafters.
 
 vLLM numbering (the one `eagle_aux_hidden_state_layer_ids` uses): id k < L is the residual stream after k
 decoder layers (0 = embeddings), equal to transformers' `hidden_states[k]`; id L is the last decoder layer's
@@ -64,58 +65,13 @@ def check_layer_ids(num_layers: int, ids: Sequence[Any]) -> list[int]:
     return ids
 
 
-def drafter_layer_ids(
-    num_layers: int, explicit: Sequence[int] | None = None, drafter: Any = None, settings: Any = None
-) -> list[int]:
-    """The layers the drafter reads: `explicit` (the recipe's `model.aux_layer_ids`) or the drafter's
-    default rule for this target (default drafter and settings when None), validated."""
-    if explicit is not None:
-        return check_layer_ids(num_layers, explicit)
-    if drafter is None:
-        from modelopt_ext.drafters import resolve_drafter
-
-        drafter = resolve_drafter(None)
-    settings = settings if settings is not None else drafter.Settings()
-    return check_layer_ids(num_layers, drafter.default_layer_ids(num_layers, settings))
-
-
-def recipe_layer_ids(recipe: Any, num_layers: int | None = None) -> list[int]:
-    """The layers a recipe's drafter reads from its target (`num_layers` read from model.path when None)."""
-    if num_layers is None:
-        num_layers = target_num_layers(target_config(recipe.model.path, "model.path"))
-    from modelopt_ext.drafters import resolve_drafter
-
-    return drafter_layer_ids(
-        num_layers, recipe.model.aux_layer_ids, resolve_drafter(recipe.drafter), recipe.drafter_settings
-    )
-
-
-def recipe_target_problems(recipe: Any) -> list[str]:
-    """What is wrong with a recipe for its target (one line each, naming the field): its layer ids (the
-    explicit `model.aux_layer_ids` or the drafter's rule) and the drafter's own checks (`Drafter.check_target`).
-    Reads only the target's config.json."""
-    from modelopt_ext.drafters import resolve_drafter
-
-    cfg = target_config(recipe.model.path, "model.path")
-    try:
-        num_layers = target_num_layers(cfg)
-    except ValueError:
-        return []  # not a usable model config: the loader says so, in context
-    problems = []
-    try:
-        recipe_layer_ids(recipe, num_layers)
-    except ValueError as e:
-        problems.append(f"model.aux_layer_ids: {e}")
-    return problems + resolve_drafter(recipe.drafter).check_target(recipe.drafter_settings, cfg)
-
-
-def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> list[int]:
-    """The ids a server captures: the drafter's layers (the default drafter's rule if None) followed by L.
+def capture_layer_ids(num_layers: int, aux_layer_ids: Sequence[int]) -> list[int]:
+    """The ids a server captures: the drafter's layers (drafters/layers.py resolves them) followed by L.
 
     A server always appends L (it becomes the target's distribution), so the drafter's own ids must be < L
     here: a layer list that already holds L would ship it twice and shift every split.
     """
-    ids = drafter_layer_ids(num_layers, aux_layer_ids)
+    ids = check_layer_ids(num_layers, aux_layer_ids)
     if num_layers in ids:
         raise ValueError(
             f"layer ids {ids}: {num_layers} (the last layer) is captured anyway as the target's distribution; "

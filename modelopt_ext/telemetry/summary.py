@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, Totals, human_bytes, short_url
 from modelopt_ext.telemetry.sizing import rates_from_metrics, size_for_plan
+from modelopt_ext.util.fileio import write_json_atomic, write_text_atomic
 
 STARVED_FRAC = 0.30  # data wait above this share of step time: the trainers are starved
 TARGET_HEAVY_FRAC = 0.50  # in-process target forward above this share: worth offloading to serve nodes

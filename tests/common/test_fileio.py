@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-from modelopt_ext.util.fileio import exclusive_lock, replace_dir_atomically, write_json_atomic, write_text_atomic
+from modelopt_ext.util.fileio import (
+    exclusive_lock,
+    replace_dir_atomically,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_text_and_json_writes_leave_no_temp_files(tmp_path):
@@ -34,10 +39,9 @@ def test_replace_dir_failure_keeps_the_old_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("1")
-    with pytest.raises(RuntimeError):
-        with replace_dir_atomically(out) as tmp:
-            (tmp / "partial").write_text("x")
-            raise RuntimeError("build failed")
+    with pytest.raises(RuntimeError), replace_dir_atomically(out) as tmp:
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("build failed")
     assert sorted(p.name for p in out.iterdir()) == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

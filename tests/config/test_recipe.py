@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from modelopt_ext.config.errors import ConfigError, format_loc
 from modelopt_ext.config.overrides import apply_overrides, load_yaml_file, parse_override
 from modelopt_ext.config.recipe import load_recipe, parse_recipe, redacted
 from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
+from modelopt_ext.util.errors import ConfigError, format_loc
 
 BASE = {"model": {"path": "m"}, "data": {"path": "d.jsonl"}, "training": {"output_dir": "out"}}
 
@@ -171,8 +171,8 @@ def test_list_of_single_key_mappings_is_addressed_by_key():
 
 
 def test_key_problem_names_the_unknown_part_and_the_closest_key():
-    from modelopt_ext.config.errors import key_problem
     from modelopt_ext.config.recipe import Recipe
+    from modelopt_ext.util.errors import key_problem
 
     assert key_problem(Recipe, "training.lr") is None and key_problem(Recipe, "data.server_urls") is None
     assert key_problem(Recipe, "training.lrr").startswith("unknown key (did you mean 'training.lr'?); allowed under training: ")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.data.conversations import read_conversations, resolve_chat_template, tokenize_conversation
+from modelopt_ext.util.errors import ConfigError
 
 # Llama-3-like: BOS in the text, headers as special tokens, <|eot_id|> ends a turn.
 LLAMA3 = (

@@ -120,7 +120,7 @@ RAISING = (
 
 
 def test_a_conversation_the_template_rejects_is_skipped_or_strict_error(tmp_path, tiny_tokenizer, capsys):
-    from modelopt_ext.config.errors import ConfigError
+    from modelopt_ext.util.errors import ConfigError
 
     rows = [
         {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "ok ."}]},

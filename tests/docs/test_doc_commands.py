@@ -439,8 +439,8 @@ def _mentions(text: str, word: str) -> bool:
 
 
 def _recipe_problems(args: list[str]) -> list[str]:
-    from modelopt_ext.config.errors import ConfigError
     from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.util.errors import ConfigError
 
     config = args[args.index("--config") + 1]
     if _PLACEHOLDER.search(config):

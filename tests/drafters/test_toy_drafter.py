@@ -32,9 +32,10 @@ def repo_on_path(monkeypatch):
 
 
 def test_recipe_picks_the_toy_drafter_and_its_layer_rule(repo_on_path, tmp_path):
-    from modelopt_ext.config.errors import ConfigError
     from modelopt_ext.config.recipe import load_recipe
-    from modelopt_ext.targets.layers import capture_layer_ids, recipe_layer_ids
+    from modelopt_ext.drafters.layers import recipe_layer_ids
+    from modelopt_ext.targets.layers import capture_layer_ids
+    from modelopt_ext.util.errors import ConfigError
 
     recipe = load_recipe(TOY_RECIPE)
     assert recipe.drafter == TOY and recipe.drafter_settings.draft_vocab_size == 128
@@ -130,8 +131,9 @@ def test_toy_drafter_trains_streamed_from_vllm_as_colocated(tiny_inputs, tmp_pat
     """A real vLLM server captures what the toy drafter asked for (its layers, then L); the streamed run's
     losses equal a colocated run's, which they could not if the server had captured other layers."""
     from modelopt_ext.config.recipe import load_recipe
+    from modelopt_ext.drafters.layers import recipe_layer_ids
     from modelopt_ext.supply.vllm.server import start_hidden_states_server
-    from modelopt_ext.targets.layers import capture_layer_ids, recipe_layer_ids, target_num_layers
+    from modelopt_ext.targets.layers import capture_layer_ids, target_num_layers
 
     target, data = tiny_inputs
     root = tmp_path / "shared"

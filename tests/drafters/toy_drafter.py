@@ -64,7 +64,7 @@ def toy_loss(model: Any, sup: Any, vocab: Any, head: Any):
     """Soft cross-entropy of the head at t against the target's distribution at t (one drafted token)."""
     import torch
 
-    from modelopt_ext.supply.target_head import resolve_target
+    from modelopt_ext.targets.head import resolve_target
 
     model = getattr(model, "module", model)
     probs, mask = resolve_target(sup, head, vocab)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelopt_ext import export as export_cli
+from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.deploy import export as export_mod
 from modelopt_ext.deploy.export import ExportError, check_export, export_checkpoint
 from modelopt_ext.drafters.eagle3.hf_format import EXPORT_KEYS
-from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 
 from .conftest import DRAFT_VOCAB, VOCAB, make_checkpoint

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelopt_ext import serve_sglang, serve_vllm
-from modelopt_ext.deploy.export import export_checkpoint
 from modelopt_ext.data.draft_vocab import DraftVocab
+from modelopt_ext.deploy.export import export_checkpoint
 
 from .conftest import DRAFT_VOCAB
 

@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelopt_ext.supply.target_server import wire
 from modelopt_ext.bench import fuzz
+from modelopt_ext.supply.target_server import wire
 
 _BOUNDED = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from launcher import contracts, run_job
 from launcher.spec import REPO_ROOT, load_job
-from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.util.errors import ConfigError
 
 FIXTURES = Path(__file__).with_name("fixtures")
 MO_SPEC = FIXTURES / "modelopt_qwen3_8b_streaming_multi_node.yaml"

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from modelopt_ext.deploy import vllm_env
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.spec import load_job
-from modelopt_ext.config.errors import ConfigError
+from modelopt_ext.util.errors import ConfigError
 
 # A user's streaming script (not ours, so its arguments are not checked): these tests are about the spec.
 SCRIPT = "tests/launcher/fixtures/user_streaming.sh"

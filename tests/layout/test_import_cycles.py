@@ -131,6 +131,55 @@ def test_no_import_cycle_between_modules():
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+# The drafter-generic modules of drafters/: the interface, the folder reader, the layer rule's application.
+GENERIC_DRAFTER_MODULES = ("modelopt_ext.drafters.base", "modelopt_ext.drafters.hf_folder", "modelopt_ext.drafters.layers")
+
+
+def package_of(module: str) -> str:
+    """`launcher`, `modelopt_ext.<package>`, or a top-level module of modelopt_ext (a command) itself."""
+    parts = module.split(".")
+    return parts[0] if parts[0] == "launcher" else ".".join(parts[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed to packages (imports inside a package dropped)."""
+    out: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        a = package_of(mod)
+        out.setdefault(a, set()).update(b for b in map(package_of, deps) if b != a)
+    return out
+
+
+def test_no_import_cycle_between_packages():
+    """The packages layer (each imports only those before it): util; targets, data, telemetry; drafters;
+    config, deploy; supply; training; acceptance; bench; the commands and launcher/. A cycle names the
+    packages and the module imports that close it."""
+    graph = import_graph()
+    pkgs = package_graph(graph)
+    assert {"modelopt_ext.drafters", "modelopt_ext.supply", "modelopt_ext.targets"} <= set(pkgs)
+    found = cycles(pkgs)
+    detail = []
+    for comp in found:
+        inside = set(comp)
+        detail += sorted(
+            f"{m} -> {d}" for m, deps in graph.items() for d in deps
+            if package_of(m) in inside and package_of(d) in inside and package_of(m) != package_of(d)
+        )  # fmt: skip
+    assert not found, "package cycles: " + "; ".join(" <-> ".join(c) for c in found) + " via " + "; ".join(detail)
+
+
+def test_the_package_cycle_finder_sees_a_lazy_import(tmp_path):
+    pkg = tmp_path / "modelopt_ext"
+    for sub in ("low", "high"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (tmp_path / "launcher").mkdir()
+    (pkg / "high" / "a.py").write_text("from modelopt_ext.low.b import f\n")
+    (pkg / "low" / "b.py").write_text("def f():\n    from modelopt_ext.high import a\n")
+    assert cycles(package_graph(import_graph(tmp_path))) == [["modelopt_ext.high", "modelopt_ext.low"]]
+
+
 def test_generic_code_imports_no_particular_drafter():
     """Drafters are plugins: outside drafters/ (and the developer benchmarks of one drafter in bench/), code
     reaches a drafter only through `modelopt_ext.drafters` (resolve_drafter, drafter_for_config)."""
@@ -141,6 +190,6 @@ def test_generic_code_imports_no_particular_drafter():
         for mod, deps in graph.items()
         if not mod.startswith(allowed)
         for dep in deps
-        if dep.startswith("modelopt_ext.drafters.") and dep not in ("modelopt_ext.drafters.base", "modelopt_ext.drafters.hf_folder")
+        if dep.startswith("modelopt_ext.drafters.") and dep not in GENERIC_DRAFTER_MODULES
     )
     assert not leaks, "generic code imports a drafter directly: " + "; ".join(leaks)

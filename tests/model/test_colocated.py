@@ -7,7 +7,7 @@ import torch
 
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.supply.colocated import ColocatedSource
-from modelopt_ext.supply.target_head import TargetHead
+from modelopt_ext.targets.head import TargetHead
 from tests.model.conftest import VOCAB, tiny_target
 
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from modelopt_ext import specdec_bench
-from modelopt_ext.drafters.eagle3.modeling import Eagle3DraftModel
 from modelopt_ext.drafters.eagle3.loading import load_drafter
+from modelopt_ext.drafters.eagle3.modeling import Eagle3DraftModel
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

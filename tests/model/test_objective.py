@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.drafters.eagle3.objective import eagle3_loss, simulated_acceptance_length
+from modelopt_ext.targets.supervision import Supervision
 from tests.model.conftest import VOCAB, IdentityVocab, tiny_draft, tiny_target
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import modelopt_ext.supply.target_head as th
-from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.supply.target_head import TargetHead, probs_from_logits, resolve_target
+import modelopt_ext.targets.head as th
+from modelopt_ext.targets.head import TargetHead, probs_from_logits, resolve_target
+from modelopt_ext.targets.supervision import Supervision
 from tests.model.conftest import VOCAB, IdentityVocab, tiny_target
 
 

@@ -19,13 +19,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.supply import offline as od
 from modelopt_ext.supply.sources import make_source
-from modelopt_ext.supply.target_head import resolve_target
+from modelopt_ext.targets.head import resolve_target
 from modelopt_ext.training.distributed import DistEnv
 from modelopt_ext.training.dump import dump_supervision
 from modelopt_ext.training.parts import build_vocab, load_dataset
+from modelopt_ext.util.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = {"log": lambda m: None}

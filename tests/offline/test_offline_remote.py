@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.supply.target_head import resolve_target
 from modelopt_ext.supply.target_server.handler import TargetHandler
 from modelopt_ext.supply.target_server.http_server import TargetServer
+from modelopt_ext.targets.head import resolve_target
 from modelopt_ext.training.dump import dump_supervision
+from modelopt_ext.util.errors import ConfigError
 
 from .test_offline import _setup
 

@@ -17,7 +17,6 @@ import torch
 from fake_vllm import MODEL_ID, FakeVllmServer, expected_hidden, spawn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.server_pool import BreakerPolicy
 from modelopt_ext.supply.vllm.source import (
     StreamingError,
@@ -25,6 +24,7 @@ from modelopt_ext.supply.vllm.source import (
     VllmStreamingDataset,
     collate_supervision,
 )
+from modelopt_ext.targets.supervision import Supervision
 
 N_LAYERS, HIDDEN = 4, 8  # 3 aux layers + the last one
 
@@ -352,7 +352,7 @@ def test_spawned_workers_share_counters(root, servers):
 
 
 def test_bad_configuration_is_named(root, tmp_path):
-    from modelopt_ext.config.errors import ConfigError
+    from modelopt_ext.util.errors import ConfigError
 
     base = conversations(1)
     with pytest.raises(ConfigError) as e:  # the CLIs turn ConfigError into one line and exit code 2

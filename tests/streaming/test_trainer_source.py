@@ -9,8 +9,8 @@ from fake_vllm import FakeVllmServer, expected_hidden
 from torch.utils.data import DataLoader
 
 from modelopt_ext.config.recipe import parse_recipe
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.vllm.source import VllmStreamingDataset, build_streaming_source
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.training.distributed import DistEnv
 
 HIDDEN, LAYERS = 8, 3  # default aux ids of a 3-layer target: [1, 2] -> the server captures [1, 2, 3]

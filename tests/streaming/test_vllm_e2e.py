@@ -77,7 +77,7 @@ def test_vllm_supervision_matches_colocated(servers, samples, tiny_target, aux_i
     from transformers import AutoModelForCausalLM
 
     from modelopt_ext.supply.colocated import ColocatedSource
-    from modelopt_ext.supply.target_head import TargetHead
+    from modelopt_ext.targets.head import TargetHead
 
     root, handles = servers
     ds = _dataset(samples, root, [h.url for h in handles], handles, aux_ids)

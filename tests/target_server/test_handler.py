@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from modelopt_ext.drafters.eagle3 import default_aux_layer_ids
-from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.supply.target_head import probs_from_logits
 from modelopt_ext.supply.target_server.handler import TargetHandler
+from modelopt_ext.targets.head import probs_from_logits
+from modelopt_ext.targets.supervision import Supervision
 
 from .conftest import AUX, HIDDEN, LAYERS, VOCAB, assert_same_supervision, make_batch
 

@@ -56,7 +56,7 @@ def test_parity_with_colocated_bit_for_bit(server, colocated, use_data_plane):
 def test_probs_form_and_embeddings_through_both_paths(server, colocated, tiny_model, use_data_plane):
     from types import SimpleNamespace
 
-    from modelopt_ext.supply.target_head import probs_from_logits
+    from modelopt_ext.targets.head import probs_from_logits
 
     ids = torch.arange(VOCAB - 1, -1, -3)
     t2d = torch.zeros(VOCAB, dtype=torch.bool)

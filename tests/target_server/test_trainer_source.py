@@ -8,7 +8,7 @@ import torch
 from modelopt_ext.config.recipe import parse_recipe
 from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.supply.target_server.source import RemoteTargetError, build_remote_source
-from modelopt_ext.supply.target_head import resolve_target
+from modelopt_ext.targets.head import resolve_target
 from modelopt_ext.training.distributed import DistEnv
 
 from .conftest import AUX, VOCAB, make_batch
@@ -111,8 +111,8 @@ def test_remote_source_fails_over_and_returns_to_a_restarted_server(tiny_model_d
 
 
 def test_remote_source_gives_up_when_no_server_is_healthy_for_the_grace(tiny_model, tiny_model_dir, tmp_path):
-    from modelopt_ext.supply.target_server.source import FailoverRemoteSource
     from modelopt_ext.supply.server_pool import BreakerPolicy, NoHealthyServerError
+    from modelopt_ext.supply.target_server.source import FailoverRemoteSource
 
     clock = {"t": 0.0}
 
@@ -140,8 +140,8 @@ def test_remote_source_gives_up_at_once_when_a_stop_was_requested():
     than after the grace: the job is ending and the trainer would be killed while waiting."""
     import time
 
-    from modelopt_ext.supply.target_server.source import FailoverRemoteSource, RemoteTargetClient
     from modelopt_ext.supply.server_pool import BreakerPolicy
+    from modelopt_ext.supply.target_server.source import FailoverRemoteSource, RemoteTargetClient
 
     source = FailoverRemoteSource(
         ["http://127.0.0.1:9", "http://127.0.0.1:11"],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.telemetry.latency import N_BINS, LatencyHistogram, bin_index, percentile
 from modelopt_ext.telemetry.meter import IN_PROCESS, PREFETCHED, REMOTE, TrainMeter, classify_source
 

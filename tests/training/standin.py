@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.training.parts import TrainingParts
 
 VOCAB = 48

@@ -68,8 +68,8 @@ def _rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fetch(server, ids: list[int]):
-    from modelopt_ext.supply.vllm.server import request_hidden_states
     from modelopt_ext.supply.vllm.files import read_hidden_states_file
+    from modelopt_ext.supply.vllm.server import request_hidden_states
 
     resp = request_hidden_states(server.url, server.model_id, ids)
     path = resp["kv_transfer_params"]["hidden_states_path"]

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelopt_ext.deploy import vllm_env
+from modelopt_ext.drafters.layers import default_capture_ids
 from modelopt_ext.supply.vllm import files as vllm_files
 from modelopt_ext.supply.vllm import server as hss
 from modelopt_ext.targets.layers import capture_layer_ids, parse_capture_ids, target_num_layers
@@ -30,8 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_capture_ids_default_rule_plus_last_layer():
-    assert capture_layer_ids(32) == [2, 16, 29, 32]
-    assert capture_layer_ids(4) == [1, 2, 3, 4]  # shallow targets: three distinct aux ids in [1, L-1]
+    assert default_capture_ids(32) == [2, 16, 29, 32]
+    assert default_capture_ids(4) == [1, 2, 3, 4]  # shallow targets: three distinct aux ids in [1, L-1]
+    assert default_capture_ids(36, [1, 17, 33]) == [1, 17, 33, 36]
     assert capture_layer_ids(36, [1, 17, 33]) == [1, 17, 33, 36]
 
 

@@ -37,8 +37,8 @@ def write_untrained_export(target_dir, out_dir, draft_vocab_size: int, seed: int
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from modelopt_ext.deploy.export import export_checkpoint
     from modelopt_ext.data.draft_vocab import build_draft_vocab
+    from modelopt_ext.deploy.export import export_checkpoint
     from modelopt_ext.drafters.eagle3.modeling import Eagle3Config, Eagle3DraftModel
 
     torch.manual_seed(seed)

@@ -198,9 +198,9 @@ class DFlash(Drafter):
     ) -> Built:
         from functools import partial
 
-        from modelopt_ext.config.errors import ConfigError
         from modelopt_ext.drafters.dflash.modeling import DFlashConfig, DFlashDraftModel
         from modelopt_ext.drafters.dflash.objective import dflash_loss
+        from modelopt_ext.util.errors import ConfigError
 
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         g = text.to_dict() if hasattr(text, "to_dict") else dict(text)
@@ -265,8 +265,8 @@ class DFlash(Drafter):
 def _read_target_tensors(target_config: Any, lm_head: Any, embeddings: Any) -> tuple[Any, Any]:
     """The target's lm_head / embeddings read from its folder (sources that ship neither, e.g. the remote
     target server, which sends embeddings but no lm_head); one config line when they cannot be read."""
-    from modelopt_ext.config.errors import ConfigError
-    from modelopt_ext.supply.target_head import TargetHead
+    from modelopt_ext.targets.head import TargetHead
+    from modelopt_ext.util.errors import ConfigError
 
     path = getattr(target_config, "name_or_path", None) or getattr(target_config, "_name_or_path", None)
     try:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.supply.target_head import resolve_target
+from modelopt_ext.targets.head import resolve_target
+from modelopt_ext.targets.supervision import Supervision
 
 ROWS_PER_CHUNK = 1024  # block positions whose logits exist at once (see _block_ce)
 

@@ -14,7 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelopt_ext.drafters.base import Built, Drafter
-from modelopt_ext.drafters.eagle3.identity import ARCHITECTURE, parallel_drafting_reason
+from modelopt_ext.drafters.eagle3.identity import (
+    ARCHITECTURE,
+    default_aux_layer_ids,
+    parallel_drafting_reason,
+)
 
 DEFAULT_NUM_STEPS = 3  # draft tokens per round when the serve command or benchmark names none
 
@@ -33,21 +37,6 @@ class Eagle3Settings(BaseModel):
         description="TTT attention backend (drafters/eagle3/ttt_attention.py): auto = fused flash kernels where they "
         "apply, else query chunks; dense = the quadratic reference.",
     )
-
-
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """Low, middle and high layers (vLLM numbering), the common EAGLE-3 choice: [2, L//2, L-3].
-
-    For shallow targets (tests) the ids are clamped into [1, L-1]; when that leaves fewer than three
-    distinct ids, [1, L//2, L-1] is used instead, because vLLM's and SGLang's EAGLE-3 heads size `fc`
-    for three aux layers.
-    """
-    if num_layers < 2:
-        raise ValueError(f"target has {num_layers} layers; EAGLE-3 needs at least 2")
-    ids = sorted({min(max(i, 1), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
-    if len(ids) < 3:
-        ids = sorted({1, num_layers // 2, num_layers - 1})
-    return ids
 
 
 class Eagle3(Drafter):

@@ -12,7 +12,7 @@ Architecture (what vLLM's `LlamaForCausalLMEagle3` and SGLang load; state-dict k
 `d2t` (int64 [Vd]) maps a draft id to a target id: target = draft + d2t[draft]; `t2d` (bool [V]) marks the
 target ids that are in the draft vocabulary.
 
-Shifting convention (Supervision tensors are aligned and unshifted, see supply/batch.py):
+Shifting convention (Supervision tensors are aligned and unshifted, see targets/supervision.py):
     step 0, position t: consumes aux_t (through fc) and the embedding of token t+1, and predicts token t+2,
         i.e. it is trained against the target distribution at position t+1;
     step j, position t: consumes the draft's own step j-1 hidden output at t and the embedding of token
@@ -54,12 +54,14 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
 )
 
+from modelopt_ext.drafters.eagle3.identity import default_aux_layer_ids
 from modelopt_ext.drafters.eagle3.ttt_attention import (  # noqa: F401  (ttt_attention_mask: re-exported)
     is_right_padded,
     ttt_attention,
     ttt_attention_mask,
 )
 from modelopt_ext.drafters.rope import rope_from_dict as _rope_from_dict
+from modelopt_ext.targets.layers import check_layer_ids
 
 # attend(q [B, nh, q, d], k [B, nkv, q, d], v [B, nkv, q, d]) -> [B, nh, q, d]; owns the K/V cache and mask.
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,18 +108,17 @@ class Eagle3Config:
     ) -> Eagle3Config:
         """The draft head for a target: same width, heads, RoPE and vocabulary as the target's decoder.
 
-        `aux_layer_ids` default to EAGLE-3's rule for the target (targets/layers.py; vLLM numbering);
+        `aux_layer_ids` default to EAGLE-3's rule for the target (identity.py; vLLM numbering; checked by targets/layers.py);
         `draft_vocab_size` defaults to the full target vocabulary.
         """
-        from modelopt_ext.targets.layers import drafter_layer_ids
-
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config()
         g = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
         hidden = int(g["hidden_size"])
         heads = int(g["num_attention_heads"])
         theta, scaling = _rope_from_dict(g)
-        ids = drafter_layer_ids(int(g["num_hidden_layers"]), aux_layer_ids or None)
+        num_layers = int(g["num_hidden_layers"])
+        ids = check_layer_ids(num_layers, aux_layer_ids or default_aux_layer_ids(num_layers))
         vocab = int(g["vocab_size"])
         return cls(
             hidden_size=hidden,

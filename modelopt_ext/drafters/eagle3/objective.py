@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from modelopt_ext.drafters.eagle3.modeling import shift_left
-from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.supply.target_head import resolve_target
+from modelopt_ext.targets.head import resolve_target
+from modelopt_ext.targets.supervision import Supervision
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,15 @@ from types import SimpleNamespace
 
 import torch
 
-from modelopt_ext.supply.batch import Supervision
-from modelopt_ext.supply.target_head import probs_from_logits
-from modelopt_ext.supply.target_server.data_plane import DataPlaneError, DataPlaneServer, ServerSession, tensor_specs
+from modelopt_ext.supply.target_server.data_plane import (
+    DataPlaneError,
+    DataPlaneServer,
+    ServerSession,
+    tensor_specs,
+)
 from modelopt_ext.supply.target_server.wire import VERSION as WIRE_VERSION
+from modelopt_ext.targets.head import probs_from_logits
+from modelopt_ext.targets.supervision import Supervision
 
 log = logging.getLogger("modelopt_ext.supply.target_server")
 
@@ -65,7 +70,7 @@ class Reply:
 
 def check_aux_layer_ids(num_layers: int, aux_layer_ids: list[int] | None) -> list[int]:
     """The drafter layer ids the server captures (targets/layers.py decides; default drafter's rule if None)."""
-    from modelopt_ext.targets.layers import drafter_layer_ids
+    from modelopt_ext.drafters.layers import drafter_layer_ids
 
     return drafter_layer_ids(num_layers, aux_layer_ids)
 

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.target_server.auth import read_token_file
 from modelopt_ext.supply.target_server.data_plane import ClientSession, DataPlaneError, data_plane_enabled
 from modelopt_ext.supply.target_server.wire import CONTENT_TYPE as WIRE_TYPE
 from modelopt_ext.supply.target_server.wire import WireFormatError, decode, encode
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.telemetry.meter import REMOTE
 
 log = logging.getLogger("modelopt_ext.supply.target_server.source")
@@ -457,17 +457,16 @@ def build_remote_source(recipe: Any, env: Any, dataset: Any, pad_id: int, vocab:
     the logits' bytes, same values `resolve_target` would compute), so no TargetHead is needed. The drafter's
     embeddings are seeded from the preferred server's.
     """
-    import json
     from functools import partial
-    from pathlib import Path
 
     from modelopt_ext.data.dataset import collate_padded
-    from modelopt_ext.supply.batch import SourceSetup
+    from modelopt_ext.supply.setup import SourceSetup
 
     data = recipe.data
     if not data.server_urls:
         raise ValueError("data.server_urls is empty: data.mode 'remote' needs serve_target URLs")
-    from modelopt_ext.targets.layers import recipe_layer_ids, target_num_layers
+    from modelopt_ext.drafters.layers import recipe_layer_ids
+    from modelopt_ext.targets.layers import target_num_layers
     from modelopt_ext.targets.locate import target_config
 
     cfg = target_config(recipe.model.path, "model.path")

@@ -41,8 +41,6 @@ import httpx
 import torch
 from torch.utils.data import Dataset
 
-from modelopt_ext.config.errors import ConfigError
-from modelopt_ext.supply.batch import Supervision
 from modelopt_ext.supply.server_pool import (
     LEAST_OUTSTANDING,
     BreakerPolicy,
@@ -54,8 +52,10 @@ from modelopt_ext.supply.server_pool import (
 )
 from modelopt_ext.supply.target_server.auth import TokenFileError, read_token_file
 from modelopt_ext.supply.vllm import files as hs_file
+from modelopt_ext.targets.supervision import Supervision
 from modelopt_ext.telemetry.latency import LatencyHistogram
 from modelopt_ext.telemetry.meter import PREFETCHED
+from modelopt_ext.util.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -456,9 +456,9 @@ def build_streaming_source(recipe: Any, env: Any, dataset: Any, pad_id: int, voc
     """
     from functools import partial
 
-    from modelopt_ext.supply.batch import SourceSetup
-    from modelopt_ext.supply.target_head import TargetHead
-    from modelopt_ext.targets.layers import recipe_layer_ids
+    from modelopt_ext.drafters.layers import recipe_layer_ids
+    from modelopt_ext.supply.setup import SourceSetup
+    from modelopt_ext.targets.head import TargetHead
 
     data = recipe.data
     if not data.shared_storage_root:

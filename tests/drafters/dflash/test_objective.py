@@ -10,7 +10,7 @@ import torch
 
 from modelopt_ext.data.draft_vocab import DraftVocab
 from modelopt_ext.drafters.dflash.objective import dflash_loss, sample_anchors, weights_of
-from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.supervision import Supervision
 
 V = 16
 

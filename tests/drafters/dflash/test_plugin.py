@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelopt_ext.config.errors import ConfigError
 from modelopt_ext.config.recipe import load_recipe, parse_recipe
 from modelopt_ext.drafters import drafter_for_config, resolve_drafter
 from modelopt_ext.drafters.dflash import (
@@ -22,7 +21,8 @@ from modelopt_ext.drafters.dflash import (
     default_layer_ids,
     default_mask_token_id,
 )
-from modelopt_ext.targets.layers import drafter_layer_ids
+from modelopt_ext.drafters.layers import drafter_layer_ids
+from modelopt_ext.util.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[3]
 

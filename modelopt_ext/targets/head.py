@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from modelopt_ext.supply.batch import Supervision
+from modelopt_ext.targets.supervision import Supervision
 
 # Key candidates in preference order (plain causal LMs first, then common multimodal wrappers).
 NORM_KEYS = ("model.norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight")
