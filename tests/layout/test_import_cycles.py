@@ -152,8 +152,8 @@ def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def test_no_import_cycle_between_packages():
     """The packages layer (each imports only those before it): util; targets, data, telemetry; drafters;
-    config, deploy; supply; training; acceptance; bench; the commands and launcher/. A cycle names the
-    packages and the module imports that close it."""
+    config, deploy; supply; training; acceptance; then the commands, launcher/ and bench/. A cycle names
+    the packages and the module imports that close it."""
     graph = import_graph()
     pkgs = package_graph(graph)
     assert {"modelopt_ext.drafters", "modelopt_ext.supply", "modelopt_ext.targets"} <= set(pkgs)
