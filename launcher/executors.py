@@ -68,10 +68,17 @@ def _dollars(text: str) -> str:
 
 
 #: srun options for a streaming task with several serve nodes. nemo_run runs every task under
-#: `srun --wait=60 --kill-on-bad-exit=1`: one serve node's script dying (its host lost) would kill the whole
-#: step, and a node that ended would take the others down 60 s later. The entry script's own markers end
-#: the job instead (the failed marker; trainers fail past data.server_grace_s with no server left).
-SURVIVE_SERVE_LOSS_SRUN_ARGS = ("--kill-on-bad-exit=0", "--wait=0")
+#: `srun --wait=60 --kill-on-bad-exit=1`: one serve node's script dying would kill the whole step, and a node
+#: that ended would take the others down 60 s later; and Slurm ends a job (and its step) when one of its
+#: nodes fails, unless told --no-kill. The entry script's own markers end the job instead (the failed
+#: marker; trainers fail past data.server_grace_s with no server left).
+SURVIVE_SERVE_LOSS_SRUN_ARGS = ("--kill-on-bad-exit=0", "--wait=0", "--no-kill")
+
+
+def survives_serve_loss(task: ResolvedTask) -> bool:
+    """Whether the task's job must outlive a lost serve node (process or whole host): streaming with >= 2
+    servers, where the trainers fail over to the others."""
+    return bool(task.plan.streaming and len(task.plan.serve_ids) >= 2)
 
 
 def srun_args(task: ResolvedTask) -> list[str]:
@@ -80,7 +87,7 @@ def srun_args(task: ResolvedTask) -> list[str]:
     cfg = task.slurm
     assert cfg is not None
     own = list(cfg.srun_args)
-    if task.plan.streaming and len(task.plan.serve_ids) >= 2:
+    if survives_serve_loss(task):
         return [*SURVIVE_SERVE_LOSS_SRUN_ARGS, *own]
     return own
 
@@ -108,6 +115,8 @@ def build_slurm_task(run: Any, job: Job, task: ResolvedTask, layout: RunLayout) 
     additional: dict[str, Any] = dict(cfg.additional_parameters)
     if cfg.requeue:
         additional["requeue"] = True
+    if survives_serve_loss(task):
+        additional.setdefault("no_kill", True)  # a failed node does not end the job (sbatch --no-kill)
     executor = run.SlurmExecutor(
         account=cfg.account,
         partition=cfg.partition,

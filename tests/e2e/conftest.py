@@ -22,5 +22,6 @@ _spec.loader.exec_module(_mod)
 
 slurm_cluster = _mod.slurm_cluster
 slurm_cluster_2411 = _mod.slurm_cluster_2411
+slurm_2205_installed = _mod.slurm_2205_installed
 pytest_collection_finish = _mod.pytest_collection_finish
 pytest_terminal_summary = _mod.pytest_terminal_summary

@@ -19,13 +19,22 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from slurm_testlib import record_timing
+from slurm_testlib import (
+    SlurmCluster,
+    cluster_sh,
+    leftovers,
+    namespace_inodes,
+    processes_in_namespaces,
+    record_timing,
+)
 
 from launcher import run_job
 
@@ -518,6 +527,88 @@ def test_job_survives_a_lost_server_and_a_lost_serve_node(slurm_cluster, tmp_pat
         f"survives (serve_target, 2 serve + 1 trainer): steps/s before {before:.2f}, during the outage "
         f"{during:.2f}; training went on {routed_s:.1f}s after the kill; server restarted and healthy "
         f"{restarted_s:.1f}s after the kill; after serve node 1 was killed the job ended {result.state}"
+    )
+
+
+# A cluster of its own (own namespaces, addresses and hosts lines), so that losing a whole node does not
+# disturb the shared one, with slurmctld calling a silent node DOWN after 10 s instead of Slurm's 300 s.
+HOST_LOSS_CLUSTER = "hl22"
+
+
+@pytest.fixture
+def host_loss_cluster(slurm_2205_installed):
+    short = Path(tempfile.mkdtemp(prefix="hl22-", dir="/tmp"))  # munge's socket path must stay short
+    state_dir = short / "state"
+    proc = cluster_sh(
+        "up", "--version", "22.05", "--name", HOST_LOSS_CLUSTER, "--nodes", "3", "--state-dir", str(state_dir),
+        "--slurmd-timeout", "10", "--timeout", "120", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield SlurmCluster.from_state_dir(state_dir)
+    finally:
+        inodes = namespace_inodes(HOST_LOSS_CLUSTER)
+        proc = cluster_sh(
+            "down", "--version", "22.05", "--name", HOST_LOSS_CLUSTER, "--state-dir", str(state_dir), timeout=300
+        )
+        shutil.rmtree(short, ignore_errors=True)
+        assert proc.returncode == 0, proc.stderr
+        assert leftovers(HOST_LOSS_CLUSTER, None, inodes) == []
+
+
+def _node_state(cluster: SlurmCluster, node: str) -> str:
+    proc = cluster.run("scontrol", "show", "node", node, check=False)
+    found = re.search(r"State=(\S+)", proc.stdout)
+    return found.group(1) if found else ""
+
+
+@pytest.mark.timeout(1800)
+def test_job_survives_the_loss_of_a_whole_serve_host(host_loss_cluster, tmp_path, monkeypatch, tiny_ready):
+    """2 serve nodes + 1 trainer node. Every process of serve node 1's host dies at once (its slurmd, the job
+    step, the entry script, the server: what a power loss leaves). Training goes on with server 0; slurmctld
+    calls the node DOWN; the job (sbatch/srun --no-kill) finishes training, exports and ends COMPLETED."""
+    cluster = host_loss_cluster
+    _on_cluster(monkeypatch, cluster, tmp_path)
+    out = tmp_path / "out"
+    max_steps = 300
+    spec = _train_only_spec(out, nodes=3, serve_nodes=2, max_steps=max_steps, save_interval=100)
+    res = _submit_detached(tmp_path, "hostloss", spec)
+    job_id = int(res.tasks[0].job_id)
+    rdv = _rdv_dir(res, job_id)
+    logs = lambda: "\n".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("log-*.out"))
+    _wait_for(lambda: _last_step(out) >= 10, 900, "10 training steps")
+    t0, s0 = time.monotonic(), _last_step(out)
+    time.sleep(5)
+    before = (_last_step(out) - s0) / (time.monotonic() - t0)
+
+    server1 = int((rdv / "server.1.pid").read_text())
+    env = dict(
+        item.split("=", 1) for item in Path(f"/proc/{server1}/environ").read_bytes().decode().split("\0") if "=" in item
+    )
+    host = env["SLURMD_NODENAME"]
+    victims = processes_in_namespaces({os.stat(f"/proc/{server1}/ns/net").st_ino})
+    assert server1 in victims and len(victims) >= 3, victims  # slurmd, the step, the script, the server
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed, s_kill = time.monotonic(), _last_step(out)
+    _wait_for(lambda: _last_step(out) > s_kill + 2, 300, "training to go on after the host died")
+    routed_s = time.monotonic() - killed
+    _wait_for(lambda: "DOWN" in _node_state(cluster, host), 300, f"slurmctld to call {host} DOWN")
+    down_s = time.monotonic() - killed
+    # Without --no-kill Slurm ends the job here (NODE_FAIL) and requeues it, to wait for the DOWN node.
+    result = cluster.wait_job(job_id, timeout=600, poll_s=1.0)
+    log = logs()
+    assert (rdv / "done").is_file(), (
+        f"{result.state}; {(rdv / 'failed').read_text() if (rdv / 'failed').exists() else ''}\n{log[-6000:]}"
+    )
+    assert (out / "export" / "config.json").is_file()
+    assert f"global step {max_steps}/{max_steps}" in log
+    assert result.state == "COMPLETED", f"{result.state}\n{log[-6000:]}"
+    record_timing(
+        f"survives (whole serve host lost, 2 serve + 1 trainer): steps/s before {before:.2f}; training went on "
+        f"{routed_s:.1f}s after the host died; slurmctld called it DOWN after {down_s:.1f}s; "
+        f"the job ended {result.state}"
     )
 
 

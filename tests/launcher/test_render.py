@@ -216,7 +216,8 @@ def test_multi_server_streaming_survives_a_lost_serve_node_under_srun(
     write_spec, tmp_path, serve_nodes, survives
 ):
     """nemo_run's srun kills every task when one exits badly and 60 s after one ends: with several serve
-    nodes the task runs with --kill-on-bad-exit=0 --wait=0 (the spec's own srun_args still come last)."""
+    nodes the task runs with --kill-on-bad-exit=0 --wait=0 --no-kill (the spec's own srun_args still come last)
+    and the job with sbatch --no-kill, so a lost node (its host) does not end the job."""
     spec = {
         "job_name": "survive",
         "pipeline": {
@@ -232,6 +233,8 @@ def test_multi_server_streaming_survives_a_lost_serve_node_under_srun(
     text = run_job(write_spec(spec), mode="dryrun", job_dir=tmp_path, environ={}).tasks[0].script_text
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     if survives:
-        assert "--wait=60 --kill-on-bad-exit=1 --kill-on-bad-exit=0 --wait=0 --mpi=none" in srun
+        assert "--wait=60 --kill-on-bad-exit=1 --kill-on-bad-exit=0 --wait=0 --no-kill --mpi=none" in srun
+        assert "#SBATCH --no-kill" in text  # a failed node does not end the job either
     else:
         assert "--wait=60 --kill-on-bad-exit=1 --mpi=none" in srun
+        assert "--no-kill" not in text

@@ -3,6 +3,7 @@
 #
 #   tests/slurm/cluster.sh install|up|down|status [--version 22.05|24.11] [--nodes N]
 #                          [--state-dir DIR] [--bind DIR]... [--timeout SECONDS] [--name ID]
+#                          [--slurmd-timeout SECONDS]
 #
 # Every node (and the controller) lives in its own network namespace with its own address in a private
 # range that exists only inside those namespaces (a bridge in the controller's namespace, one veth per
@@ -34,6 +35,7 @@ STATE_DIR=""
 TIMEOUT=60
 BINDS=()
 NAME=""
+SLURMD_TIMEOUT=""
 
 die() {
   echo "$SCRIPT_NAME: $*" >&2
@@ -74,12 +76,15 @@ parse_args() {
       --bind) BINDS+=("${2:-}"); shift 2 || usage_error "--bind needs a value" ;;
       --timeout) TIMEOUT="${2:-}"; shift 2 || usage_error "--timeout needs a value" ;;
       --name) NAME="${2:-}"; shift 2 || usage_error "--name needs a value" ;;
+      --slurmd-timeout) SLURMD_TIMEOUT="${2:-}"; shift 2 || usage_error "--slurmd-timeout needs a value" ;;
       *) usage_error "unknown option '$1'" ;;
     esac
   done
   [[ -z "$NODE_COUNT" || "$NODE_COUNT" =~ ^[1-9][0-9]?$ ]] || usage_error "--nodes must be 1..99 (got '$NODE_COUNT')"
   [[ -z "$NAME" || "$NAME" =~ ^[a-z][a-z0-9]{1,4}$ ]] || usage_error "--name must be 2-5 lowercase letters/digits, starting with a letter (got '$NAME')"
   [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || usage_error "--timeout must be a positive number of seconds (got '$TIMEOUT')"
+  [[ -z "$SLURMD_TIMEOUT" || "$SLURMD_TIMEOUT" =~ ^[1-9][0-9]*$ ]] \
+    || usage_error "--slurmd-timeout must be a positive number of seconds (got '$SLURMD_TIMEOUT')"
   for dir in "${BINDS[@]}"; do
     [[ "$dir" == /* ]] || usage_error "--bind needs an absolute path (got '$dir')"
   done
@@ -256,6 +261,11 @@ write_slurm_conf() {
     echo "JobAcctGatherType=jobacct_gather/none"
     echo "JobCompType=jobcomp/none"
     echo "ReturnToService=2"
+    # How long a silent node stays up before slurmctld calls it DOWN (Slurm's default: 300 s). The host-loss
+    # test's own cluster sets it short, so a killed node is noticed within the test.
+    if [[ -n "$SLURMD_TIMEOUT" ]]; then
+      echo "SlurmdTimeout=$SLURMD_TIMEOUT"
+    fi
     # Schedule a batch job the moment it is submitted (Slurm's default batches them for up to 3 s).
     echo "SchedulerParameters=batch_sched_delay=0"
     # Trust the node lines below rather than the hardware: every node shares this machine's cores.
