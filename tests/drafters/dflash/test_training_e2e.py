@@ -143,3 +143,40 @@ def test_two_process_gloo_run_trains_one_model(tiny, tmp_path):
     assert model.config.block_size == 8 and model.config.aux_layer_ids == [1, 2, 3]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 6 and metrics[-1]["loss"] == metrics[-1]["loss"]  # not NaN
+
+
+def test_remote_supervision_trains_exactly_like_colocated(tiny, tmp_path):
+    """`data.mode: remote`: a real serve_target capturing DFlash's layers (from the drafter, through
+    drafters/layers.py) gives the trainer the same supervision as the target in the trainer: the same losses
+    step by step and the same weights."""
+    from modelopt_ext.drafters.layers import recipe_layer_ids
+    from modelopt_ext.supply.target_server.process import start_serve_target
+    from modelopt_ext.util.proc import stop_group
+
+    target, data, _ = tiny
+    kw = {"max_steps": 6, "batch_size": 2, "save_interval": 6, "log_interval": 1, "warmup_steps": 2}
+    colocated = load_recipe(RECIPE, _overrides(target, data, tmp_path / "colocated", **kw))
+    ids = recipe_layer_ids(colocated)
+    proc, url = start_serve_target(
+        ["--target", str(target), "--aux-layer-ids", ",".join(map(str, ids)), "--dtype", "float32",
+         "--device", "cpu", "--threads", "1", "--port", "0"],
+        tmp_path / "server",
+    )  # fmt: skip
+    try:
+        remote = load_recipe(
+            RECIPE,
+            [*_overrides(target, data, tmp_path / "remote", **kw), "data.mode=remote", f"data.server_urls=[{url}]"],
+        )
+        a, b = train(colocated), train(remote)
+    finally:
+        stop_group(proc)
+    assert a.global_step == b.global_step == 6
+    served = json.loads((tmp_path / "remote" / "metrics.json").read_text())
+    assert served["source"] == "remote" and served["servers"][url]["requests"] >= 6, served
+    la = [json.loads(x)["loss"] for x in (tmp_path / "colocated" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == 6 and la == pytest.approx(lb, rel=1e-5), (la, lb)
+    wa = load_file(str(a.checkpoint / "model.safetensors"))
+    wb = load_file(str(b.checkpoint / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
