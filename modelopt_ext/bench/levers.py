@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     sups = [parts.source(b) for b in batches]  # the target's forward is the same for every variant
     model = parts.model
+    missing = sorted({k for variant in VARIANTS.values() for k in variant if not hasattr(model, k)})
+    if missing:
+        sys.exit(f"levers: error: the {recipe.drafter} drafter's model has no {', '.join(missing)} to switch")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
 
@@ -80,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, variant in VARIANTS.items():
             best[name] = max(best[name], run(variant))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    settings = ", ".join(f"{k} {v}" for k, v in recipe.drafter_settings.model_dump().items() if v is not None)
     print(
-        f"levers: tiny target, {' '.join(overrides)}, batch {bs} (~{tokens:.0f} real tokens), ttt {ttt}, "
+        f"levers: tiny target, {' '.join(overrides)}, batch {bs} (~{tokens:.0f} real tokens), "
+        f"drafter {recipe.drafter} ({settings}), "
         f"{args.steps} steps x best of {args.rounds} rounds, {args.threads} thread(s); draft step only "
         f"(the target's forward is computed once, outside the timing)"
     )

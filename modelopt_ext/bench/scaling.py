@@ -544,8 +544,14 @@ def goals_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"mean {_pct(sum(ctrl) / len(ctrl))} over {len(ctrl)} points"
         )
     if hom:
+        worst = max(hom, key=lambda r: r["share_max_min"])
+        # One request more or less is 1/min(requests) of the share: say so, or a short point reads as uneven.
+        fewest = min(worst.get("requests") or [0])
         lines.append(
-            f"homogeneous servers: request share max/min worst {_share(max(r['share_max_min'] for r in hom))}"
+            f"homogeneous servers: request share max/min worst {_share(worst['share_max_min'])} "
+            f"({worst['servers']} servers x {worst['ranks']} ranks, {fewest:.0f} requests on the least-used server "
+            "in the window: one request is "
+            f"{_pct(1 / fewest) if fewest else 'all'} of it)"
         )
     return lines
 
@@ -632,6 +638,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per point at most (default 60, quick 40)"
     )
+    p.add_argument(
+        "--point-seconds", type=float, default=d.target_s,
+        help=f"aim for about this much training per point (default {d.target_s:g}; longer points count more "
+        "requests per server, so the request share is resolved more finely)",
+    )  # fmt: skip
     p.add_argument("--service", choices=("const", "exp"), default=d.service, help="exp: bursty supply")
     p.add_argument("--point-timeout", type=float, default=d.point_timeout_s, help="seconds per point at most")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -648,6 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--rate and --demand must be > 0, --batch-size and --tokens >= 1, --workers >= 0")
     if args.steps is not None and args.steps < 10:
         p.error("--steps must be >= 10")
+    if args.point_seconds <= 0:
+        p.error("--point-seconds must be > 0")
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
         p.error(f"--scenarios: unknown {sorted(unknown)}")
@@ -668,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     st = Settings(
         rate=args.rate, demand=args.demand, batch_size=args.batch_size, workers=args.workers, tokens=args.tokens,
         hidden=args.hidden, layers=args.layers, steps=args.steps or (40 if args.quick else 60),
-        service=args.service, point_timeout_s=args.point_timeout,
+        service=args.service, point_timeout_s=args.point_timeout, target_s=args.point_seconds,
     )  # fmt: skip
     wanted = set(args.scenarios.split(","))
     points = quick_points() if args.quick else full_points(args.servers, args.ranks)

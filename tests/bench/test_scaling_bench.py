@@ -71,6 +71,29 @@ def test_summary_line_counts_streaming_default_points_only():
     assert summary_line(rows) == "scaling efficiency: min 90.0% mean 95.0% over 2 points"
 
 
+def test_share_verdict_says_how_many_requests_it_rests_on():
+    """A share of 14/12 from a short point is one request: the verdict names the count and what one is worth."""
+    rows = [
+        {**Point("homogeneous", 8, 1).__dict__, "supply": 40.0, "demand": 5.0, "efficiency": 0.99,
+         "data_wait": 0.01, "share_max_min": 14 / 12, "requests": [13.0, 14.0, 12.0, 14.0]},
+        {**Point("homogeneous", 4, 1).__dict__, "supply": 20.0, "demand": 5.0, "efficiency": 0.99,
+         "data_wait": 0.01, "share_max_min": 1.01, "requests": [139.0, 140.0, 140.0, 140.0]},
+    ]  # fmt: skip
+    line = next(x for x in scaling.goals_lines(rows) if x.startswith("homogeneous servers"))
+    assert line == (
+        "homogeneous servers: request share max/min worst 1.17 (8 servers x 1 ranks, 12 requests on the "
+        "least-used server in the window: one request is 8.3% of it)"
+    )
+
+
+def test_point_seconds_sets_how_long_a_point_trains():
+    assert scaling.parse_args(["--point-seconds", "150"]).point_seconds == 150.0
+    st = Settings(target_s=150.0, steps=1000)
+    assert scaling.point_steps(Point("homogeneous", 8, 1), st) == 375  # 150 s x 5 samples/s / batch 2
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--point-seconds", "0"])
+
+
 @pytest.mark.e2e  # minutes: real trainer ranks and servers
 def test_quick_run_prints_a_whole_table(tmp_path, capsys):
     out = tmp_path / "scaling.json"

@@ -107,3 +107,17 @@ def test_vs_modelopt_quick_table_is_whole(tmp_path):
         for key in ("samples_per_s", "peak_mb", "accept_len", "padding_waste"):
             assert math.isfinite(row[key]) and row[key] >= 0, row
         assert row["accept_len"] >= 1.0
+
+
+@pytest.mark.e2e
+def test_levers_prints_every_variant(capsys):
+    """bench/levers end to end on the tiny recipe: a header naming the drafter, then one row per variant."""
+    from modelopt_ext.bench import levers
+
+    assert levers.main(["--steps", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("levers: "))
+    assert "drafter eagle3 (" in out[header]
+    rows = [line.split() for line in out[header + 1 :]]
+    assert [r[0] for r in rows] == ["baseline", "+attention", "+sel."]
+    assert all(float(r[-5]) > 0 for r in rows) and rows[0][-1] == "1.00x"

@@ -53,9 +53,10 @@ def _defines(module_file: Path, name: str) -> bool:
             names = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
             if any(isinstance(t, ast.Name) and t.id == name for t in names):
                 return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((a.asname or a.name.split(".")[0]) == name for a in node.names):
-                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+            (a.asname or a.name.split(".")[0]) == name for a in node.names
+        ):
+            return True
     return False
 
 
